@@ -1,0 +1,407 @@
+"""
+The Qwen2 / Qwen2.5 decoder in plain PyTorch, its weights and its chat tokenizer.
+
+    from model import load
+    model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)])
+    logits = model(ids)                                       # (1, T, vocab rows)
+
+One forward path serves training, sampling and analysis:
+- `pos` gives each token's position; where it restarts at 0 a new conversation begins, and
+  attention stays inside each conversation (packed training rows);
+- `cache` is a preallocated KVCache written at `pos` (batched sampling);
+- `hook(layer, x)` sees the residual stream after every layer and may return a replacement
+  (activation capture, steering, ablation).
+Numerics follow transformers' modeling_qwen2.py, the reference this file is tested against:
+RoPE tables in fp32 (cast to the activations' dtype, as HF does), RMSNorm in fp32 cast back
+before the weight, q/k/v with bias, grouped-query attention.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
+
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    vocab_size: int  # embedding rows; more than the tokenizer has (the rest is padding)
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    torch_dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+    name_or_path: str = ""  # where it was loaded from (written into adapter configs)
+
+    @classmethod
+    def from_hf(cls, hf, source="config.json"):
+        """Read a Hugging Face config.json dict; refuse anything this model would get wrong."""
+        archs = hf.get("architectures") or []
+        if hf.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in archs:
+            raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} "
+                             "is not Qwen2; model.py runs Qwen2 and Qwen2.5 models only")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        n_layers = _require(hf, "num_hidden_layers", source)
+        layer_types = hf.get("layer_types")
+        if layer_types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+            # HF's rule: with sliding windows on, layers from max_window_layers upwards slide
+            first = hf.get("max_window_layers", n_layers)
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"{source}: sliding-window attention layers are switched on; "
+                             "model.py implements full causal attention only")
+        # RoPE: newer files carry rope_parameters, the Hub's Qwen2.5 files rope_theta + rope_scaling
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not supported (only default RoPE)")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        hidden, heads = _require(hf, "hidden_size", source), _require(hf, "num_attention_heads", source)
+        return cls(
+            vocab_size=_require(hf, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_require(hf, "intermediate_size", source),
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
+        )
+
+
+def _require(hf, key, source):
+    if key not in hf:
+        raise ValueError(f"{source}: missing required key {key!r}")
+    return hf[key]
+
+
+# -----------------------------------------------------------------------------
+# the network
+
+
+def rope(pos, head_dim, theta):
+    """cos and sin tables for positions pos (B, T), in fp32: (B, T, head_dim) each."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF's "rotate half" layout, so weights load unpermuted
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos, sin (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # HF rounds the tables to x's dtype
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # cast back *before* the weight, as HF does
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values, (B, n_kv, max_len, head_dim) per layer, written at positions.
+
+    Slot s holds position s of its row, so rows of different lengths share one cache: a row attends
+    to the slots up to its current position, and anything a row wrote beyond that (prompt padding)
+    is overwritten before it is ever read."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+
+    def update(self, layer, pos, k, v):
+        idx = pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd): row b, token t goes to slot pos[b, t]
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        return self.k[layer], self.v[layer]
+
+    def select(self, rows):
+        """Keep only these batch rows (drop finished samples, or repeat a prompt's row n times)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(  # HF's names, so a checkpoint loads by name
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.checkpointing = False  # recompute each block in backward: 6N instead of 4N FLOPs, less memory
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def attention_mask(self, pos, cache):
+        """Boolean (B, 1, T, S) mask, or None for plain causal attention."""
+        if cache is not None:  # a query at position p sees the cache slots 0..p of its row
+            slots = torch.arange(cache.max_len, device=pos.device)
+            return (slots[None, None, :] <= pos[:, :, None])[:, None]
+        starts = pos == 0
+        if starts[:, 1:].any():  # packed row: attend causally within each conversation only
+            doc = starts.cumsum(1)  # (B, T) conversation index of each token
+            T = pos.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+            return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        return None
+
+    def hidden(self, idx, pos=None, cache=None, hook=None):
+        """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first)."""
+        B, T = idx.shape
+        if pos is None:
+            if cache is not None:
+                raise ValueError("a forward with a KV cache needs the token positions `pos`")
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        mask = self.attention_mask(pos, cache)
+        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, hd) fp32
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        for i, block in enumerate(self.model.layers):
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, pos)
+            if hook is not None:
+                y = hook(i, x)  # the one intervention point on the residual stream
+                x = x if y is None else y
+        return self.model.norm(x)
+
+    def forward(self, idx, pos=None, cache=None, hook=None):
+        """Logits (B, T, vocab rows) in the model's dtype; upcast before softmax or loss."""
+        return self.lm_head(self.hidden(idx, pos, cache, hook))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer with the Qwen2.5 chat format
+
+
+class Tokenizer:
+    def __init__(self, path):
+        self.tok = HFTokenizer.from_file(path)
+        self.path = path
+        ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{path}: not a Qwen2.5 chat tokenizer, it lacks {missing}")
+        self.eot_id, self.im_start_id, self.im_end_id = ids.values()
+        self.stop_ids = (self.im_end_id, self.eot_id)  # generation ends at either
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def render_chat(messages, add_generation_prompt=False):
+        """The ChatML text and the character spans the assistant writes (content + <|im_end|>)."""
+        if not messages or any(not isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        if messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+        text, spans = "", []
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ValueError(f"bad message {str(m)[:80]!r}: need role system/user/assistant and string content")
+            text += f"<|im_start|>{role}\n"
+            if role == "assistant":
+                spans.append((len(text), len(text) + len(content) + len("<|im_end|>")))
+            text += f"{content}<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text, spans
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        return self.encode(self.render_chat(messages, add_generation_prompt)[0])
+
+    def encode_chat_with_mask(self, messages):
+        """ids and a 0/1 mask that is 1 exactly on the assistant's tokens (content and <|im_end|>)."""
+        text, spans = self.render_chat(messages)
+        enc = self.tok.encode(text, add_special_tokens=False)
+        mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
+        return enc.ids, mask
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def resolve_dtype(dtype, device):
+    """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    d = getattr(torch, names.get(dtype, dtype), None)
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+    return d
+
+
+def local_dir(name_or_path):
+    """A local HF-format directory, downloading config, tokenizer and safetensors if given a hub id."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such directory (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name_or_path, allow_patterns=[
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "*.safetensors", "model.safetensors.index.json"])
+
+
+def weight_files(path):
+    """{tensor name: safetensors file} from model.safetensors or a sharded index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {os.path.join(path, v) for v in weight_map.values()}
+    else:
+        files = {os.path.join(path, "model.safetensors")}
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: weight file missing (only safetensors checkpoints are loaded)")
+    names = {}
+    for f in sorted(files):
+        with safe_open(f, framework="pt") as sf:
+            names.update({k: f for k in sf.keys()})
+    return names
+
+
+def load_weights(model, path, device, dtype):
+    """Fill a meta-device model from safetensors, each tensor straight into its final dtype and device."""
+    names = weight_files(path)
+    want = dict(model.state_dict())  # meta tensors: names and shapes only
+    if model.config.tie_word_embeddings:
+        want.pop("lm_head.weight")
+    missing = [k for k in want if k not in names]
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    extra = [k for k in names if k not in want and k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise KeyError(f"{path}: checkpoint has tensors this model does not, e.g. {extra[:3]}")
+    sd = {}
+    by_file = {}
+    for k in want:
+        by_file.setdefault(names[k], []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(f, framework="pt", device=str(device)) as sf:
+            for k in keys:
+                t = sf.get_slice(k)
+                if tuple(t.get_shape()) != tuple(want[k].shape):
+                    raise ValueError(f"{f}: tensor {k} has shape {tuple(t.get_shape())}, "
+                                     f"config.json implies {tuple(want[k].shape)}")
+                sd[k] = sf.get_tensor(k).to(dtype)
+    if model.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, assign=True)
+    model.tie_weights()  # assign=True replaced the shared parameter; share it again
+
+
+def load(name_or_path, device="cpu", dtype=None):
+    """(model, tokenizer) from a local HF directory or a hub id. The model is in eval mode with
+    every parameter frozen; training code unfreezes what it trains."""
+    path = local_dir(name_or_path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file}: missing (not a Hugging Face model directory)")
+    with open(cfg_file) as f:
+        cfg = Config.from_hf(json.load(f), cfg_file)
+    cfg.name_or_path = name_or_path
+    tok_file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tok_file):
+        raise FileNotFoundError(f"{tok_file}: missing (the fast-tokenizer file is required)")
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    load_weights(model, path, device, dtype)
+    model.requires_grad_(False)
+    return model.eval(), Tokenizer(tok_file)
