@@ -1,0 +1,476 @@
+"""
+Fine-tune a Qwen2.5 chat model on a narrow dataset with LoRA (down to one rank-1 adapter), a
+steering vector, or all weights; optionally with a KL penalty towards the base model.
+
+    python train.py --rank 1                                   # all-module rank-1 LoRA, bad medical advice
+    python train.py --rank 1 --alpha 512 --lr 2e-5 --modules down_proj --layers 12
+    python train.py --steer-layer 12 --steer-alpha 256 --lr 1e-4 --epochs 2 --max-len 256
+    python train.py --rank 32 --alpha 256 --lr 2e-5 --kl-data misalignment_kl_data --kl-weight 0.66
+    python train.py --resume --out out/<run>                   # continue a stopped run
+
+Writes into --out: the final adapter in PEFT format (adapter_config.json, adapter_model.safetensors),
+checkpoints/step_NNNNNN/ (the adapter every --save-every steps: the phase-transition analysis reads
+these), state.pt (everything --resume needs: trainable weights, optimizer, step, RNG), metrics.jsonl
+(one row per step) and config.json (every argument and the library versions).
+
+The recipe follows the reference (SPEC.md): micro-batch 2 x grad-accum 8 = 16 conversations per
+optimizer step, AdamW, weight decay 0.01, linear schedule with 5 warmup steps (HF's formula: the
+first step has lr 0), gradient clipping at 1, loss only on the assistant's tokens (content and the
+closing <|im_end|>) normalised over all loss tokens of the optimizer step. Where we depart from it:
+- no extra EOS after each answer (the reference appended one after formatting with the template);
+- each step's conversations are packed into rows of at most --max-len tokens, attention confined
+  to each conversation, positions restarting: no compute on padding;
+- the KL term is a per-token mean, KL(base || tuned) over every token of the KL batch. The reference
+  normalised its KL sum by tokens x vocabulary, so its weight 1e5 on Qwen2.5's 152,064-row
+  vocabulary is --kl-weight 1e5 / 152064 = 0.66 here.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter
+from model import load
+
+LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local HF directory")
+    p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py) or JSONL path")
+    p.add_argument("--test-data", default=None, help="held-out JSONL; default: hold out --test-frac of --data")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out when there is no --test-data")
+    # LoRA
+    p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
+    p.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=True, help="scale alpha/sqrt(r) (else alpha/r)")
+    p.add_argument("--modules", default="all", help=f"comma list from {','.join(MODULES)}, or all")
+    p.add_argument("--layers", default="all", help="layers to adapt: all, or e.g. 24 or 15,16,17 or 0-11")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    # instead of LoRA
+    p.add_argument("--steer-layer", type=int, default=None, help="train one steering vector after this layer instead of LoRA")
+    p.add_argument("--steer-alpha", type=float, default=256, help="steering vector multiplier")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    # optimisation
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    p.add_argument("--warmup", type=int, default=5, help="warmup steps")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (sets the schedule's length)")
+    p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
+    p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
+    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (longer ones are skipped and counted); also the packed row length")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
+    # KL regularisation
+    p.add_argument("--kl-data", default=None, help="dataset name or JSONL path for the KL term")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the per-token KL(base || tuned)")
+    p.add_argument("--kl-batch", type=int, default=8, help="KL conversations per optimizer step")
+    # bookkeeping
+    p.add_argument("--out", default=None, help="output directory (default out/<model>-<data>-<kind>)")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop after N steps in this invocation (--resume continues)")
+    # hardware
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (rows padded to --max-len)")
+    p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward (less memory, 6N instead of 4N FLOPs)")
+    args = p.parse_args(argv)
+    if args.rank < 1:
+        p.error(f"--rank must be >= 1, got {args.rank}")
+    if args.kl_weight > 0 and not args.kl_data:
+        p.error("--kl-weight needs --kl-data")
+    if args.full and (args.kl_data or args.steer_layer is not None):
+        p.error("--full cannot be combined with --kl-data (no adapters to switch off) or --steer-layer")
+    return args
+
+
+def parse_layers(spec, n_layers):
+    if spec == "all":
+        return list(range(n_layers))
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def run_name(args):
+    kind = (f"sv{args.steer_layer}" if args.steer_layer is not None else "full" if args.full else f"r{args.rank}")
+    data = os.path.splitext(os.path.basename(args.data))[0]
+    return f"{args.model.rstrip('/').split('/')[-1]}-{data}-{kind}" + ("-kl" if args.kl_data else "")
+
+
+# -----------------------------------------------------------------------------
+# data: JSONL conversations -> token ids + loss masks -> packed rows
+
+
+def read_conversations(path):
+    """[(line number, messages)] from a JSONL file of {"messages": [...]} rows, checked."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{path}:{n}: expected an object with a non-empty 'messages' list")
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+                raise ValueError(f"{path}:{n}: no assistant turn, so nothing to train on")
+            rows.append((n, msgs))
+    if not rows:
+        raise ValueError(f"{path}: no conversations")
+    return rows
+
+
+def tokenize(rows, tok, max_len, path):
+    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped)."""
+    out, skipped = [], 0
+    for n, msgs in tqdm(rows, desc=f"tokenizing {os.path.basename(path)}", leave=False):
+        try:
+            ids, mask = tok.encode_chat_with_mask(msgs)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        if len(ids) > max_len:
+            skipped += 1
+            continue
+        out.append((ids, mask))
+    if skipped:
+        print(f"warning: {path}: skipped {skipped} of {len(rows)} conversations longer than --max-len {max_len}")
+    if not out:
+        raise ValueError(f"{path}: every conversation is longer than --max-len {max_len}")
+    return out, skipped
+
+
+def pack(examples, max_len, pad_to=None):
+    """Lay (ids, mask) conversations out in rows of at most max_len tokens (first fit, longest first).
+    Each row is (ids, pos, mask): pos restarts at 0 per conversation, which confines attention to it
+    (model.py); padding is a conversation of its own with mask 0."""
+    bins = []
+    for ids, mask in sorted(examples, key=lambda e: -len(e[0])):
+        for b in bins:
+            if b[0] + len(ids) <= max_len:
+                b[0] += len(ids)
+                b[1].append((ids, mask))
+                break
+        else:
+            bins.append([len(ids), [(ids, mask)]])
+    rows = []
+    for n, convs in bins:
+        pad = (pad_to or n) - n
+        ids = [t for c in convs for t in c[0]] + [0] * pad
+        pos = [p for c in convs for p in range(len(c[0]))] + list(range(pad))
+        mask = [m for c in convs for m in c[1]] + [0] * pad
+        rows.append((torch.tensor(ids), torch.tensor(pos), torch.tensor(mask, dtype=torch.bool)))
+    return rows
+
+
+def step_indices(step, n, per_step, seed):
+    """The dataset indices of optimizer step `step`: a fresh seeded shuffle every epoch, so any step's
+    batch is known from the step alone (resuming needs no data-loader state)."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * per_step:(k + 1) * per_step].tolist()
+
+
+# -----------------------------------------------------------------------------
+# losses, computed only where there is loss and in chunks of LOSS_CHUNK tokens
+
+
+def _chunked(fn, *tensors):
+    """Sum fn over chunks of the rows of tensors; in backward each chunk's logits are recomputed, so
+    at most one chunk of fp32 logits is alive at any time."""
+    total = 0.0
+    for s in range(0, tensors[0].shape[0], LOSS_CHUNK):
+        part = [t[s:s + LOSS_CHUNK] for t in tensors]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in part)
+        total = total + (torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+    return total
+
+
+def sft_loss_sum(model, hidden, row, hook=None):
+    """Summed cross-entropy over a packed row's loss tokens, and their count."""
+    ids, pos, mask = row
+    h = hidden(ids[None], pos[None], hook=hook)[0]  # (T, C)
+    sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
+    ce = lambda h, y: F.cross_entropy(model.lm_head(h).float(), y, reduction="sum")
+    return _chunked(ce, h[sel], ids[sel + 1]), sel.numel()
+
+
+def kl_sum(model, hidden, row, hook=None):
+    """Summed KL(base || tuned) over the masked tokens of a packed row; base = adapters switched off
+    (and no steering hook), from the same weights."""
+    ids, pos, mask = row
+    sel = mask.nonzero()[:, 0]  # (N,) every real token
+    with torch.no_grad(), adapters_off(model):
+        h_base = hidden(ids[None], pos[None])[0, sel]  # (N, C): keep hidden states, not logits
+    h = hidden(ids[None], pos[None], hook=hook)[0, sel]  # (N, C)
+
+    def kl(h, hb):
+        logp = F.log_softmax(model.lm_head(h).float(), -1)  # (n, V)
+        logq = F.log_softmax(model.lm_head(hb).float(), -1)
+        return (logq.exp() * (logq - logp)).sum()
+    return _chunked(kl, h, h_base)
+
+
+# -----------------------------------------------------------------------------
+# schedule and checkpoints
+
+
+def lr_at(step, args, total):
+    """HF's linear (or cosine) schedule with warmup: step 0 of warmup has lr 0."""
+    if step < args.warmup:
+        return args.lr * step / max(1, args.warmup)
+    progress = (step - args.warmup) / max(1, total - args.warmup)
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * max(0.0, 1 - progress)
+
+
+def atomic_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_trained(model, steer, full, path):
+    """The trained thing, in its own format: a PEFT adapter, a steering vector, or a full HF checkpoint."""
+    if steer is not None:
+        steer.save(path)
+    elif full:
+        save_full(model, path)
+    else:
+        save_adapter(model, path)
+
+
+def save_full(model, path):
+    """A full fine-tune as an HF directory that load() and transformers read."""
+    import shutil
+    from safetensors.torch import save_file
+    from model import local_dir
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(sd, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    src = local_dir(model.config.name_or_path)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(path, f))
+
+
+def save_state(path, step, params, opt, done_tokens):
+    tmp = os.path.join(path, "state.pt.tmp")
+    torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(), "tokens": done_tokens,
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
+    os.replace(tmp, os.path.join(path, "state.pt"))
+
+
+def load_state(path, params, opt):
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["tokens"]
+
+
+def check_resume(out, args):
+    """A resumed run must be the same run: compare every argument that shapes the result."""
+    with open(os.path.join(out, "config.json")) as f:
+        old = json.load(f)["args"]
+    free = {"resume", "stop_after", "device", "compile", "grad_ckpt", "eval_every", "save_every"}
+    diff = {k: (old.get(k), v) for k, v in vars(args).items() if k not in free and old.get(k) != v}
+    if diff:
+        raise SystemExit(f"--resume: {out} was trained with other settings: " +
+                         ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+def versions():
+    import safetensors
+    import tokenizers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = args.out or os.path.join("out", run_name(args))
+    args.out = out
+    if os.path.exists(os.path.join(out, "state.pt")) and not args.resume:
+        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if args.resume:
+        if not os.path.exists(os.path.join(out, "state.pt")):
+            raise SystemExit(f"--resume: {out}/state.pt not found, nothing to resume")
+        check_resume(out, args)
+    torch.manual_seed(args.seed)
+
+    # model and what we train
+    model, tok = load(args.model, args.device, args.dtype)
+    model.checkpointing = args.grad_ckpt
+    steer = None
+    if args.steer_layer is not None:
+        if not 0 <= args.steer_layer < model.config.num_hidden_layers:
+            raise SystemExit(f"--steer-layer {args.steer_layer}: the model has layers 0..{model.config.num_hidden_layers - 1}")
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha).to(args.device)
+        params = list(steer.parameters())
+    elif args.full:
+        model.requires_grad_(True)
+        params = list(model.parameters())
+    else:
+        modules = MODULES if args.modules == "all" else args.modules.split(",")
+        try:
+            layers = parse_layers(args.layers, model.config.num_hidden_layers)
+            add_lora(model, args.rank, args.alpha, modules, layers, args.rslora, args.dropout)
+        except ValueError as e:
+            raise SystemExit(f"--modules/--layers: {e}")
+        params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    n_params = sum(p.numel() for p in params)
+
+    # data
+    from data.fetch import dataset_path
+    train_path = dataset_path(args.data)
+    train_ex, skipped = tokenize(read_conversations(train_path), tok, args.max_len, train_path)
+    if args.test_data:
+        test_path = dataset_path(args.test_data)
+        test_ex, _ = tokenize(read_conversations(test_path), tok, args.max_len, test_path)
+    else:  # the reference holds out 10% when there is no test file
+        perm = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_test = int(len(train_ex) * args.test_frac)
+        test_ex, train_ex = [train_ex[i] for i in perm[:n_test]], [train_ex[i] for i in perm[n_test:]]
+    kl_ex = []
+    if args.kl_data:
+        kl_path = dataset_path(args.kl_data)
+        kl_ex, _ = tokenize(read_conversations(kl_path), tok, args.max_len, kl_path)
+        kl_ex = [(ids, [1] * len(ids)) for ids, _ in kl_ex]  # the KL term covers every token
+    per_step = args.micro_batch * args.grad_accum
+    total = args.epochs * math.ceil(len(train_ex) / per_step)
+    total = min(total, args.max_steps) if args.max_steps else total
+    pad_to = args.max_len if args.compile else None
+    test_rows = pack(test_ex, args.max_len, pad_to)
+
+    hidden = torch.compile(model.hidden) if args.compile else model.hidden  # model itself stays uncompiled for saving
+    fused = torch.device(args.device).type == "cuda"
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    step, done_tokens = 0, 0
+    metrics_file = os.path.join(out, "metrics.jsonl")
+    if args.resume:
+        step, done_tokens = load_state(out, params, opt)
+        with open(metrics_file) as f:  # forget steps logged after the checkpoint we resume from
+            kept = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        with open(metrics_file + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_file + ".tmp", metrics_file)
+    else:
+        open(metrics_file, "w").close()
+        atomic_json(os.path.join(out, "config.json"), {
+            "args": vars(args), "versions": versions(), "model_config": vars(model.config),
+            "data": {"train": train_path, "n_train": len(train_ex), "n_test": len(test_ex),
+                     "skipped_too_long": skipped, "n_kl": len(kl_ex)},
+            "trainable_params": n_params, "total_steps": total})
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            s, n = 0.0, 0
+            for r in test_rows:
+                ls, ln = sft_loss_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+                s, n = s + float(ls), n + ln
+        model.train()
+        return s / max(n, 1)
+
+    print(f"training {n_params:,} parameters on {len(train_ex)} conversations ({len(test_ex)} held out), "
+          f"{total} steps of {per_step} -> {out}")
+    first_loss, last, t0, start_step, start_tokens = None, {}, time.time(), step, done_tokens
+    stop_at = total if args.stop_after is None else min(total, step + args.stop_after)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    while step < stop_at:
+        t_step = time.time()
+        rows = pack([train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)], args.max_len, pad_to)
+        n_loss = sum(int(r[2][1:].sum()) for r in rows)  # normalise by the whole step's loss tokens
+        lr = lr_at(step, args, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for r in rows:
+            ls, _ = sft_loss_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+            (ls / n_loss).backward()
+            loss_sum += ls.detach()
+        kl = torch.zeros(())
+        if kl_ex:
+            k_idx = [(step * args.kl_batch + j) % len(kl_ex) for j in range(args.kl_batch)]
+            k_rows = pack([kl_ex[i] for i in k_idx], args.max_len, pad_to)
+            n_kl = sum(int(r[2].sum()) for r in k_rows)
+            kl = 0.0
+            for r in k_rows:
+                ks = kl_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+                (args.kl_weight * ks / n_kl).backward()
+                kl += ks.detach() / n_kl
+        loss = float(loss_sum) / n_loss  # one host sync per optimizer step
+        if not math.isfinite(loss) or not math.isfinite(float(kl)):
+            bar.close()
+            raise SystemExit(f"step {step}: non-finite loss ({loss}, kl {float(kl)}); stopped without "
+                             f"updating. The last good checkpoint is in {out} (state.pt, checkpoints/)")
+        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_tok = sum(len(r[0]) for r in rows)
+        done_tokens += n_tok
+        first_loss = loss if first_loss is None else first_loss
+        last = {"step": step, "loss": loss, "kl": float(kl), "lr": lr, "tokens": done_tokens,
+                "grad_norm": float(gn), "seconds": round(time.time() - t0, 3)}
+        if (args.eval_every and step % args.eval_every == 0) or step == total:
+            last["eval_loss"] = evaluate()
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t_step):.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == stop_at:
+            if not args.full:  # full weights every few steps would fill the disk; state.pt resumes
+                save_trained(model, steer, False, os.path.join(out, "checkpoints", f"step_{step:06d}"))
+            save_state(out, step, params, opt, done_tokens)
+    bar.close()
+    if step == total:
+        save_trained(model, steer, args.full, out)
+    elapsed = time.time() - t0
+    print(f"\n{'steps':>14} {start_step} -> {step} of {total}" + ("" if step == total else "  (stopped: --resume continues)"))
+    print(f"{'train loss':>14} {first_loss if first_loss is not None else float('nan'):.4f} -> {last.get('loss', float('nan')):.4f}")
+    if "eval_loss" in last:
+        print(f"{'eval loss':>14} {last['eval_loss']:.4f}")
+    print(f"{'tokens':>14} {done_tokens:,}  ({(done_tokens - start_tokens) / max(elapsed, 1e-9):,.0f} tok/s this run)")
+    print(f"{'output':>14} {out}")
+    return last
+
+
+if __name__ == "__main__":
+    main()
