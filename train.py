@@ -206,22 +206,25 @@ def _chunked(fn, *tensors):
 
 
 def sft_loss_sum(model, hidden, row, hook=None):
-    """Summed cross-entropy over a packed row's loss tokens, and their count."""
+    """Summed cross-entropy over a packed row's loss tokens, and their count. The row stays on the
+    CPU, where picking the loss positions costs no device sync."""
     ids, pos, mask = row
-    h = hidden(ids[None], pos[None], hook=hook)[0]  # (T, C)
+    dev = model.lm_head.weight.device
     sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
+    h = hidden(ids[None].to(dev), pos[None].to(dev), hook=hook)[0]  # (T, C)
     ce = lambda h, y: F.cross_entropy(model.lm_head(h).float(), y, reduction="sum")
-    return _chunked(ce, h[sel], ids[sel + 1]), sel.numel()
+    return _chunked(ce, h[sel.to(dev)], ids[sel + 1].to(dev)), sel.numel()
 
 
 def kl_sum(model, hidden, row, hook=None):
     """Summed KL(base || tuned) over the masked tokens of a packed row; base = adapters switched off
     (and no steering hook), from the same weights."""
     ids, pos, mask = row
-    sel = mask.nonzero()[:, 0]  # (N,) every real token
+    dev = model.lm_head.weight.device
+    ids, pos, sel = ids[None].to(dev), pos[None].to(dev), mask.nonzero()[:, 0].to(dev)  # sel: every real token
     with torch.no_grad(), adapters_off(model):
-        h_base = hidden(ids[None], pos[None])[0, sel]  # (N, C): keep hidden states, not logits
-    h = hidden(ids[None], pos[None], hook=hook)[0, sel]  # (N, C)
+        h_base = hidden(ids, pos)[0, sel]  # (N, C): keep hidden states, not logits
+    h = hidden(ids, pos, hook=hook)[0, sel]  # (N, C)
 
     def kl(h, hb):
         logp = F.log_softmax(model.lm_head(h).float(), -1)  # (n, V)
@@ -403,7 +406,7 @@ def main(argv=None):
         with torch.no_grad():
             s, n = 0.0, 0
             for r in test_rows:
-                ls, ln = sft_loss_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+                ls, ln = sft_loss_sum(model, hidden, r, steer)
                 s, n = s + float(ls), n + ln
         model.train()
         return s / max(n, 1)
@@ -422,7 +425,7 @@ def main(argv=None):
             g["lr"] = lr
         loss_sum = 0.0
         for r in rows:
-            ls, _ = sft_loss_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+            ls, _ = sft_loss_sum(model, hidden, r, steer)
             (ls / n_loss).backward()
             loss_sum += ls.detach()
         kl = torch.zeros(())
@@ -432,7 +435,7 @@ def main(argv=None):
             n_kl = sum(int(r[2].sum()) for r in k_rows)
             kl = 0.0
             for r in k_rows:
-                ks = kl_sum(model, hidden, tuple(t.to(args.device) for t in r), steer)
+                ks = kl_sum(model, hidden, r, steer)
                 (args.kl_weight * ks / n_kl).backward()
                 kl += ks.detach() / n_kl
         loss = float(loss_sum) / n_loss  # one host sync per optimizer step
