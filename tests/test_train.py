@@ -190,3 +190,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, dataset
         run(tiny, dataset, tmp_path / "nan", "--lr", "1e30", "--warmup", "0", "--max-steps", "5", "--save-every", "1")
     assert os.listdir(tmp_path / "nan" / "checkpoints") == ["step_000001"]
     assert torch.load(tmp_path / "nan" / "state.pt", weights_only=True)["step"] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    model, tok = lora_model(tiny)
+    rows = train.pack([tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(3)], 400)
+    grads = []
+    for ckpt in (False, True):
+        model.checkpointing = ckpt
+        model.zero_grad()
+        sum(train.sft_loss_sum(model, model.hidden, r)[0] for r in rows).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
