@@ -194,15 +194,55 @@ def step_indices(step, n, per_step, seed):
 # losses, computed only where there is loss and in chunks of LOSS_CHUNK tokens
 
 
-def _chunked(fn, *tensors):
-    """Sum fn over chunks of the rows of tensors; in backward each chunk's logits are recomputed, so
-    at most one chunk of fp32 logits is alive at any time."""
-    total = 0.0
-    for s in range(0, tensors[0].shape[0], LOSS_CHUNK):
-        part = [t[s:s + LOSS_CHUNK] for t in tensors]
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in part)
-        total = total + (torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
-    return total
+class ChunkedHead(torch.autograd.Function):
+    """Sum of fn(h[chunk], W, *others[chunk]) over chunks of LOSS_CHUNK rows, where fn applies the
+    LM head W itself. The forward takes each chunk's gradient at once and frees its logits, so the
+    logits of a whole row never exist and are never recomputed; backward only scales the stored grads."""
+
+    @staticmethod
+    def forward(ctx, fn, h, W, *others):
+        total = torch.zeros((), device=h.device)
+        gh = torch.zeros_like(h) if h.requires_grad else None
+        gW = torch.zeros_like(W, dtype=torch.float32) if W.requires_grad else None  # full fine-tuning
+        Wd = W.detach().requires_grad_(gW is not None)
+        for s in range(0, h.shape[0], LOSS_CHUNK):
+            hc = h[s:s + LOSS_CHUNK].detach().requires_grad_(gh is not None)
+            with torch.enable_grad():
+                loss = fn(hc, Wd, *[o[s:s + LOSS_CHUNK] for o in others])
+            grads = torch.autograd.grad(loss, [t for t in (hc, Wd) if t.requires_grad])
+            if gh is not None:
+                gh[s:s + LOSS_CHUNK] = grads[0]
+            if gW is not None:
+                gW += grads[-1]
+            total += loss.detach()
+        ctx.save_for_backward(gh, gW)
+        ctx.W_dtype, ctx.n_others = W.dtype, len(others)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gW = ctx.saved_tensors
+        return (None, None if gh is None else gh * g.to(gh.dtype),
+                None if gW is None else (gW * g).to(ctx.W_dtype)) + (None,) * ctx.n_others
+
+
+def head_loss(fn, h, W, *others):
+    """fn summed over chunks of rows; through ChunkedHead when gradients are wanted."""
+    if torch.is_grad_enabled() and (h.requires_grad or W.requires_grad):
+        return ChunkedHead.apply(fn, h, W, *others)
+    return sum(fn(h[s:s + LOSS_CHUNK], W, *[o[s:s + LOSS_CHUNK] for o in others])
+               for s in range(0, h.shape[0], LOSS_CHUNK))
+
+
+def _ce(h, W, y):
+    return F.cross_entropy(F.linear(h, W).float(), y, reduction="sum")  # logits upcast before the loss
+
+
+def _kl(h, W, h_base):
+    logp = F.log_softmax(F.linear(h, W).float(), -1)  # (n, V) tuned
+    with torch.no_grad():
+        logq = F.log_softmax(F.linear(h_base, W).float(), -1)  # (n, V) base
+    return (logq.exp() * (logq - logp)).sum()
 
 
 def sft_loss_sum(model, hidden, row, hook=None):
@@ -212,8 +252,7 @@ def sft_loss_sum(model, hidden, row, hook=None):
     dev = model.lm_head.weight.device
     sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
     h = hidden(ids[None].to(dev), pos[None].to(dev), hook=hook)[0]  # (T, C)
-    ce = lambda h, y: F.cross_entropy(model.lm_head(h).float(), y, reduction="sum")
-    return _chunked(ce, h[sel.to(dev)], ids[sel + 1].to(dev)), sel.numel()
+    return head_loss(_ce, h[sel.to(dev)], model.lm_head.weight, ids[sel + 1].to(dev)), sel.numel()
 
 
 def kl_sum(model, hidden, row, hook=None):
@@ -225,12 +264,7 @@ def kl_sum(model, hidden, row, hook=None):
     with torch.no_grad(), adapters_off(model):
         h_base = hidden(ids, pos)[0, sel]  # (N, C): keep hidden states, not logits
     h = hidden(ids, pos, hook=hook)[0, sel]  # (N, C)
-
-    def kl(h, hb):
-        logp = F.log_softmax(model.lm_head(h).float(), -1)  # (n, V)
-        logq = F.log_softmax(model.lm_head(hb).float(), -1)
-        return (logq.exp() * (logq - logp)).sum()
-    return _chunked(kl, h, h_base)
+    return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 
 # -----------------------------------------------------------------------------

@@ -203,3 +203,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_head_gradients_match_direct(monkeypatch):
+    """The chunked loss's gradients, for the hidden states and (full fine-tuning) the head itself."""
+    monkeypatch.setattr(train, "LOSS_CHUNK", 4)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(11, 8, generator=g, requires_grad=True)
+    W = torch.randn(30, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 30, (11,), generator=g)
+    (3.0 * train.head_loss(train._ce, h, W, y)).backward()
+    got = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    (3.0 * F.cross_entropy(h @ W.T, y, reduction="sum")).backward()
+    torch.testing.assert_close(got[0], h.grad)
+    torch.testing.assert_close(got[1], W.grad)
