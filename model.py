@@ -145,8 +145,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
+        if mask is None:  # plain causal: the flash kernel, which handles grouped-query attention itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:
+            # With a mask, enable_gqa would fall back to the slow math kernel, and repeating k and v
+            # copies the whole cache. Instead stack the query heads that share a kv head along time:
+            # (B, nkv, g*T, hd) against (B, nkv, S, hd); the mask comes tiled g times to match.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask)
+        y = y.reshape(B, self.n_head, T, self.hd)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -217,17 +223,19 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_mask(self, pos, cache):
-        """Boolean (B, 1, T, S) mask, or None for plain causal attention."""
+        """Boolean (B, 1, g*T, S) mask, tiled for the g query heads per kv head (see Attention), or
+        None for plain causal attention."""
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
             slots = torch.arange(cache.max_len, device=pos.device)
-            return (slots[None, None, :] <= pos[:, :, None])[:, None]
-        starts = pos == 0
-        if starts[:, 1:].any():  # packed row: attend causally within each conversation only
-            doc = starts.cumsum(1)  # (B, T) conversation index of each token
-            T = pos.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
-            return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
-        return None
+            mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        elif pos.shape[1] > 1 and (pos[:, 1:] == 0).any():  # packed row: causal within each conversation
+            doc = (pos == 0).cumsum(1)  # (B, T) conversation index of each token
+            causal = torch.ones(pos.shape[1], pos.shape[1], dtype=torch.bool, device=pos.device).tril()
+            mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+        else:
+            return None
+        g = self.config.num_attention_heads // self.config.num_key_value_heads
+        return mask.repeat(1, g, 1)[:, None]
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
         """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first)."""
