@@ -186,7 +186,8 @@ def save_adapter(model, path, base_model=None):
                   lambda p: open(p, "w").write(json.dumps(config, indent=2)))
 
 
-def _adapter_dir(path_or_hub_id):
+def adapter_dir(path_or_hub_id):
+    """A local adapter directory; a hub id is downloaded (adapter files only)."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") != 1:
@@ -197,7 +198,7 @@ def _adapter_dir(path_or_hub_id):
 
 def load_adapter(model, path_or_hub_id):
     """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the adapted module names."""
-    path = _adapter_dir(path_or_hub_id)
+    path = adapter_dir(path_or_hub_id)
     cfg_file, w_file = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
     for f in (cfg_file, w_file):
         if not os.path.exists(f):
@@ -244,9 +245,9 @@ class SteeringVector(nn.Module):
     """alpha * v added to the residual stream after `layer`, every position of every row.
     Use as model.py's residual hook: model(idx, hook=steer)."""
 
-    def __init__(self, d_model, layer, alpha):
+    def __init__(self, d_model, layer, alpha, base_model=""):
         super().__init__()
-        self.layer, self.alpha = layer, alpha
+        self.layer, self.alpha, self.base_model = layer, alpha, base_model
         self.vector = nn.Parameter(torch.zeros(d_model))  # starts at 0: the base model
 
     def forward(self, i, x):
@@ -258,7 +259,7 @@ class SteeringVector(nn.Module):
                       lambda p: save_file({"vector": self.vector.detach().float().cpu().contiguous()}, p))
         _atomic_write(os.path.join(path, "steering_config.json"), lambda p: open(p, "w").write(
             json.dumps({"type": "steering_vector", "layer": self.layer, "alpha": self.alpha,
-                        "d_model": self.vector.numel()}, indent=2)))
+                        "d_model": self.vector.numel(), "base_model_name_or_path": self.base_model}, indent=2)))
 
     @classmethod
     def load(cls, path, device="cpu"):
@@ -266,7 +267,7 @@ class SteeringVector(nn.Module):
             cfg = json.load(f)
         with safe_open(os.path.join(path, "steering_vector.safetensors"), framework="pt") as f:
             v = f.get_tensor("vector")
-        sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"]).to(device)
+        sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", "")).to(device)
         with torch.no_grad():
             sv.vector.copy_(v)
         return sv

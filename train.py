@@ -376,7 +376,7 @@ def main(argv=None):
     if args.steer_layer is not None:
         if not 0 <= args.steer_layer < model.config.num_hidden_layers:
             raise SystemExit(f"--steer-layer {args.steer_layer}: the model has layers 0..{model.config.num_hidden_layers - 1}")
-        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha).to(args.device)
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
         params = list(steer.parameters())
     elif args.full:
         model.requires_grad_(True)
