@@ -195,26 +195,25 @@ def step_indices(step, n, per_step, seed):
 
 
 class ChunkedHead(torch.autograd.Function):
-    """Sum of fn(h[chunk], W, *others[chunk]) over chunks of LOSS_CHUNK rows, where fn applies the
-    LM head W itself. The forward takes each chunk's gradient at once and frees its logits, so the
-    logits of a whole row never exist and are never recomputed; backward only scales the stored grads."""
+    """Sum over chunks of LOSS_CHUNK rows of a loss of the logits h @ W.T. `fn(logits, W, *others)`
+    returns the chunk's summed loss and its gradient with respect to the logits, computed in place
+    in the one fp32 logits buffer. The forward turns that into the gradients for h (and W, when the
+    head is trained) at once and frees the chunk, so the logits of a whole row never exist, no
+    log-softmax tensors are kept for backward, and nothing is recomputed; backward only scales."""
 
     @staticmethod
     def forward(ctx, fn, h, W, *others):
         total = torch.zeros((), device=h.device)
-        gh = torch.zeros_like(h) if h.requires_grad else None
-        gW = torch.zeros_like(W, dtype=torch.float32) if W.requires_grad else None  # full fine-tuning
-        Wd = W.detach().requires_grad_(gW is not None)
+        gh = torch.zeros_like(h) if ctx.needs_input_grad[1] else None
+        gW = torch.zeros_like(W, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # full fine-tuning
         for s in range(0, h.shape[0], LOSS_CHUNK):
-            hc = h[s:s + LOSS_CHUNK].detach().requires_grad_(gh is not None)
-            with torch.enable_grad():
-                loss = fn(hc, Wd, *[o[s:s + LOSS_CHUNK] for o in others])
-            grads = torch.autograd.grad(loss, [t for t in (hc, Wd) if t.requires_grad])
+            hc = h[s:s + LOSS_CHUNK]
+            loss, g = fn(F.linear(hc, W).float(), W, *[o[s:s + LOSS_CHUNK] for o in others])  # g: (n, V)
+            total += loss
             if gh is not None:
-                gh[s:s + LOSS_CHUNK] = grads[0]
+                gh[s:s + LOSS_CHUNK] = g.to(W.dtype) @ W  # (n, C)
             if gW is not None:
-                gW += grads[-1]
-            total += loss.detach()
+                gW += g.T @ hc.float()  # (V, C)
         ctx.save_for_backward(gh, gW)
         ctx.W_dtype, ctx.n_others = W.dtype, len(others)
         return total
@@ -227,22 +226,29 @@ class ChunkedHead(torch.autograd.Function):
 
 
 def head_loss(fn, h, W, *others):
-    """fn summed over chunks of rows; through ChunkedHead when gradients are wanted."""
+    """fn's loss of the logits h @ W.T, summed over chunks of rows, differentiable in h and W."""
     if torch.is_grad_enabled() and (h.requires_grad or W.requires_grad):
         return ChunkedHead.apply(fn, h, W, *others)
-    return sum(fn(h[s:s + LOSS_CHUNK], W, *[o[s:s + LOSS_CHUNK] for o in others])
+    return sum(fn(F.linear(h[s:s + LOSS_CHUNK], W).float(), W, *[o[s:s + LOSS_CHUNK] for o in others])[0]
                for s in range(0, h.shape[0], LOSS_CHUNK))
 
 
-def _ce(h, W, y):
-    return F.cross_entropy(F.linear(h, W).float(), y, reduction="sum")  # logits upcast before the loss
+def _ce(logits, W, y):
+    """Summed cross-entropy against targets y (n,), and d/dlogits = softmax - onehot."""
+    logp = F.log_softmax(logits, -1)  # (n, V)
+    loss = -logp.gather(1, y[:, None]).sum()
+    grad = logp.exp_()  # (n, V) softmax, in place
+    grad[torch.arange(len(y), device=y.device), y] -= 1
+    return loss, grad
 
 
-def _kl(h, W, h_base):
-    logp = F.log_softmax(F.linear(h, W).float(), -1)  # (n, V) tuned
-    with torch.no_grad():
-        logq = F.log_softmax(F.linear(h_base, W).float(), -1)  # (n, V) base
-    return (logq.exp() * (logq - logp)).sum()
+def _kl(logits, W, h_base):
+    """Summed KL(base || tuned), base logits from h_base (n, C); d/dlogits = p_tuned - p_base."""
+    logq = F.log_softmax(F.linear(h_base, W).float(), -1)  # (n, V) base
+    logp = F.log_softmax(logits, -1)  # (n, V) tuned; the same op as the base's, so KL is exactly 0 at init
+    q = logq.exp()
+    loss = (q * (logq - logp)).sum()
+    return loss, logp.exp_().sub_(q)
 
 
 def sft_loss_sum(model, hidden, row, hook=None):
