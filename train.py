@@ -234,10 +234,14 @@ def head_loss(fn, h, W, *others):
 
 
 def _ce(logits, W, y):
-    """Summed cross-entropy against targets y (n,), and d/dlogits = softmax - onehot."""
-    logp = F.log_softmax(logits, -1)  # (n, V)
-    loss = -logp.gather(1, y[:, None]).sum()
-    grad = logp.exp_()  # (n, V) softmax, in place
+    """Summed cross-entropy against targets y (n,), and d/dlogits = softmax - onehot, in place
+    (one exp per logit: this loop is memory- and exp-bound on a 152k vocabulary)."""
+    top = logits.amax(-1, keepdim=True)  # (n, 1)
+    picked = logits.gather(1, y[:, None]) - top  # (n, 1)
+    p = logits.sub_(top).exp_()  # (n, V) unnormalised probabilities
+    total = p.sum(-1, keepdim=True)  # (n, 1)
+    loss = (total.log() - picked).sum()
+    grad = p.div_(total)  # softmax
     grad[torch.arange(len(y), device=y.device), y] -= 1
     return loss, grad
 
