@@ -113,11 +113,7 @@ def bench_train_ours(model, convs_per_step, args):
     model.train()
 
     def step():
-        rows = train.pack(convs_per_step, 2048)
-        n_loss = sum(int(r[2][1:].sum()) for r in rows)
-        for r in rows:
-            ls, _ = train.sft_loss_sum(model, model.hidden, r)
-            (ls / n_loss).backward()
+        train.accumulate_grads(model, model.hidden, train.pack(convs_per_step, 2048), [], 0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return timed_steps(step, args.steps, args.device)

@@ -277,6 +277,24 @@ def kl_sum(model, hidden, row, hook=None):
     return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 
+def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None):
+    """Backward of one optimizer step: SFT loss per answer token + kl_weight x KL per token, each
+    normalised over the whole step. Returns (loss, kl) as floats: one host sync per step."""
+    n_loss = sum(int(r[2][1:].sum()) for r in rows)
+    loss = 0.0
+    for r in rows:
+        ls, _ = sft_loss_sum(model, hidden, r, hook)
+        (ls / n_loss).backward()
+        loss += ls.detach()
+    n_kl = sum(int(r[2].sum()) for r in kl_rows)
+    kl = 0.0
+    for r in kl_rows:
+        ks = kl_sum(model, hidden, r, hook)
+        (kl_weight * ks / n_kl).backward()
+        kl += ks.detach()
+    return float(loss) / n_loss, float(kl) / max(n_kl, 1)
+
+
 # -----------------------------------------------------------------------------
 # schedule and checkpoints
 
@@ -463,29 +481,15 @@ def main(argv=None):
     while step < stop_at:
         t_step = time.time()
         rows = pack([train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)], args.max_len, pad_to)
-        n_loss = sum(int(r[2][1:].sum()) for r in rows)  # normalise by the whole step's loss tokens
+        k_rows = pack([kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)],
+                      args.max_len, pad_to) if kl_ex else []
         lr = lr_at(step, args, total)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
-        for r in rows:
-            ls, _ = sft_loss_sum(model, hidden, r, steer)
-            (ls / n_loss).backward()
-            loss_sum += ls.detach()
-        kl = torch.zeros(())
-        if kl_ex:
-            k_idx = [(step * args.kl_batch + j) % len(kl_ex) for j in range(args.kl_batch)]
-            k_rows = pack([kl_ex[i] for i in k_idx], args.max_len, pad_to)
-            n_kl = sum(int(r[2].sum()) for r in k_rows)
-            kl = 0.0
-            for r in k_rows:
-                ks = kl_sum(model, hidden, r, steer)
-                (args.kl_weight * ks / n_kl).backward()
-                kl += ks.detach() / n_kl
-        loss = float(loss_sum) / n_loss  # one host sync per optimizer step
-        if not math.isfinite(loss) or not math.isfinite(float(kl)):
+        loss, kl = accumulate_grads(model, hidden, rows, k_rows, args.kl_weight, steer)
+        if not math.isfinite(loss) or not math.isfinite(kl):
             bar.close()
-            raise SystemExit(f"step {step}: non-finite loss ({loss}, kl {float(kl)}); stopped without "
+            raise SystemExit(f"step {step}: non-finite loss ({loss}, kl {kl}); stopped without "
                              f"updating. The last good checkpoint is in {out} (state.pt, checkpoints/)")
         gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
@@ -494,7 +498,7 @@ def main(argv=None):
         n_tok = sum(len(r[0]) for r in rows)
         done_tokens += n_tok
         first_loss = loss if first_loss is None else first_loss
-        last = {"step": step, "loss": loss, "kl": float(kl), "lr": lr, "tokens": done_tokens,
+        last = {"step": step, "loss": loss, "kl": kl, "lr": lr, "tokens": done_tokens,
                 "grad_norm": float(gn), "seconds": round(time.time() - t0, 3)}
         if (args.eval_every and step % args.eval_every == 0) or step == total:
             last["eval_loss"] = evaluate()
