@@ -137,23 +137,57 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, pos):
+    def forward(self, x, cos, sin, attn, cache, pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv != self.n_head
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-        if mask is None:  # plain causal: the flash kernel, which handles grouped-query attention itself
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
-        else:
             # With a mask, enable_gqa would fall back to the slow math kernel, and repeating k and v
             # copies the whole cache. Instead stack the query heads that share a kv head along time:
             # (B, nkv, g*T, hd) against (B, nkv, S, hd); the mask comes tiled g times to match.
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=attn)
+        elif attn is not None:  # packed rows: attention runs on the conversations laid out as a batch
+            y = attn.unpack(F.scaled_dot_product_attention(
+                attn.pack(q), attn.pack(k), attn.pack(v), is_causal=True, enable_gqa=gqa), B, T)
+        else:  # plain causal: the flash kernel, which handles grouped-query attention itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         y = y.reshape(B, self.n_head, T, self.hd)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class Packed:
+    """Rows that hold several conversations (pos restarts at 0 where one begins). For attention only,
+    the conversations are gathered into one right-padded batch (n, L) and attended with plain causal
+    attention, so no work is spent across conversations and the fast kernels apply; the padding sits
+    after each conversation, where causal attention never looks. Everything else stays packed."""
+
+    def __init__(self, pos):
+        B, T = pos.shape
+        starts = (pos == 0).cpu()  # the layout is needed on the host: one sync per forward
+        starts[:, 0] = True  # a row always starts a conversation
+        starts = starts.reshape(-1)
+        first = starts.nonzero()[:, 0]  # (n,) flat index where each conversation begins
+        lengths = torch.diff(first, append=torch.tensor([B * T]))  # (n,)
+        self.n, self.L = len(first), int(lengths.max())
+        offset = torch.arange(self.L)
+        gather = first[:, None] + offset  # (n, L) flat token index of each slot
+        self.gather = torch.where(offset < lengths[:, None], gather, 0).reshape(-1).to(pos.device)
+        doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
+        self.scatter = (doc * self.L + torch.arange(B * T) - first[doc]).to(pos.device)  # slot of each token
+
+    def pack(self, t):
+        """(B, H, T, hd) -> (n, H, L, hd)"""
+        B, H, T, hd = t.shape
+        return t.transpose(1, 2).reshape(B * T, H, hd)[self.gather].view(self.n, self.L, H, hd).transpose(1, 2)
+
+    def unpack(self, t, B, T):
+        """(n, H, L, hd) -> (B, H, T, hd)"""
+        H, hd = t.shape[1], t.shape[3]
+        return t.transpose(1, 2).reshape(self.n * self.L, H, hd)[self.scatter].view(B, T, H, hd).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -175,8 +209,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+    def forward(self, x, cos, sin, attn, cache=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,20 +256,17 @@ class Qwen2(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def attention_mask(self, pos, cache):
-        """Boolean (B, 1, g*T, S) mask, tiled for the g query heads per kv head (see Attention), or
-        None for plain causal attention."""
+    def attention(self, pos, cache):
+        """How this forward attends: a boolean (B, 1, g*T, S) mask over the cache slots, tiled for the
+        g query heads per kv head (see Attention); a Packed layout for rows holding several
+        conversations; or None for plain causal attention."""
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
             slots = torch.arange(cache.max_len, device=pos.device)
-            mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S)
-        elif pos.shape[1] > 1 and (pos[:, 1:] == 0).any():  # packed row: causal within each conversation
-            doc = (pos == 0).cumsum(1)  # (B, T) conversation index of each token
-            causal = torch.ones(pos.shape[1], pos.shape[1], dtype=torch.bool, device=pos.device).tril()
-            mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
-        else:
-            return None
-        g = self.config.num_attention_heads // self.config.num_key_value_heads
-        return mask.repeat(1, g, 1)[:, None]
+            g = self.config.num_attention_heads // self.config.num_key_value_heads
+            return (slots[None, None, :] <= pos[:, :, None]).repeat(1, g, 1)[:, None]  # (B, 1, g*T, S)
+        if pos.shape[1] > 1 and (pos[:, 1:] == 0).any():
+            return Packed(pos)
+        return None
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
         """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first)."""
@@ -244,14 +275,14 @@ class Qwen2(nn.Module):
             if cache is not None:
                 raise ValueError("a forward with a KV cache needs the token positions `pos`")
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        mask = self.attention_mask(pos, cache)
+        attn = self.attention(pos, cache)
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, hd) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for i, block in enumerate(self.model.layers):
             if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, pos)
+                x = block(x, cos, sin, attn, cache, pos)
             if hook is not None:
                 y = hook(i, x)  # the one intervention point on the residual stream
                 x = x if y is None else y

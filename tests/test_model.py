@@ -74,6 +74,19 @@ def test_packed_rows_equal_separate_forwards(tiny):
         torch.testing.assert_close(out[:, 7:], model(b), atol=1e-5, rtol=0)
 
 
+def test_packed_batch_of_rows_equals_separate_forwards(tiny):
+    """Two rows, one with three conversations and one with a single one: each token as if alone."""
+    model, _ = load(tiny)
+    parts = [random_tokens(400, B=1, T=n, seed=10 + n)[0] for n in (5, 4, 3, 12)]
+    idx = torch.stack([torch.cat(parts[:3]), parts[3]])
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(4), torch.arange(3)]), torch.arange(12)])
+    with torch.no_grad():
+        out = model(idx, pos=pos)
+        want = [model(p[None])[0] for p in parts]
+    torch.testing.assert_close(out[0], torch.cat(want[:3]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], want[3], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_kv_cache_decode_equals_full_forward(tiny, chunk):
     model, _ = load(tiny)
