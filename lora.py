@@ -56,7 +56,9 @@ class LoRALinear(nn.Module):
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r): the adapter's scalars if r = 1
         if self.recorded is not None:
             self.recorded.append(h.detach())
-        return y + F.linear(h, self.lora_B.to(x.dtype)) * (self.scale * self.multiplier)
+        # y + scale * h B^T as one GEMM that accumulates into y: a single pass over the wide output
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.to(x.dtype).t(),
+                           alpha=self.scale * self.multiplier).view_as(y)
 
     def delta(self):
         """The update to W as one (out, in) matrix, in fp32."""
