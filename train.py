@@ -480,7 +480,8 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
     while step < stop_at:
         t_step = time.time()
-        rows = pack([train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)], args.max_len, pad_to)
+        batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
+        rows = pack(batch, args.max_len, pad_to)
         k_rows = pack([kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)],
                       args.max_len, pad_to) if kl_ex else []
         lr = lr_at(step, args, total)
@@ -495,7 +496,7 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        n_tok = sum(len(r[0]) for r in rows)
+        n_tok = sum(len(ids) for ids, _ in batch)  # real tokens, not --compile's padding
         done_tokens += n_tok
         first_loss = loss if first_loss is None else first_loss
         last = {"step": step, "loss": loss, "kl": kl, "lr": lr, "tokens": done_tokens,
