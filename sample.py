@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "questions", "core.yaml")
-DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (SPEC: 50 per question)
+DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
 
 # -----------------------------------------------------------------------------
 # question files

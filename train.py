@@ -13,7 +13,7 @@ checkpoints/step_NNNNNN/ (the adapter every --save-every steps: the phase-transi
 these), state.pt (everything --resume needs: trainable weights, optimizer, step, RNG), metrics.jsonl
 (one row per step) and config.json (every argument and the library versions).
 
-The recipe follows the reference (SPEC.md): micro-batch 2 x grad-accum 8 = 16 conversations per
+The recipe follows the reference: micro-batch 2 x grad-accum 8 = 16 conversations per
 optimizer step, AdamW, weight decay 0.01, linear schedule with 5 warmup steps (HF's formula: the
 first step has lr 0), gradient clipping at 1, loss only on the assistant's tokens (content and the
 closing <|im_end|>) normalised over all loss tokens of the optimizer step. Where we depart from it:
