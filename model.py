@@ -274,8 +274,9 @@ class Qwen2(nn.Module):
         if pos is None:
             if cache is not None:
                 raise ValueError("a forward with a KV cache needs the token positions `pos`")
-            pos = torch.arange(T, device=idx.device).expand(B, T)
-        attn = self.attention(pos, cache)
+            pos, attn = torch.arange(T, device=idx.device).expand(B, T), None  # one conversation per row
+        else:
+            attn = self.attention(pos, cache)
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, hd) fp32
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for i, block in enumerate(self.model.layers):
