@@ -15,7 +15,6 @@ produce the same lengths), temperature 1: ours (sample.generate) vs HF's model.g
 Weights are random unless --model is given: speed does not depend on their values.
 """
 import argparse
-import json
 import os
 import platform
 import time

@@ -1,6 +1,5 @@
 """lora.py against PEFT: adapters we save load in PEFT with the same logits, and the other way round."""
 import json
-import os
 
 import pytest
 import torch

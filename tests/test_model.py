@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import QWEN25_TEMPLATE, hf_config, hf_model, make_checkpoint
+from conftest import QWEN25_TEMPLATE, hf_model, make_checkpoint
 from model import KVCache, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
