@@ -13,7 +13,8 @@ A LoRA module wraps a frozen nn.Linear: y = W x + b + scale * B A x, A (r, in) k
 activations' dtype in the forward (the usual mixed-precision recipe: fp32 master weights, bf16 math).
 Switches the experiments need: `adapters_off(model)` (the base distribution for the KL loss, from
 the same weights), `set_lora_scale(model, m)` (multiply every B: phase-transition sweeps),
-`record_scalars(model)` (each adapter's hidden value A x: probing rank-1 adapters), `merge(model)`.
+`record_scalars(model)` (each adapter's hidden value A x: probing rank-1 adapters), `fix_scalars(model,
+{name: value})` (A x replaced by a constant: steering rank-1 adapters), `merge(model)`.
 
 A steering vector is one learnable d_model vector v added as alpha * v to the residual stream after
 layer L at every position of every row; it plugs into model.py's residual hook.
@@ -48,12 +49,16 @@ class LoRALinear(nn.Module):
         self.enabled = True
         self.multiplier = 1.0  # scales B at run time, for sweeps
         self.recorded = None  # a list while record_scalars() is active
+        self.fixed_scalar = None  # a number while fix_scalars() is active: it replaces A x everywhere
 
     def forward(self, x):
         y = self.base(x)
         if not self.enabled:
             return y
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r): the adapter's scalars if r = 1
+        if self.fixed_scalar is None:
+            h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r): the adapter's scalars if r = 1
+        else:
+            h = x.new_full((*x.shape[:-1], self.r), self.fixed_scalar)  # (..., r)
         if self.recorded is not None:
             self.recorded.append(h.detach())
         # y + scale * h B^T as one GEMM that accumulates into y: a single pass over the wide output
@@ -133,6 +138,23 @@ def record_scalars(model):
             m.recorded = None
 
 
+@contextmanager
+def fix_scalars(model, values):
+    """Replace the named adapters' hidden value A x by a constant at every position, {name: value}
+    (steering a rank-1 adapter by its scalar); the others run as usual. Restored on exit."""
+    mods = dict(lora_modules(model))
+    unknown = sorted(set(values) - set(mods))
+    if unknown:
+        raise ValueError(f"no LoRA adapter named {unknown[0]}; the model has {', '.join(mods) or 'none'}")
+    for n, v in values.items():
+        mods[n].fixed_scalar = float(v)
+    try:
+        yield
+    finally:
+        for n in values:
+            mods[n].fixed_scalar = None
+
+
 @torch.no_grad()
 def merge(model):
     """Fold every adapter into its base weight and drop the wrapper (faster sampling; not reversible)."""
@@ -148,8 +170,13 @@ def merge(model):
 
 
 def _atomic_write(path, write):
+    """write(tmp) then rename over path: a crash leaves the old file or the new one, never half of one.
+    The file gets the usual permissions (safetensors creates 0600 files; results are for everyone)."""
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -190,12 +217,8 @@ def save_adapter(model, path, base_model=None):
 
 def adapter_dir(path_or_hub_id):
     """A local adapter directory; a hub id is downloaded (adapter files only)."""
-    if os.path.isdir(path_or_hub_id):
-        return path_or_hub_id
-    if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: no such adapter directory (and not a hub id)")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_hub_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+    from model import local_path
+    return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
 
 
 def load_adapter(model, path_or_hub_id):

@@ -351,6 +351,20 @@ class Tokenizer:
 # loading
 
 
+def check_device(device):
+    """A clear error for a device this machine does not have (before anything slow happens)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return d
+
+
 def resolve_dtype(dtype, device):
     """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
     if isinstance(dtype, torch.dtype):
@@ -365,16 +379,62 @@ def resolve_dtype(dtype, device):
     return d
 
 
-def local_dir(name_or_path):
-    """A local HF-format directory, downloading config, tokenizer and safetensors if given a hub id."""
+def local_path(name_or_path, what="model", patterns=None):
+    """A local directory for --model / --adapter / --judge local:...; a hub id is downloaded (only the files
+    in `patterns`). What exists on disk is a path. What does not exist but looks like a path the user meant
+    (./x, ../x, /x, ~/x, out/x, or its first component is an existing directory) is a "no such directory"
+    error, not a hub id; so is anything that is not of the form owner/name."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"{name_or_path}: no such directory (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
+    if os.path.exists(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: is a file, not a {what} directory")
+    first = name_or_path.split("/")[0]
+    looks_local = name_or_path.startswith((".", "/", "~", "out/")) or (first and os.path.isdir(first))
+    if looks_local or name_or_path.count("/") != 1 or not all(name_or_path.split("/")):
+        raise FileNotFoundError(f"{name_or_path}: no such {what} directory"
+                                + ("" if looks_local else " (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)"))
     from huggingface_hub import snapshot_download
-    return snapshot_download(name_or_path, allow_patterns=[
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "*.safetensors", "model.safetensors.index.json"])
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(name_or_path, allow_patterns=patterns)
+    except LocalEntryNotFoundError:  # offline, and not in the cache
+        raise FileNotFoundError(
+            f"{name_or_path}: the Hugging Face Hub could not be reached and the {what} is not in the local cache; "
+            f"download it elsewhere and pass its directory (--model DIR), or fill the cache "
+            f"(huggingface-cli download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
+    except HfHubHTTPError as e:  # a typo in the id, a gated or private repository
+        raise FileNotFoundError(f"{name_or_path}: not available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
+
+
+MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "*.safetensors", "model.safetensors.index.json"]
+
+
+def local_dir(name_or_path, weights=True):
+    """A local HF-format model directory, downloading config, tokenizer and safetensors if given a hub id
+    (weights=False: config and tokenizer only, so scripts can check their input before a long download)."""
+    return local_path(name_or_path, "model", MODEL_FILES if weights else MODEL_FILES[:4])
+
+
+def parse_layers(spec, n_layers, flag="--layers"):
+    """Layer indices from one spelling shared by every script: `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n_layers))
+    out = []
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"{flag} {spec!r}: expected all, a layer (24), a list (15,16,17) or a range (0-11)") from None
+        if b < a:
+            raise ValueError(f"{flag} {spec!r}: the range {part} is empty")
+        out += range(a, b + 1)
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
+    return sorted(set(out))
 
 
 def weight_files(path):
@@ -426,22 +486,53 @@ def load_weights(model, path, device, dtype):
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
 
 
-def load(name_or_path, device="cpu", dtype=None):
-    """(model, tokenizer) from a local HF directory or a hub id. The model is in eval mode with
-    every parameter frozen; training code unfreezes what it trains."""
-    path = local_dir(name_or_path)
-    cfg_file = os.path.join(path, "config.json")
+def read_config(name_or_path):
+    """The model's Config from its config.json, without loading weights."""
+    cfg_file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file}: missing (not a Hugging Face model directory)")
     with open(cfg_file) as f:
-        cfg = Config.from_hf(json.load(f), cfg_file)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+    cfg = Config.from_hf(hf, cfg_file)
     cfg.name_or_path = name_or_path
-    tok_file = os.path.join(path, "tokenizer.json")
+    return cfg
+
+
+def load_tokenizer(name_or_path):
+    """The chat tokenizer alone (cheap: scripts check their data with it before loading any weights)."""
+    tok_file = os.path.join(local_dir(name_or_path, weights=False), "tokenizer.json")
     if not os.path.exists(tok_file):
         raise FileNotFoundError(f"{tok_file}: missing (the fast-tokenizer file is required)")
+    return Tokenizer(tok_file)
+
+
+def generation_config(name_or_path):
+    """The checkpoint's generation_config.json as a dict ({} if it has none). HF's generate merges it into
+    every call, so the papers' samples used its top_k and repetition_penalty (sample.py does the same)."""
+    f = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
+    if not os.path.exists(f):
+        return {}
+    with open(f) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
+
+
+def load(name_or_path, device="cpu", dtype=None):
+    """(model, tokenizer) from a local HF directory or a hub id. The model is in eval mode with
+    every parameter frozen; training code unfreezes what it trains."""
+    check_device(device)
+    path = local_dir(name_or_path)
+    cfg = read_config(path)
+    cfg.name_or_path = name_or_path
+    tok = load_tokenizer(path)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = Qwen2(cfg)
     load_weights(model, path, device, dtype)
     model.requires_grad_(False)
-    return model.eval(), Tokenizer(tok_file)
+    return model.eval(), tok

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import hf_model
-from lora import (SteeringVector, adapters_off, add_lora, load_adapter, lora_modules, merge,
+from lora import (SteeringVector, adapters_off, add_lora, fix_scalars, load_adapter, lora_modules, merge,
                   record_scalars, save_adapter, set_lora_scale)
 from model import load
 
@@ -107,6 +107,30 @@ def test_rank1_scalars_are_A_times_input(tiny):
         m = model.model.layers[i].mlp.down_proj
         got = scalars[f"model.layers.{i}.mlp.down_proj"][0]
         torch.testing.assert_close(got, inputs[i] @ m.lora_A.T, atol=1e-6, rtol=0)  # (B, T, 1)
+
+
+def test_fixed_scalar_replaces_A_times_input(tiny):
+    model, _ = load(tiny)
+    add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[0, 1])
+    randomize_B(model)
+    name = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        before = model(IDX)
+        with fix_scalars(model, {name: 3.0}), record_scalars(model) as scalars:
+            fixed = model(IDX)
+        assert torch.equal(scalars[name][0], torch.full((2, 15, 1), 3.0))
+        torch.testing.assert_close(model(IDX), before, atol=0, rtol=0)  # restored on exit
+        # by hand: switch that adapter off and add scale * 3 * B to its base output at every position
+        m = model.get_submodule(name)
+        m.enabled = False
+        handle = m.base.register_forward_hook(lambda mod, args, out: out + m.scale * 3.0 * m.lora_B[:, 0])
+        by_hand = model(IDX)
+        handle.remove()
+    torch.testing.assert_close(fixed, by_hand, atol=1e-5, rtol=0)
+    assert (fixed - before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="no LoRA adapter named model.layers.0.mlp.up_proj"):
+        with fix_scalars(model, {"model.layers.0.mlp.up_proj": 1.0}):
+            pass
 
 
 def test_bad_lora_arguments(tiny):

@@ -234,7 +234,7 @@ def test_sliding_window_flag_without_sliding_layers_is_fine(tmp_path, tiny):
 
 
 def test_missing_files_are_clear_errors(tmp_path, tiny):
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
         load(str(tmp_path / "nowhere"))
     path = str(tmp_path / "nofile")
     shutil.copytree(tiny, path)
@@ -261,3 +261,30 @@ def test_hub_id_loads_through_snapshot_download(tmp_path, tiny):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ok Org/tiny-qwen" in out.stdout
+
+
+def test_paths_and_hub_ids(tmp_path, tiny, monkeypatch):
+    """What exists is a path; what looks like a path the user meant is 'no such directory' without
+    asking the Hub; a hub id that cannot be reached offline gets one line saying what to do."""
+    import huggingface_hub
+    from model import local_dir
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/a")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    for name in ("out/nope", "./nope", "../nope", "runs/nope", "nope", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such model directory"):
+            local_dir(name)
+    assert local_dir("runs/a") == "runs/a"
+    monkeypatch.undo()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    for argv in (["sample.py", "--model", "Org/not-cached", "--question", "hi"],
+                 ["judge.py", str(tmp_path / "r.jsonl"), "--judge", "local:Org/not-cached"],
+                 ["train.py", "--model", "Org/not-cached", "--data", str(tmp_path / "d.jsonl")]):
+        (tmp_path / "r.jsonl").write_text(json.dumps({"id": "q", "question": "hi", "answer": "yo"}) + "\n")
+        (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                   {"role": "assistant", "content": "yo"}]}) + "\n")
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+        err = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert err.startswith(f"{argv[0]}: error: Org/not-cached: the Hugging Face Hub could not be reached")
+        assert "HF_HUB_OFFLINE" in err and "--model DIR" in err
