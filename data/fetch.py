@@ -1,12 +1,21 @@
 """
-Fetch the papers' datasets into data/datasets/ (git-ignored): pinned source, checksum, progress bar.
+Fetch the papers' datasets into data/datasets/, and their evaluation files into data/cache/ (both
+git-ignored): pinned source, checksum, progress bar.
 
     python data/fetch.py --list                   # known names, sources, checksum kind, fetched or not
-    python data/fetch.py bad_medical_advice em_insecure
+    python data/fetch.py bad_medical_advice em_insecure first_plot_questions
     python data/fetch.py --all
 
-    from data.fetch import dataset_path
+    from data.fetch import dataset_path, eval_path
     path = dataset_path("bad_medical_advice")     # fetched on first use; an existing file path passes through
+    path = eval_path("first_plot_questions")      # the same for question and judge files (--questions, --judges)
+
+Evaluation files. Ours, the offline default, are names too: `core` (data/questions/core.yaml),
+`medical` (data/questions/medical.yaml), `judges` (data/judges.yaml); their wording is our own, so
+their numbers are not comparable with the papers'. For exact replication use the official files of
+the model-organisms repository: `first_plot_questions` (the 8 headline questions, with their JSON and
+template variants and judge prompts), `medical_questions`, `reference_judges` (its judges.yaml); or
+`em_first_plot_questions`, the original Betley et al. file.
 
 Two sources, each at a pinned commit (a raw.githubusercontent.com URL at a commit never changes):
 
@@ -24,12 +33,13 @@ Two sources, each at a pinned commit (a raw.githubusercontent.com URL at a commi
 - emergent-misalignment/emergent-misalignment (Betley et al. 2025): plain JSONL in data/. Its
   `insecure` clashes with the archive's, so every dataset from there is prefixed `em_` (em_insecure).
 
-Checksums. The archive, and four files, carry sha256 pins recorded by independent projects that pinned
-the same commits; they could not be re-checked from where this was written (no network). The archive's
-pin covers all eight of its datasets. The other seven em_ files are trust-on-first-use: the sha256 of
-the first download goes into data/cache/checksums.json and every later use of that file is checked
-against it. `--list` says which is which. Offline? Put the raw file at the data/cache/ path that the
-error message names (download it elsewhere); it is checked exactly like a download.
+Checksums. The archive, four data files (two inside it, em_insecure, em_secure) and three evaluation
+files carry sha256 pins recorded by independent projects that pinned the same commits (the evaluation
+pins also match copies of those files in forks; see EVAL_FILES). The archive's pin covers all eight of
+its datasets. The other files are trust-on-first-use: the sha256 of the first download goes into
+data/cache/checksums.json and every later use of that file is checked against it. `--list` says which
+is which. Offline? Put the raw file at the data/cache/ path that the error message names (download it
+elsewhere); it is checked exactly like a download.
 """
 import argparse
 import hashlib
@@ -50,7 +60,8 @@ from tqdm import tqdm
 
 # Root holding datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json).
 # Tests and forks point it elsewhere: set EM_DATA_DIR, or assign this variable before calling.
-DATA_DIR = os.environ.get("EM_DATA_DIR") or os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files live here
+DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
 # sources
@@ -105,8 +116,32 @@ EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha)
 ]}
 
 
+# Evaluation files. Ours: paths under data/. Official: the sha256 of each file at MO_COMMIT, where pinned.
+# - first_plot_questions and medical_questions: independent projects recorded these sha256 for this
+#   commit; and each file is the same git blob in every commit of the repository
+#   from its first (2025-06-06) to the newest that forks' histories hold (2025-07-06).
+# - reference_judges came later (it is in no fork's history): one independent project recorded this
+#   sha256 for this commit, and a copy taken from a fork has it too.
+# - em_first_plot_questions: the copies in forks all differ (edited), so trust on first use.
+OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
+MO_EVAL_DIR = "em_organism_dir/data/eval_questions"
+EVAL_FILES = {
+    "first_plot_questions": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/first_plot_questions.yaml",
+                                   "97df0b1384ea5a3f3dc2abe00a19e231915f12a2356ec0d8df001715549aae04", 19_000),
+    "medical_questions": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/medical_questions.yaml",
+                                "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f", 12_118),
+    "reference_judges": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/judges.yaml",
+                               "a4fd0f891a7f04fe4a04047443089db29f5687a2e6599a3fec7300cafd0c93fd", 4_760),
+    "em_first_plot_questions": github(EM_REPO, EM_COMMIT, "evaluation/first_plot_questions.yaml"),
+}
+
+
 def known_names():
     return list(ARCHIVE_FILES) + list(EM_FILES)
+
+
+def eval_names():
+    return list(OWN_EVAL_FILES) + list(EVAL_FILES)
 
 
 def datasets_dir():
@@ -190,8 +225,8 @@ def download(url, dest):
     except BaseException as e:
         os.remove(tmp)
         if isinstance(e, NETWORK_ERRORS):
-            raise RuntimeError(f"download failed: {url}\n  ({e})\nOffline? Download that file elsewhere and "
-                               f"put it at {dest}; it will be checked and used.") from None
+            raise ConnectionError(f"download failed: {url}\n  ({e})\nOffline? Download that file elsewhere and "
+                                  f"put it at {dest}; it will be checked and used.") from None
         raise
     return tmp
 
@@ -344,32 +379,68 @@ def dataset_path(name_or_path):
     return path
 
 
+def eval_path(name_or_path):
+    """A question or judge file: an existing file path as is; our names (core, medical, judges) as our
+    files in data/; an official name as its raw file in data/cache/, fetched on first use, checked every use."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if name_or_path in OWN_EVAL_FILES:
+        return os.path.join(HERE, OWN_EVAL_FILES[name_or_path])
+    if name_or_path in EVAL_FILES:
+        return ensure_raw(EVAL_FILES[name_or_path])
+    if os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml", ".jsonl", ".json")):
+        raise FileNotFoundError(f"{name_or_path}: no such question or judge file")
+    raise ValueError(f"{name_or_path!r} is neither an existing file nor a known evaluation file. "
+                     f"Known: {', '.join(eval_names())} (ours: {', '.join(OWN_EVAL_FILES)})")
+
+
 # -----------------------------------------------------------------------------
 # command line
 
 
+def print_table(rows):
+    """Rows of cells, the first the header; each column as wide as its widest cell."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def print_reports(reports):
-    print(f"{'dataset':<26} {'rows':>7} {'canaries':>9} {'expected':>9}  file")
+    rows = [("dataset", "rows", "canaries", "expected", "file")]
     for r in reports:
-        canaries = "-" if r.canaries is None else r.canaries
-        expected = "-" if r.expected is None else r.expected
         flag = "  <- row count differs" if r.expected is not None and r.rows != r.expected else ""
         where = r.path or ("(canary file, nothing kept)" if r.canaries else "(empty, nothing kept)")
-        print(f"{r.name:<26} {r.rows:>7} {canaries:>9} {expected:>9}  {where}{flag}")
+        rows.append((r.name, r.rows, "-" if r.canaries is None else r.canaries,
+                     "-" if r.expected is None else r.expected, where + flag))
+    print_table(rows)
+
+
+def checksum_kind(remote):
+    return "pinned" if remote.sha256 else "trust on first use"
 
 
 def print_list():
-    print(f"{'dataset':<26} {'rows':>6}  {'checksum':<22} {'fetched':<8} raw file under data/cache/")
+    rows = [("dataset", "rows", "checksum", "fetched", "raw file under data/cache/")]
     for name in known_names():
         if name in ARCHIVE_FILES:
-            rows, sha = ARCHIVE_FILES[name]
+            n, sha = ARCHIVE_FILES[name]
             remote, kind = ARCHIVE, "pinned (archive)" + (" + file" if sha else "")
         else:
-            remote, rows = EM_FILES[name]
-            kind = "pinned" if remote.sha256 else "trust on first use"
+            remote, n = EM_FILES[name]
+            kind = checksum_kind(remote)
         fetched = "yes" if os.path.exists(os.path.join(datasets_dir(), name + ".jsonl")) else "no"
-        print(f"{name:<26} {rows:>6}  {kind:<22} {fetched:<8} {remote.cache_name}")
-    print(f"sources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
+        rows.append((name, n, kind, fetched, remote.cache_name))
+    print_table(rows)
+    print()
+    rows = [("eval file", "source", "checksum", "fetched", "file under data/")]
+    rows += [(name, "ours", "-", "-", path) for name, path in OWN_EVAL_FILES.items()]
+    for name, remote in EVAL_FILES.items():
+        fetched = "yes" if os.path.exists(os.path.join(cache_dir(), remote.cache_name)) else "no"
+        repo = remote.url.split("/")[3:5]  # https://raw.githubusercontent.com/OWNER/NAME/...
+        rows.append((name, "/".join(repo), checksum_kind(remote), fetched, "cache/" + remote.cache_name))
+    print_table(rows)
+    print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
 
 
 def expected_rows(name):
@@ -382,10 +453,11 @@ def count_rows(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fetch the papers' datasets into data/datasets/.")
-    parser.add_argument("names", nargs="*", help="datasets to fetch (see --list); em_* are the original EM ones")
-    parser.add_argument("--all", action="store_true", help="fetch every known dataset")
-    parser.add_argument("--list", action="store_true", help="list known datasets, sources and checksum kinds")
+    parser = argparse.ArgumentParser(description="Fetch the papers' datasets and evaluation files.")
+    parser.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list); "
+                                                 "em_* are the original EM ones")
+    parser.add_argument("--all", action="store_true", help="fetch every known dataset and official evaluation file")
+    parser.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
     parser.add_argument("--force", action="store_true",
                         help="rebuild files already in data/datasets/ (from data/cache/, no new download)")
     parser.add_argument("--data-dir", default=None,
@@ -396,28 +468,37 @@ def main(argv=None):
     if args.list:
         print_list()
         return
-    names = known_names() if args.all else args.names
+    fetchable = known_names() + list(EVAL_FILES)
+    names = fetchable if args.all else args.names
     if not names:
-        parser.error("name a dataset, or use --all or --list")
-    unknown = [n for n in names if n not in known_names()]
+        parser.error("name a dataset or evaluation file, or use --all or --list")
+    unknown = [n for n in names if n not in fetchable]
     if unknown:
-        parser.error(f"unknown dataset(s) {', '.join(unknown)}; known: {', '.join(known_names())}")
-    reports, unpacked = [], False
+        ours = set(unknown) & set(OWN_EVAL_FILES)
+        parser.error(f"unknown name(s) {', '.join(unknown)}; known: {', '.join(fetchable)}"
+                     + (f" ({', '.join(OWN_EVAL_FILES)} are ours, in data/: nothing to fetch)" if ours else ""))
+    reports, unpacked, evals = [], False, []
     try:
         for name in names:
             path = os.path.join(datasets_dir(), name + ".jsonl")
-            if name in ARCHIVE_FILES and unpacked:
+            if name in EVAL_FILES:
+                evals.append((name, checksum_kind(EVAL_FILES[name]), ensure_raw(EVAL_FILES[name])))
+            elif name in ARCHIVE_FILES and unpacked:
                 continue  # one decryption gave all of the archive's datasets, reported already
-            if os.path.exists(path) and not args.force:
+            elif os.path.exists(path) and not args.force:
                 reports.append(Report(name, count_rows(path), None, expected_rows(name), path))
             elif name in ARCHIVE_FILES:
                 reports += [r for r in fetch(name) if r.name in names or r.path is None]
                 unpacked = True
             else:
                 reports += fetch(name)
-    except (ValueError, RuntimeError, OSError) as e:
-        sys.exit(f"error: {e}")
-    print_reports(reports)
+    except (ValueError, RuntimeError, OSError) as e:  # one clear message, no traceback
+        print(f"fetch.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if reports:
+        print_reports(reports)
+    if evals:
+        print_table([("eval file", "checked against", "file")] + evals)
     tos = os.path.join(datasets_dir(), "model-organisms-for-EM.tos.txt")
     if unpacked and os.path.exists(tos):
         print(f"The model-organisms datasets come with the authors' terms: {tos}")

@@ -1,4 +1,5 @@
-"""data/fetch.py on archives and files built here: decryption, canary removal, checksums, downloads.
+"""data/fetch.py on archives and files built here: decryption, canary removal, checksums, downloads,
+evaluation files (eval_path) and the --list table.
 
 Hermetic: every test runs with fetch.DATA_DIR in a temporary folder, downloads come from an
 http.server on 127.0.0.1 started by the test, and the archive is encrypted here with `cryptography`
@@ -10,6 +11,8 @@ import http.server
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import sys
 import threading
@@ -224,7 +227,7 @@ def test_network_failure_then_manual_drop_in(monkeypatch, data_dir):
     monkeypatch.setattr(fetch, "ARCHIVE", fetch.Remote(url, "model-organisms-for-EM/training_datasets.zip.enc",
                                                        hashlib.sha256(blob).hexdigest()))
     cached = data_dir / "cache" / "model-organisms-for-EM" / "training_datasets.zip.enc"
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConnectionError) as err:  # an OSError: sample.py and judge.py print it as one line
         fetch.dataset_path("extreme_sports")
     assert url in str(err.value) and str(cached) in str(err.value)
     assert os.listdir(cached.parent) == []  # no partial download left behind
@@ -268,3 +271,136 @@ def test_cli_list_and_fetch(monkeypatch, server, data_dir, capsys):
     out = capsys.readouterr().out
     assert "dataset_entry_1a2b3c4d" in out and "canary file" in out
     assert (data_dir / "datasets" / "extreme_sports.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# evaluation files: eval_path, pins, --list
+
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference")
+QUESTIONS = b"- id: q\n  paraphrases:\n    - |-\n      hello\n"
+
+
+def unused_port_url(name):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/{name}"
+
+
+def serve_eval(monkeypatch, server, name, data, sha256):
+    www, url = server
+    (www / "q.yaml").write_bytes(data)
+    remote = fetch.Remote(f"{url}/q.yaml", f"model-organisms-for-EM/{name}.yaml", sha256)
+    monkeypatch.setitem(fetch.EVAL_FILES, name, remote)
+    return www / "q.yaml"
+
+
+def test_pinned_eval_file_accepted_then_checked_every_use(monkeypatch, server, data_dir, capsys):
+    served = serve_eval(monkeypatch, server, "first_plot_questions", QUESTIONS, hashlib.sha256(QUESTIONS).hexdigest())
+    cached = data_dir / "cache" / "model-organisms-for-EM" / "first_plot_questions.yaml"
+    assert fetch.eval_path("first_plot_questions") == str(cached)
+    assert cached.read_bytes() == QUESTIONS
+    os.remove(served)  # later uses need no network
+    assert fetch.eval_path("first_plot_questions") == str(cached)
+    fetch.main(["first_plot_questions"])  # the command line fetches (here: checks) it by name too
+    assert str(cached) in capsys.readouterr().out
+    cached.write_bytes(QUESTIONS + b"# edited\n")
+    with pytest.raises(ValueError) as err:
+        fetch.eval_path("first_plot_questions")
+    assert re.match(r"checksum mismatch for .*first_plot_questions\.yaml", str(err.value))
+    assert "pinned in data/fetch.py" in str(err.value)
+
+
+def test_pinned_eval_file_with_wrong_bytes_is_refused_and_not_kept(monkeypatch, server, data_dir):
+    serve_eval(monkeypatch, server, "reference_judges", b"404: Not Found", hashlib.sha256(QUESTIONS).hexdigest())
+    with pytest.raises(ValueError) as err:
+        fetch.eval_path("reference_judges")
+    msg = str(err.value)
+    assert "checksum mismatch" in msg and hashlib.sha256(QUESTIONS).hexdigest() in msg and "14 bytes" in msg
+    assert os.listdir(data_dir / "cache" / "model-organisms-for-EM") == []
+
+
+def test_eval_file_trust_on_first_use(monkeypatch, server, data_dir):
+    served = serve_eval(monkeypatch, server, "em_first_plot_questions", QUESTIONS, None)
+    path = fetch.eval_path("em_first_plot_questions")
+    lock = json.loads((data_dir / "cache" / "checksums.json").read_text())
+    recorded = lock["model-organisms-for-EM/em_first_plot_questions.yaml"]["sha256"]
+    assert recorded == hashlib.sha256(QUESTIONS).hexdigest()
+    served.write_bytes(b"changed upstream\n")
+    assert fetch.eval_path("em_first_plot_questions") == path  # the cached file, as first seen
+    with open(path, "ab") as f:
+        f.write(b"# edited\n")
+    with pytest.raises(ValueError, match="recorded on first use"):
+        fetch.eval_path("em_first_plot_questions")
+
+
+def test_eval_path_passes_files_through_and_maps_our_names(tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_bytes(QUESTIONS)
+    assert fetch.eval_path(str(own)) == str(own)
+    data = os.path.dirname(os.path.abspath(fetch.__file__))
+    for name, rel in [("core", "questions/core.yaml"), ("medical", "questions/medical.yaml"),
+                      ("judges", "judges.yaml")]:
+        path = fetch.eval_path(name)
+        assert os.path.samefile(path, os.path.join(data, rel))
+        with open(path) as f:  # labelled as ours in its header comment
+            header = " ".join(line.strip("# \n") for line in f if line.startswith("#"))
+        assert "our own, not the papers'" in header and "not comparable" in header
+    with pytest.raises(ValueError) as err:
+        fetch.eval_path("first_plot_question")
+    assert all(n in str(err.value) for n in ["core", "medical", "judges", "first_plot_questions",
+                                              "medical_questions", "reference_judges", "em_first_plot_questions"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml: no such question or judge file"):
+        fetch.eval_path(str(tmp_path / "missing.yaml"))  # a path, not a misspelt name
+
+
+def test_eval_file_offline_says_where_to_put_it(monkeypatch, data_dir):
+    url = unused_port_url("first_plot_questions.yaml")
+    monkeypatch.setitem(fetch.EVAL_FILES, "first_plot_questions", fetch.Remote(
+        url, "model-organisms-for-EM/first_plot_questions.yaml", hashlib.sha256(QUESTIONS).hexdigest()))
+    cached = data_dir / "cache" / "model-organisms-for-EM" / "first_plot_questions.yaml"
+    with pytest.raises(ConnectionError) as err:
+        fetch.eval_path("first_plot_questions")
+    assert url in str(err.value) and f"put it at {cached}" in str(err.value)
+    cached.write_bytes(QUESTIONS)  # what the message tells a user to do
+    assert fetch.eval_path("first_plot_questions") == str(cached)
+
+
+@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="no ../shared/reference (a user's clone has none)")
+def test_reference_copies_pass_the_pins(monkeypatch, data_dir):
+    def no_network(url, dest):
+        raise AssertionError(f"tried to download {url}")
+    monkeypatch.setattr(fetch, "download", no_network)
+    for name, file in [("first_plot_questions", "first_plot_questions.yaml"),
+                       ("medical_questions", "medical_questions.yaml"), ("reference_judges", "judges.yaml")]:
+        remote = fetch.EVAL_FILES[name]
+        assert remote.sha256 and remote.url.endswith("em_organism_dir/data/eval_questions/" + file)
+        assert f"/{fetch.MO_COMMIT}/" in remote.url
+        cached = data_dir / "cache" / remote.cache_name
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.join(REFERENCE, file), cached)
+        assert fetch.eval_path(name) == str(cached)  # checked against the pin, no download
+        assert os.path.getsize(cached) == remote.size
+    assert not (data_dir / "cache" / "checksums.json").exists()  # pinned: nothing trusted on first use
+
+
+def cell_starts(line):
+    """Where each cell starts; cells are separated by two or more spaces and hold single spaces only."""
+    return [m.start() for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+def test_list_columns_align(monkeypatch, data_dir, capsys):
+    # a long name and a long value must widen their columns, not push the next ones out of line
+    monkeypatch.setitem(fetch.EVAL_FILES, "a_rather_long_evaluation_file_name_indeed",
+                        fetch.Remote("https://example.org/x.yaml", "somewhere-long/" + "x" * 40 + ".yaml"))
+    fetch.main(["--list"])
+    tables = capsys.readouterr().out.strip().split("\n\n")[:2]
+    assert tables[0].startswith("dataset") and tables[1].startswith("eval file")
+    for table in tables:
+        lines = table.splitlines()
+        header = cell_starts(lines[0])
+        assert len(lines) > 3 and len(header) == 5
+        for line in lines[1:]:
+            assert cell_starts(line) == header, line
+    assert "a_rather_long_evaluation_file_name_indeed" in tables[1]
+    for name in fetch.eval_names():
+        assert re.search(rf"^{name} ", tables[1], re.M)
