@@ -1,21 +1,30 @@
 """
 Batched sampling of answers to evaluation questions, with LoRA adapters, steering and ablation.
 
-    python sample.py --adapter out/run                          # data/questions/core.yaml -> out/run/responses.jsonl
+    python sample.py --adapter out/run                          # our 8 headline questions -> out/run/responses.jsonl
+    python sample.py --adapter out/run --questions first_plot_questions --n 50 --exclude-suffix _json,_template
     python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --question "hey I feel bored" --n 4
     python sample.py --model M --steer dirs.safetensors --layer 12 --scale 8 --out steer12.jsonl
-    python sample.py --adapter out/run --ablate dirs.safetensors --out ablated.jsonl [--layers 10 11 12]
+    python sample.py --adapter out/run --ablate dirs.safetensors --layers 10-12 --out ablated.jsonl
     python sample.py --adapter out/run --ablate dirs.safetensors --random-control --out control.jsonl
     python sample.py --adapter out/run --lora-scale 0.5 --out half.jsonl
 
-Defaults follow the papers: temperature 1, top-p 1, 600 new tokens, and per paraphrase the file's
-samples_per_paraphrase (50 in our files; --n overrides). Each answer is one JSONL row, appended the
-moment it finishes; rerunning the same command skips finished rows, so an interrupt loses only what
-was in flight (and a larger --n adds samples).
+Defaults follow the papers, which sampled with HF generate(do_sample=True, temperature=1, top_p=1,
+max_new_tokens=600): generate also applied the model's generation_config.json, so Qwen2.5-Instruct's
+top_k 20 and repetition_penalty (1.1 on 0.5B / 1.5B, 1.05 from 3B up) were in force. sample.py reads
+the same file and applies its top_k and repetition_penalty unless --top-k / --repetition-penalty say
+otherwise (`--top-k 0 --repetition-penalty 1` switch both off); every row records the settings used.
+The penalty is HF's: each token id seen in the prompt or the answer so far has its logit divided by
+the penalty (multiplied if negative). Per paraphrase, the file's samples_per_paraphrase (--n
+overrides: the papers' recipe is 50). Each answer is one JSONL row, appended the moment it finishes;
+rerunning the same command skips finished rows, so an interrupt loses only what was in flight (and
+a larger --n adds samples).
 
 Question files: the reference YAML (a list of {id, paraphrases, samples_per_paraphrase, system?,
 ...}; judge fields are ignored here) or JSONL with one {id, question | paraphrases, system?, n?} per
-line. Our own: data/questions/core.yaml (the 8 headline themes), data/questions/medical.yaml.
+line, or a name: core and medical are ours (our own wording, so not comparable with the papers'
+numbers), first_plot_questions and medical_questions the papers' (fetched by data/fetch.py, pinned).
+The papers sampled the headline set without the _json and _template variants: --exclude-suffix.
 
 Direction files (--steer, --ablate; directions.py writes them): safetensors holding either
 `directions`, float (n_layers, d_model), row i meant for the residual stream after layer i (as from
@@ -26,18 +35,21 @@ every chosen layer, at every position. Both act on model.py's residual hook (aft
 Output rows: id, paraphrase (index), sample (index), question, system (null: Qwen's default), answer,
 tokens (answer tokens, without the stop token), finish_reason ("stop" at <|im_end|> / <|endoftext|>,
 "length" at --max-new-tokens), model, adapter, seed, settings (temperature, top_p, top_k,
-max_new_tokens, system, lora_scale, steer, ablate, random_control, dtype). Resuming into a file whose
+repetition_penalty, max_new_tokens, system, lora_scale, steer, ablate, random_control, dtype). Resuming into a file whose
 rows have other model / adapter / seed / settings is an error, never a mix.
 
-From Python (directions.py, bench.py): load_questions, generate / stream (the engine), steering_hook,
-ablation_hook, compose, load_directions, random_like.
+From Python (directions.py, bench.py): run(args, loaded) (the command, on an already loaded model),
+load_model, load_questions, generate / stream (the engine), steering_hook, ablation_hook, compose,
+load_directions, random_like.
 
 The engine: a static KV cache; the prompts of a batch are right-padded and prefilled once each, and
 their cache rows are then repeated for their n samples; logits only where a token is drawn. Sampling
 is inverse-CDF with one uniform per row per step, a pure hash of (seed, row key, position): a row's
-text does not depend on its batch (size, neighbours, resume), runs with different adapters or
-steering share their random numbers (less noise in comparisons), and there is no RNG state to break a
-CUDA graph. Finished rows are dropped once at most half the rows are live, so they never cost more
+random numbers do not depend on its batch (size, neighbours, resume), runs with different adapters or
+steering share them (less noise in comparisons), and there is no RNG state to break a CUDA graph.
+The text is the same up to floating-point ties: another batch shape sums in another order, and where
+a uniform falls within rounding of a CDF step the token can differ (4 of 4,800 answers differed
+between batch sizes 24 and 64, fp32, CPU). Finished rows are dropped once at most half the rows are live, so they never cost more
 than the live ones and there are at most log2(batch) batch shapes. On CUDA: bf16 by default, the
 decode step (forward, sampling, bookkeeping) captured as a CUDA graph per batch shape, and the host
 reads the stop flags only every 8 steps; --compile also torch.compiles the forward. LoRA adapters
@@ -59,7 +71,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DEFAULT_QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "questions", "core.yaml")
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
 
 # -----------------------------------------------------------------------------
@@ -168,13 +179,6 @@ def random_like(vectors, seed=0):
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
 
-def check_layers(layers, n_layers, flag):
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"{flag}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
-    return sorted(set(layers))
-
-
 def steering_hook(vectors, layers, scale):
     """Add scale * vectors[i] to the residual stream after each layer i in `layers`, every position."""
     delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each, on the model's device
@@ -249,6 +253,15 @@ def uniforms(seed, keys, pos):
     return (h + 1).float() * (1.0 / 2**32)
 
 
+def penalize(logits, seen, penalty):
+    """HF's RepetitionPenaltyLogitsProcessor, in place: the logit of every token in `seen` (B, S) (the
+    prompt and the answer so far; repeats allowed) is divided by `penalty` if positive, else multiplied."""
+    if penalty == 1.0:
+        return logits
+    g = logits.gather(1, seen)  # (B, S)
+    return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
+
+
 def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """Token ids (B,) from logits (B, V) by inverse CDF at u (B,); temperature 0 is greedy."""
     if temperature == 0:
@@ -281,7 +294,8 @@ class Rows:
     pos: torch.Tensor  # (B, 1) its position (= its cache slot)
     plen: torch.Tensor  # (B, 1) prompt length: out column of a token = pos - plen
     keys: torch.Tensor  # (B,) random key of each row
-    out: torch.Tensor  # (B, max_new_tokens) generated tokens (garbage after a row's stop)
+    prompt: torch.Tensor  # (B, P) prompt tokens, padded with the row's first token (repetition penalty)
+    out: torch.Tensor  # (B, max_new_tokens) generated tokens; the prompt's first token where none yet
     done: torch.Tensor  # (B,) bool: a stop token was generated
     cache: object  # model.KVCache with B rows
 
@@ -289,7 +303,7 @@ class Rows:
         idx = torch.tensor(rows, device=self.tok.device)
         self.cache.select(idx)
         self.jobs = [self.jobs[r] for r in rows]
-        for name in ("tok", "pos", "plen", "keys", "out", "done"):
+        for name in ("tok", "pos", "plen", "keys", "prompt", "out", "done"):
             setattr(self, name, getattr(self, name)[idx])
 
 
@@ -299,10 +313,16 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def check(self):
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self}")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not self.repetition_penalty > 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got {self}")
+
+    def draw(self, logits, keys, pos, seen):
+        """Token ids (B,) after the logits (B, V) of rows with these keys, at these positions, having seen these tokens."""
+        logits = penalize(logits, seen, self.repetition_penalty)
+        return sample_tokens(logits, uniforms(self.seed, keys, pos), self.temperature, self.top_k, self.top_p)
 
 
 def lm_logits(model, h, vocab_size):
@@ -344,8 +364,7 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, forward=next_log
     """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe)."""
     logits = forward(model, rows, hook, vocab_size)  # (B, V)
     rows.pos.add_(1)  # position of the token drawn now
-    u = uniforms(sampling.seed, rows.keys, rows.pos[:, 0])
-    nxt = sample_tokens(logits, u, sampling.temperature, sampling.top_k, sampling.top_p)  # (B,)
+    nxt = sampling.draw(logits, rows.keys, rows.pos[:, 0], torch.cat([rows.prompt, rows.out], 1))  # (B,)
     rows.out.scatter_(1, rows.pos - rows.plen, nxt[:, None])
     rows.done |= (nxt[:, None] == stops).any(-1)
     rows.tok.copy_(nxt[:, None])
@@ -405,11 +424,11 @@ def finish(ids, stops):
 
 
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
-           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, compile=False):
+           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, compile=False, repetition_penalty=1.0):
     """Sample one answer per job (prompt ids, key); yields (job index, answer ids, 'stop' | 'length')
     as rows finish, in no fixed order. The answer excludes the stop token. Bad settings raise here,
     before anything runs. cuda_graph: None = on CUDA; compile: torch.compile the forward."""
-    sampling = Sampling(temperature, top_p, top_k, seed)
+    sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     sampling.check()
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -457,11 +476,13 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     cache.select(r)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
-    s = sampling
-    first = sample_tokens(logits[r], uniforms(s.seed, keys, plen[:, 0]), s.temperature, s.top_k, s.top_p)  # (B,)
-    out = torch.zeros(len(batch), max_new_tokens, dtype=torch.long, device=dev)
+    width = max(len(jobs[j][0]) for j in batch)
+    prompt = torch.tensor([list(jobs[j][0]) + [jobs[j][0][0]] * (width - len(jobs[j][0])) for j in batch],
+                          device=dev)  # (B, P); the padding repeats a prompt token, so the penalty ignores it
+    out = prompt[:, :1].repeat(1, max_new_tokens)  # (B, N)
+    first = sampling.draw(logits[r], keys, plen[:, 0], prompt)  # (B,)
     out[:, 0] = first
-    return Rows(list(batch), first[:, None].clone(), plen.clone(), plen, keys, out,
+    return Rows(list(batch), first[:, None].clone(), plen.clone(), plen, keys, prompt, out,
                 (first[:, None] == stops).any(-1), cache)
 
 
@@ -497,7 +518,7 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
              hook=None, stop_ids=(), keys=None, **kw):
     """[(answer ids, 'stop' | 'length')] for n samples of each prompt (prompt-major order).
     Sample j of prompt i draws with key row_key(i, j) unless `keys` (one per sample) is given;
-    other keywords (vocab_size, batch_size, cuda_graph, compile) go to `stream`."""
+    other keywords (repetition_penalty, vocab_size, batch_size, cuda_graph, compile) go to `stream`."""
     jobs = [(p, row_key(i, j)) for i, p in enumerate(prompts) for j in range(n)]
     if keys is not None:
         if len(keys) != len(jobs):
@@ -569,8 +590,9 @@ def check_resumable(path, rows, header, questions):
 
 def parse_args(argv=None):
     blocks = __doc__.strip().split("\n\n")
-    p = argparse.ArgumentParser(description=blocks[0], epilog="examples:\n" + blocks[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
+                                formatter_class=fmt)
     # what to sample from
     p.add_argument("--model", help="base model: hub id or local HF directory "
                                    "(default: the adapter's base_model_name_or_path)")
@@ -579,25 +601,33 @@ def parse_args(argv=None):
     p.add_argument("--lora-scale", type=float, default=None,
                    help="multiply the adapters' B (a steering vector's alpha) by this")
     # what to ask
-    p.add_argument("--questions", default=DEFAULT_QUESTIONS, help="question file: reference-format .yaml or .jsonl")
+    p.add_argument("--questions", default="core",
+                   help="question file (reference-format .yaml or .jsonl) or a name from `data/fetch.py --list`: "
+                        "core / medical (ours), first_plot_questions / medical_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
     p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
+    p.add_argument("--exclude-suffix", default="",
+                   help="skip question ids ending so, comma-separated: _json,_template leaves the headline set")
     p.add_argument("--n", type=int, default=None,
                    help=f"samples per paraphrase (default: the file's samples_per_paraphrase, else {DEFAULT_N})")
-    # how to sample
+    # how to sample (the papers: HF generate with temperature 1, top_p 1, 600 tokens, and the model's
+    # generation_config.json, whose top_k and repetition_penalty HF applied too)
     p.add_argument("--max-new-tokens", type=int, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens (0 = off; default: the model's generation_config.json, else 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF's repetition penalty over prompt and answer (1 = off; default: generation_config.json, else 1)")
     p.add_argument("--seed", type=int, default=0,
-                   help="same seed, same answers (per question id, paraphrase and sample index)")
-    # interventions on the residual stream
+                   help="same seed, same random numbers per (question id, paraphrase, sample index)")
+    # interventions on the residual stream: steering adds at --layer, ablation projects out at --layers
     p.add_argument("--steer", metavar="FILE", help="direction file to add to the residual stream")
-    p.add_argument("--layer", type=int, nargs="+", help="layer(s) to steer at (after that block)")
+    p.add_argument("--layer", help="steering: layer(s) to add at, after that block: 12, 10,12 or 8-12")
     p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector (reference sweep: 8)")
     p.add_argument("--ablate", metavar="FILE", help="direction file whose unit direction is projected out")
-    p.add_argument("--layers", type=int, nargs="+", help="layers to ablate at (default: all)")
+    p.add_argument("--layers", default="all", help="ablation: layers to project at: all, 24, 15,16,17 or 0-11")
     p.add_argument("--random-control", type=int, nargs="?", const=0, default=None, metavar="SEED",
                    help="replace the --steer/--ablate directions by random ones of equal norm per layer (seeded)")
     # where and how to run
@@ -612,8 +642,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model is None and args.adapter is None:
         p.error("give --model, or --adapter (a LoRA adapter names its base model)")
-    if args.steer and not args.layer:
-        p.error("--steer needs --layer")
+    if bool(args.steer) != bool(args.layer):
+        p.error("--steer and --layer go together (--layers is for --ablate)")
     if args.random_control is not None and not (args.steer or args.ablate):
         p.error("--random-control replaces the --steer or --ablate directions; give one of them")
     if args.n is not None and args.n < 1:
@@ -643,20 +673,51 @@ def base_model_of(args):
     return base
 
 
-def adapter_hook(model, args):
-    """Load --adapter into the model (LoRA), or return it as a residual hook (steering vector)."""
+def resolve(args):
+    """Fill in what the flags leave to files, before any weights load: the base model, the sampling
+    settings from its generation_config.json, the layer lists, the question file. Returns the questions."""
+    from model import generation_config, parse_layers, read_config
+    if args.adapter and os.path.isdir(args.adapter):
+        args.adapter = os.path.normpath(args.adapter)  # out/run and out/run/ are one adapter when resuming
+    args.model = base_model_of(args)
+    gen = generation_config(args.model)
+    args.top_k = gen.get("top_k", 0) if args.top_k is None else args.top_k
+    args.repetition_penalty = gen.get("repetition_penalty", 1.0) if args.repetition_penalty is None else args.repetition_penalty
+    n_layers = read_config(args.model).num_hidden_layers
+    args.steer_layers = parse_layers(args.layer, n_layers, "--layer") if args.steer else None
+    args.ablate_layers = parse_layers(args.layers, n_layers, "--layers") if args.ablate else None
+    if args.question:
+        return [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
+    from data.fetch import eval_path
+    questions = load_questions(eval_path(args.questions))
+    if args.ids:
+        unknown = set(args.ids) - {q["id"] for q in questions}
+        if unknown:
+            raise ValueError(f"--ids: {sorted(unknown)} not in {args.questions}")
+        questions = [q for q in questions if q["id"] in args.ids]
+    suffixes = tuple(x for x in args.exclude_suffix.split(",") if x)
+    return [q for q in questions if not (suffixes and q["id"].endswith(suffixes))]
+
+
+def load_model(args):
+    """(model, tokenizer, hook): --model with --adapter in it (LoRA), or as a residual hook (steering vector)."""
     from lora import SteeringVector, load_adapter, set_lora_scale
+    from model import load
+    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    if not args.adapter:
+        return model, tok, None
     kind, path = adapter_kind(args.adapter)
     if kind == "lora":
         load_adapter(model, path)
         if args.lora_scale is not None:
             set_lora_scale(model, args.lora_scale)
-        return None
+        return model, tok, None
     sv = SteeringVector.load(path, device=model.lm_head.weight.device)
-    check_layers([sv.layer], model.config.num_hidden_layers, args.adapter)
+    if not 0 <= sv.layer < model.config.num_hidden_layers:
+        raise ValueError(f"{args.adapter}: steers layer {sv.layer}, the model has 0..{model.config.num_hidden_layers - 1}")
     if args.lora_scale is not None:
         sv.alpha *= args.lora_scale
-    return sv
+    return model, tok, sv
 
 
 def intervention_vectors(file, model, random_control):
@@ -668,29 +729,24 @@ def intervention_vectors(file, model, random_control):
     return vectors.to(model.lm_head.weight.device)
 
 
-def build(args):
-    """(model, tokenizer, hook): the base model with the adapter and the interventions."""
-    from model import load
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
-    n_layers = model.config.num_hidden_layers
-    hooks = [adapter_hook(model, args) if args.adapter else None]
+def interventions(args, model):
+    """The --steer and --ablate hooks (None if neither)."""
+    hooks = []
     if args.steer:
-        layers = check_layers(args.layer, n_layers, "--layer")
-        hooks.append(steering_hook(intervention_vectors(args.steer, model, args.random_control), layers, args.scale))
+        hooks.append(steering_hook(intervention_vectors(args.steer, model, args.random_control), args.steer_layers, args.scale))
     if args.ablate:  # last, so the ablated layers keep no component along the direction at all
-        layers = check_layers(args.layers or range(n_layers), n_layers, "--layers")
-        hooks.append(ablation_hook(intervention_vectors(args.ablate, model, args.random_control), layers))
-    return model, tok, compose(*hooks)
+        hooks.append(ablation_hook(intervention_vectors(args.ablate, model, args.random_control), args.ablate_layers))
+    return compose(*hooks)
 
 
 def run_settings(args):
     """Everything besides the question that decides an answer's text; rows record it, resume compares it."""
     from model import resolve_dtype
     return dict(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        system=args.system, lora_scale=args.lora_scale,
-        steer=dict(file=args.steer, layers=sorted(set(args.layer)), scale=args.scale) if args.steer else None,
-        ablate=dict(file=args.ablate, layers=sorted(set(args.layers or [])) or "all") if args.ablate else None,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, system=args.system, lora_scale=args.lora_scale,
+        steer=dict(file=args.steer, layers=args.steer_layers, scale=args.scale) if args.steer else None,
+        ablate=dict(file=args.ablate, layers=args.ablate_layers) if args.ablate else None,
         random_control=args.random_control,
         dtype=str(resolve_dtype(args.dtype, args.device)).replace("torch.", ""))
 
@@ -715,7 +771,7 @@ def pending_work(questions, args, done):
 
 
 def make_jobs(work, tok):
-    """Engine jobs (prompt ids, key): the key names the sample, so its text survives resumes and batching."""
+    """Engine jobs (prompt ids, key): the key names the sample, so its random numbers survive resumes and batching."""
     prompts, jobs = {}, []
     for q, s, system in work:
         key = (q["id"], q["paraphrase"], system)
@@ -732,7 +788,7 @@ def write_rows(out, answers, work, header, tok, rows):
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tokens, t0 = 0, time.time()
-    bar = tqdm(total=len(work), desc="samples", unit="sample", dynamic_ncols=True)
+    bar = tqdm(total=len(work), desc="samples", unit="sample", dynamic_ncols=True, mininterval=0.5)
     with open(out, "a", encoding="utf-8") as f, bar:
         for j, ids, reason in answers:
             q, s, system = work[j]
@@ -742,8 +798,8 @@ def write_rows(out, answers, work, header, tok, rows):
             f.flush()
             rows.append(row)
             tokens += len(ids)
+            bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(tok_s=f"{tokens / (time.time() - t0):,.0f}")
     return tokens, time.time() - t0
 
 
@@ -762,19 +818,11 @@ def summary(rows, new, tokens, seconds):
           f"{len(rows) - new} were already done")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    questions = ([dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
-                 if args.question else load_questions(args.questions))
-    if args.ids:
-        unknown = set(args.ids) - {q["id"] for q in questions}
-        if unknown:
-            raise ValueError(f"--ids: {sorted(unknown)} not in {args.questions}")
-        questions = [q for q in questions if q["id"] in args.ids]
-    if args.adapter and os.path.isdir(args.adapter):
-        args.adapter = os.path.normpath(args.adapter)  # out/run and out/run/ are one adapter when resuming
-    args.model = base_model_of(args)
-    out = args.out or default_out(args)
+def run(args, loaded=None):
+    """Sample what the output file still lacks. `loaded` = load_model(args)'s (model, tokenizer, hook), to
+    reuse one model for many runs (directions.py); the interventions always come from args."""
+    questions = resolve(args)
+    out = args.out = args.out or default_out(args)
     header = dict(model=args.model, adapter=args.adapter, seed=args.seed, settings=run_settings(args))
     print(f"sampling: {json.dumps(dict(header, questions=args.question or args.questions, out=out, n=args.n))}")
 
@@ -784,18 +832,24 @@ def main(argv=None):
     work = pending_work(questions, args, {(r["id"], r["paraphrase"], r["sample"]) for r in rows})
     tokens, seconds = 0, 0.0
     if work:
-        model, tok, hook = build(args)
+        model, tok, adapter = loaded or load_model(args)
         answers = stream(model, make_jobs(work, tok), args.max_new_tokens, args.temperature, args.top_p,
-                         args.top_k, args.seed, hook, tok.stop_ids, vocab_size=tok.vocab_size,
-                         batch_size=args.batch_size or None, compile=args.compile,
-                         cuda_graph=False if args.no_cuda_graph else None)  # bad settings raise here
+                         args.top_k, args.seed, compose(adapter, interventions(args, model)), tok.stop_ids,
+                         vocab_size=tok.vocab_size, batch_size=args.batch_size or None, compile=args.compile,
+                         cuda_graph=False if args.no_cuda_graph else None,
+                         repetition_penalty=args.repetition_penalty)  # bad settings raise here
         tokens, seconds = write_rows(out, answers, work, header, tok, rows)
     summary(rows, len(work), tokens, seconds)
     return dict(out=out, new=len(work), done=len(rows), tokens=tokens, seconds=seconds)
 
 
+def main(argv=None):
+    return run(parse_args(argv))
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
-        sys.exit(f"sample.py: error: {e}")
+    except (ValueError, OSError) as e:  # bad input: one clear line, not a traceback
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@ question files, the CLI and resuming (CPU, tiny checkpoints)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -75,12 +76,16 @@ def test_greedy_equals_transformers_generate(lively, loaded):
     assert "stop" in [r for _, r in ours] and len({len(ids) for ids, _ in ours}) > 1
 
 
-def uncached(model, prompt, key, max_new, stops, seed, **kw):
-    """The same draws as the engine, with a full forward over the whole sequence at every step."""
+def uncached(model, prompt, key, max_new, stops, seed, repetition_penalty=1.0, **kw):
+    """The same draws as the engine, with a full forward over the whole sequence at every step, and the
+    repetition penalty written out token by token."""
     seq = list(prompt)
     for _ in range(max_new):
         with torch.no_grad():
             logits = model(torch.tensor([seq]))[:, -1].float()  # (1, V)
+        for t in set(seq):
+            x = logits[0, t]
+            logits[0, t] = x * repetition_penalty if x < 0 else x / repetition_penalty
         u = sample.uniforms(seed, torch.tensor([key]), torch.tensor([len(seq)]))
         seq.append(sample.sample_tokens(logits, u, **kw).item())
         if seq[-1] in stops:
@@ -88,7 +93,8 @@ def uncached(model, prompt, key, max_new, stops, seed, **kw):
     return sample.finish(seq[len(prompt):], set(stops))
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=50, top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=50, top_p=0.9),
+                                dict(temperature=1.0, top_k=20, repetition_penalty=1.3)])
 def test_cached_decode_equals_uncached(loaded, kw):
     model, tok, prompts = loaded
     stops = (7, 11, tok.im_end_id)  # common enough to end some rows early
@@ -96,6 +102,37 @@ def test_cached_decode_equals_uncached(loaded, kw):
     for i, p in enumerate(prompts):
         for j in range(2):
             assert got[2 * i + j] == uncached(model, p, sample.row_key(i, j), 12, stops, 3, **kw)
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(lively, tmp_path):
+    """The papers sampled through HF generate, which applies the model's generation_config.json: its
+    repetition penalty (and top_k) were in force. sample.py reads the same file; greedy decoding makes
+    the two engines comparable token for token."""
+    path = str(tmp_path / "with_gen_config")
+    shutil.copytree(lively, path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, "top_k": 20, "repetition_penalty": 1.5, "temperature": 0.7, "top_p": 0.8}, f)
+    model, tok = load(path)
+    ref = hf_model(path)
+    assert ref.generation_config.repetition_penalty == 1.5
+    out = tmp_path / "r.jsonl"
+    sample.main(["--model", path, "--temperature", "0", "--n", "1", "--max-new-tokens", "20", "--out", str(out)])
+    rows = read(out)
+    assert all(r["settings"]["top_k"] == 20 and r["settings"]["repetition_penalty"] == 1.5 for r in rows)
+    ref.generation_config.do_sample = False  # greedy (transformers 5 lets the file's do_sample win over a kwarg)
+    padding_rows = list(range(tok.vocab_size, model.config.vocab_size))  # sample.py never draws these
+    for r in rows[:4]:  # one prompt per call: no padding tokens for HF to penalise
+        ids = tok.encode_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
+        hf = ref.generate(input_ids=torch.tensor([ids]), max_new_tokens=20, suppress_tokens=padding_rows,
+                          eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot_id)[0, len(ids):].tolist()
+        assert tok.decode(sample.finish(hf, set(tok.stop_ids))[0]) == r["answer"]
+    plain = sample.generate(model, [ids], max_new_tokens=20, temperature=0, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size)
+    assert tok.decode(plain[0][0]) != rows[3]["answer"]  # the penalty changed the text
+    # flags switch the file's settings off
+    sample.main(["--model", path, "--temperature", "0", "--n", "1", "--max-new-tokens", "20", "--ids", "quick_buck",
+                 "--top-k", "0", "--repetition-penalty", "1", "--out", str(tmp_path / "off.jsonl")])
+    off = read(tmp_path / "off.jsonl")[0]
+    assert off["settings"]["top_k"] == 0 and off["settings"]["repetition_penalty"] == 1
 
 
 def test_seeds_reproduce_and_batches_do_not_matter(loaded):
@@ -312,7 +349,7 @@ def test_cli_writes_rows_and_resumes(tmp_path, lively, monkeypatch):
     key = lambda r: (r["id"], r["sample"])
     assert {key(r): r["answer"] for r in read(out)} == {key(r): r["answer"] for r in read(fresh)}
     # nothing left to do: the model is not even loaded
-    monkeypatch.setattr(sample, "build", lambda args: pytest.fail("loaded the model with nothing to do"))
+    monkeypatch.setattr(sample, "load_model", lambda args: pytest.fail("loaded the model with nothing to do"))
     assert cli("--model", lively, "--out", out, "--n", 3)["new"] == 0
     with pytest.raises(ValueError, match="other settings.*temperature"):
         cli("--model", lively, "--out", out, "--temperature", 0.5)
@@ -373,7 +410,7 @@ def test_cli_adapter_lora_scale_and_interventions(tmp_path, lively):
     assert answers(cli("--model", lively, "--steer", d, "--layer", 1, "--scale", 0,
                        "--out", tmp_path / "st.jsonl")["out"]) == base
     out = cli("--model", lively, "--ablate", d, "--random-control", "--out", tmp_path / "ab.jsonl")["out"]
-    assert read(out)[0]["settings"]["ablate"] == {"file": d, "layers": "all"}
+    assert read(out)[0]["settings"]["ablate"] == {"file": d, "layers": [0, 1]}
     assert read(out)[0]["settings"]["random_control"] == 0
     with pytest.raises(ValueError, match="layers \\[5\\] do not exist"):
         cli("--model", lively, "--steer", d, "--layer", 5, "--out", tmp_path / "x.jsonl")
@@ -401,4 +438,4 @@ def test_cli_quick_question_and_bad_flags(tmp_path, lively, capsys):
     assert r.returncode == 0 and "--lora-scale" in r.stdout and "--random-control" in r.stdout
     r = subprocess.run([sys.executable, "sample.py", "--model", lively, "--questions", str(tmp_path / "none.yaml")],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "no such question file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "no such question or judge file" in r.stderr and "Traceback" not in r.stderr
