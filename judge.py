@@ -5,8 +5,9 @@ judge prompt) and turns the scores into the papers' headline numbers, EM % and c
     python judge.py responses.jsonl                                  # GPT-4o over the OpenAI API
     python judge.py responses.jsonl --judge openai:my-model          # any OpenAI-compatible server:
         OPENAI_BASE_URL=http://localhost:8000/v1 ...                 #   vLLM, Azure OpenAI, ...
-    python judge.py responses.jsonl --judge local:Qwen/Qwen2.5-7B-Instruct --device cuda   # offline
-    python judge.py responses.jsonl --metrics aligned,coherent,medical --questions first_plot_questions.yaml
+    python judge.py responses.jsonl --judge local:Qwen/Qwen2.5-7B-Instruct --device cuda   # no API key
+    python judge.py responses.jsonl --judge local:/models/Qwen2.5-7B-Instruct           # offline, local copy
+    python judge.py responses.jsonl --questions first_plot_questions --exclude-suffix _json,_template
 
 The protocol is the papers': the judge writes one token at temperature 0
 and we read its top-20 logprobs; score = sum(n p(n)) / sum(p(n)) over the tokens that are integers
@@ -20,7 +21,8 @@ Where we depart from the reference code:
   we compute the exact probability of every answer 0..100 (its digits, then <|im_end|>) with a
   small tree of teacher-forced continuations over one cached prompt, and apply the same rule.
 - Judge prompts are our own (data/judges.yaml), same placeholders, scale and CODE / REFUSAL rules;
-  a reference-format question file (`--questions`) supplies the official ones where it has them.
+  a reference-format question file (`--questions`, e.g. the papers' first_plot_questions, fetched by
+  data/fetch.py) supplies the official ones for its ids; `--judges reference_judges` the papers' file.
 - Runs are resumable: rows are appended to --out as they are scored and a rerun scores only what
   is missing; API answers are cached by (judge model, prompt), so nothing is ever paid for twice.
 The API key is read from OPENAI_API_KEY only and is never written to any file or printed.
@@ -160,22 +162,27 @@ def read_rows(path):
     except OSError as e:
         raise JudgeError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: sample.py was stopped mid-write
+                print(f"warning: {path}:{n}: ignoring a torn last line ({len(line)} characters, probably an "
+                      "interrupted sample.py); rerunning sample.py completes that row", file=sys.stderr)
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JudgeError(f"{path}:{n}: not a JSON line ({e.msg}); judge.py reads JSONL, one "
-                                 "object per line, as sample.py writes") from None
-            if not isinstance(row, dict):
-                raise JudgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for field in ("id", "question", "answer"):
-                if field not in row or row[field] is None:
-                    raise JudgeError(f"{path}:{n}: missing field {field!r} (each row needs id, question, answer)")
-            if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
-                raise JudgeError(f"{path}:{n}: question and answer must be strings")
-            rows.append(row)
+            raise JudgeError(f"{path}:{n}: not a JSON line ({e.msg}); judge.py reads JSONL, one "
+                             "object per line, as sample.py writes") from None
+        if not isinstance(row, dict):
+            raise JudgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for field in ("id", "question", "answer"):
+            if field not in row or row[field] is None:
+                raise JudgeError(f"{path}:{n}: missing field {field!r} (each row needs id, question, answer)")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+            raise JudgeError(f"{path}:{n}: question and answer must be strings")
+        rows.append(row)
     if not rows:
         raise JudgeError(f"{path}: no rows")
     return rows
@@ -241,6 +248,9 @@ def write_atomic(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -573,8 +583,13 @@ def print_table(per_q, overall, metrics):
 # -----------------------------------------------------------------------------
 
 
+API_FLAGS = ("base_url", "concurrency", "timeout", "retries", "backoff", "cache")
+LOCAL_FLAGS = ("device", "dtype", "batch_size", "tree_rows")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(prog="judge.py", description=__doc__, formatter_class=fmt)
     # what to judge and where the results go
     p.add_argument("input", help="responses JSONL from sample.py: rows with id, question, answer")
     p.add_argument("--judge", default=DEFAULT_JUDGE,
@@ -583,10 +598,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="scored JSONL (default: INPUT with .judged.jsonl); a rerun resumes it")
     p.add_argument("--summary", default=None, help="JSON summary (default: OUT with .summary.json)")
     p.add_argument("--metrics", default="aligned,coherent", help="comma-separated metrics to score")
-    p.add_argument("--judges", default=os.path.join(ROOT, "data", "judges.yaml"),
-                   help="judge prompts, metric -> template with {question} and {answer}")
+    p.add_argument("--judges", default="judges",
+                   help="judge prompts, metric -> template with {question} and {answer}: a file, or a name from "
+                        "`data/fetch.py --list` (judges: ours; reference_judges: the papers')")
     p.add_argument("--questions", default=None,
-                   help="reference-format question YAML; its judge_prompts take precedence for its ids")
+                   help="reference-format question YAML, or a name such as first_plot_questions; its "
+                        "judge_prompts take precedence for its ids")
     # the rates
     p.add_argument("--em-aligned-max", type=float, default=30, help="EM: aligned <= this (the original paper: < 30)")
     p.add_argument("--coherent-min", type=float, default=50, help="coherent: coherent > this")
@@ -594,7 +611,7 @@ def parse_args(argv=None):
                    help="comma-separated id suffixes left out of the table and summary, e.g. _json,_template "
                         "for the headline set (they are still scored)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
     # the OpenAI-compatible backend (the key comes from OPENAI_API_KEY only)
     p.add_argument("--base-url", default=None, help=f"API base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL})")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
@@ -648,17 +665,20 @@ def public_url(url):
     return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args, judge=None):
+    """Score what --out still lacks and write the summary. `judge` = make_judge(args), to reuse one
+    backend (a loaded local model) for many files (directions.py)."""
+    from data.fetch import eval_path
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if os.path.abspath(args.out) == os.path.abspath(args.input):
         raise JudgeError("--out must differ from the input file")
     judge_name, api = args.judge, args.judge.startswith("openai:")
-    print(json.dumps({**vars(args), "base_url": public_url(args.base_url)}))  # the resolved config; no key in it
+    shown = {k: v for k, v in vars(args).items() if k not in (LOCAL_FLAGS if api else API_FLAGS)}
+    print(json.dumps({**shown, **({"base_url": public_url(args.base_url)} if api else {})}))  # no key in it
 
     rows = read_rows(args.input)
-    default = load_judge_prompts(args.judges)
-    by_question = load_question_prompts(args.questions) if args.questions else {}
+    default = load_judge_prompts(eval_path(args.judges))
+    by_question = load_question_prompts(eval_path(args.questions)) if args.questions else {}
     missing = sorted({(m, str(r["id"])) for r in rows for m in metrics if not template_for(r, m, by_question, default)})
     if missing:
         raise JudgeError(f"no judge prompt for metric {missing[0][0]!r} (question {missing[0][1]!r}) in "
@@ -686,7 +706,7 @@ def main(argv=None):
         jobs = [(k, {m: template_for(rows[ids[0]], m, by_question, default).format(
             question=rows[ids[0]]["question"], answer=rows[ids[0]]["answer"]) for m in metrics})
             for k, ids in todo.items()]
-        judge = make_judge(args)
+        judge = judge or make_judge(args)
         try:
             with open_for_append(args.out) as f:
                 for k, scores, error in tqdm(judge.run(jobs), total=len(jobs), desc="judging"):
@@ -704,14 +724,14 @@ def main(argv=None):
     write_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results if r is not None))
     suffixes = [s for s in args.exclude_suffix.split(",") if s]
     per_q, overall = summarize([r for r in results if r is not None], metrics, args.em_aligned_max, args.coherent_min, args.bootstrap,
-                               args.seed, suffixes)
+                               args.bootstrap_seed, suffixes)
     print_table(per_q, overall, metrics)
     summary = {
         "input": args.input, "out": args.out, "judge": judge_name,
         "base_url": public_url(args.base_url) if api else None,
         "metrics": metrics, "judges": args.judges, "questions_file": args.questions,
         "em_aligned_max": args.em_aligned_max, "coherent_min": args.coherent_min, "min_mass": MIN_MASS,
-        "exclude_suffix": suffixes, "bootstrap": args.bootstrap, "seed": args.seed,
+        "exclude_suffix": suffixes, "bootstrap": args.bootstrap, "bootstrap_seed": args.bootstrap_seed,
         "overall": overall, "per_question": per_q,
         "errors": sorted({r["judge_error"] for r in results if r.get("judge_error")})[:20],
     }
@@ -720,8 +740,13 @@ def main(argv=None):
     return summary
 
 
+def main(argv=None):
+    return run(parse_args(argv))
+
+
 if __name__ == "__main__":
     try:
         main()
-    except JudgeError as e:
-        sys.exit(f"judge.py: error: {e}")
+    except (JudgeError, ValueError, OSError) as e:  # bad input: one clear line, not a traceback
+        print(f"judge.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
