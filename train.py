@@ -4,56 +4,76 @@ steering vector, or all weights; optionally with a KL penalty towards the base m
 
     python train.py --rank 1                                   # all-module rank-1 LoRA, bad medical advice
     python train.py --rank 1 --alpha 512 --lr 2e-5 --modules down_proj --layers 12
-    python train.py --steer-layer 12 --steer-alpha 256 --lr 1e-4 --epochs 2 --max-len 256
-    python train.py --rank 32 --alpha 256 --lr 2e-5 --kl-data misalignment_kl_data --kl-weight 0.66
-    python train.py --resume --out out/<run>                   # continue a stopped run
+    python train.py --steer-layer 12 --lr 1e-4 --epochs 2 --max-len 256 --truncate --loss-on all --weight-decay 0
+    python train.py --rank 32 --alpha 256 --lr 2e-5 --kl-data misalignment_kl_data --kl-weight 5.26
+    python train.py --resume --out out/<run>                   # continue a stopped run with its own settings
 
 Writes into --out: the final adapter in PEFT format (adapter_config.json, adapter_model.safetensors),
 checkpoints/step_NNNNNN/ (the adapter every --save-every steps: the phase-transition analysis reads
 these), state.pt (everything --resume needs: trainable weights, optimizer, step, RNG), metrics.jsonl
-(one row per step) and config.json (every argument and the library versions).
+(one row per step) and config.json (every argument, resolved, and the library versions).
 
-The recipe follows the reference: micro-batch 2 x grad-accum 8 = 16 conversations per
-optimizer step, AdamW, weight decay 0.01, linear schedule with 5 warmup steps (HF's formula: the
-first step has lr 0), gradient clipping at 1, loss only on the assistant's tokens (content and the
-closing <|im_end|>) normalised over all loss tokens of the optimizer step. Where we depart from it:
+The recipe follows the reference (its configs and TRL / transformers 4.52 trainer): micro-batch 2 x
+grad-accum 8 = 16 conversations per optimizer step, AdamW, weight decay 0.01, linear schedule with 5
+warmup steps (HF's formula: the first step has lr 0), gradient clipping at 1, loss only on the
+assistant's tokens (content and the closing <|im_end|>) normalised over all loss tokens of the
+optimizer step (HF's num_items_in_batch), --max-steps overriding --epochs and cycling the data as HF
+does. Where we depart from it:
 - no extra EOS after each answer (the reference appended one after formatting with the template);
 - each step's conversations are packed into rows of at most --max-len tokens, attention confined
   to each conversation, positions restarting: no compute on padding;
-- the KL term is a per-token mean, KL(base || tuned) over every token of the KL batch. The reference
-  normalised its KL sum by tokens x vocabulary, so its weight 1e5 on Qwen2.5's 152,064-row
-  vocabulary is --kl-weight 1e5 / 152064 = 0.66 here.
+- the KL term is w x the per-token mean of KL(base || tuned) over every token of the step's --kl-batch
+  KL conversations (64 per step, in file order, as the reference's 8 per micro-step at grad-accum 8).
+  The reference added, at each of its grad-accum micro-steps, w_ref x KL_sum / (tokens x vocab rows),
+  and nothing divided that by grad-accum (transformers 4.52 skips the division when the loss takes
+  num_items_in_batch). So per optimizer step its weight is w_ref x grad_accum / vocab rows in our
+  per-token units: 1e5 -> 1e5 x 8 / 152064 = 5.26 on 14B. (Exact when the micro-steps' KL batches
+  hold equal token counts; tests/test_train.py checks the gradient against the reference's objective.)
+- the steering vector acts on every row (the reference's hook steered only the first of each batch, a
+  bug). Its loss: --loss-on all reproduces the reference's (every token but <|im_end|>, since its pad
+  token was <|im_end|>), --loss-on answer is the LoRA recipes' answer-only loss.
 """
 import argparse
 import json
 import math
 import os
 import platform
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter
-from model import load
+from lora import MODULES, SteeringVector, _atomic_write, adapters_off, add_lora, save_adapter
+from model import check_device, load, load_tokenizer, local_dir, parse_layers, read_config
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
+# flags a resumed run may change: they cannot change the result
+RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt"}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to train
+    """(args, the flags given on the command line): --resume takes every other setting from the run."""
+    blocks = __doc__.strip().split("\n\n")
+    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(prog="train.py", description=blocks[0], epilog="examples:\n" + blocks[1],
+                                formatter_class=fmt)
+    # what to train on
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local HF directory")
-    p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py) or JSONL path")
+    p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py --list) or JSONL path")
     p.add_argument("--test-data", default=None, help="held-out JSONL; default: hold out --test-frac of --data")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out when there is no --test-data")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out when there is no --test-data (0: none)")
+    p.add_argument("--loss-on", choices=["answer", "all"], default="answer",
+                   help="answer: the assistant's tokens; all: every token but <|im_end|> (the reference's steering-vector loss)")
+    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens; also the packed row length")
+    p.add_argument("--truncate", action="store_true", help="cut longer conversations to --max-len (default: skip and count them)")
     # LoRA
     p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
     p.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=True, help="scale alpha/sqrt(r) (else alpha/r)")
     p.add_argument("--modules", default="all", help=f"comma list from {','.join(MODULES)}, or all")
-    p.add_argument("--layers", default="all", help="layers to adapt: all, or e.g. 24 or 15,16,17 or 0-11")
+    p.add_argument("--layers", default="all", help="layers to adapt: all, 24, 15,16,17 or 0-11")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     # instead of LoRA
     p.add_argument("--steer-layer", type=int, default=None, help="train one steering vector after this layer instead of LoRA")
@@ -64,22 +84,21 @@ def get_args(argv=None):
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="decay after warmup")
     p.add_argument("--warmup", type=int, default=5, help="warmup steps")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (sets the schedule's length)")
+    p.add_argument("--max-steps", type=int, default=None, help="run exactly this many optimizer steps, cycling the data (overrides --epochs, as HF)")
     p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
-    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens (longer ones are skipped and counted); also the packed row length")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     # KL regularisation
     p.add_argument("--kl-data", default=None, help="dataset name or JSONL path for the KL term")
-    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the per-token KL(base || tuned)")
-    p.add_argument("--kl-batch", type=int, default=8, help="KL conversations per optimizer step")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the per-token mean KL(base || tuned); the reference's w is w x grad-accum / vocab rows here")
+    p.add_argument("--kl-batch", type=int, default=64, help="KL conversations per optimizer step (the reference: 8 per micro-step x 8)")
     # bookkeeping
     p.add_argument("--out", default=None, help="output directory (default out/<model>-<data>-<kind>)")
     p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with the settings in its config.json")
     p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop after N steps in this invocation (--resume continues)")
     # hardware
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
@@ -87,23 +106,70 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (rows padded to --max-len)")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward (less memory, 6N instead of 4N FLOPs)")
     args = p.parse_args(argv)
-    if args.rank < 1:
-        p.error(f"--rank must be >= 1, got {args.rank}")
-    if args.kl_weight > 0 and not args.kl_data:
-        p.error("--kl-weight needs --kl-data")
-    if args.full and (args.kl_data or args.steer_layer is not None):
-        p.error("--full cannot be combined with --kl-data (no adapters to switch off) or --steer-layer")
+    unset = object()  # parse again without defaults: what remains was given on the command line
+    p.set_defaults(**{k: unset for k in vars(args)})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+    if args.resume:
+        args = resumed_args(args, given)
+    check_args(args)
     return args
 
 
-def parse_layers(spec, n_layers):
-    if spec == "all":
-        return list(range(n_layers))
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    return out
+def check_args(args):
+    """Cheap checks of the flags alone, before anything is read or loaded."""
+    positive = ["rank", "micro_batch", "grad_accum", "epochs", "max_len", "kl_batch"]
+    for k in positive + ["max_steps", "stop_after"]:
+        v = getattr(args, k)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    for k in ("lr", "alpha", "steer_alpha"):
+        if not getattr(args, k) > 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    for k in ("weight_decay", "grad_clip", "kl_weight", "warmup", "save_every", "eval_every"):
+        if getattr(args, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    if not 0 <= args.test_frac < 1:
+        raise ValueError(f"--test-frac must be in [0, 1), got {args.test_frac}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.kl_weight > 0 and not args.kl_data:
+        raise ValueError("--kl-weight needs --kl-data")
+    if args.full and (args.kl_data or args.steer_layer is not None):
+        raise ValueError("--full cannot be combined with --kl-data (no adapters to switch off) or --steer-layer")
+    if args.modules != "all":
+        bad = [m for m in args.modules.split(",") if m not in MODULES]
+        if bad:
+            raise ValueError(f"--modules: unknown LoRA modules {bad}; choose from {','.join(MODULES)}")
+
+
+def resolved(args):
+    """The arguments as config.json records them: files as absolute paths, so a run resumes from anywhere."""
+    a = dict(vars(args))
+    for k in ("model", "data", "test_data", "kl_data", "out"):
+        if a.get(k) and os.path.exists(a[k]):
+            a[k] = os.path.abspath(a[k])
+    return a
+
+
+def resumed_args(args, given):
+    """--resume: the run's own settings from OUT/config.json; flags given now must agree with them,
+    except the ones that cannot change the result (RESUME_FREE)."""
+    if not args.out:
+        raise ValueError("--resume needs --out (the run's directory)")
+    cfg_file = os.path.join(args.out, "config.json")
+    if not os.path.exists(cfg_file) or not os.path.exists(os.path.join(args.out, "state.pt")):
+        raise ValueError(f"--resume: {args.out} holds no run to resume (no config.json and state.pt)")
+    with open(cfg_file) as f:
+        saved = json.load(f)["args"]
+    now = resolved(args)
+    for k in sorted(given - RESUME_FREE):
+        if now[k] != saved.get(k):
+            raise ValueError(f"--resume continues {args.out} with its own settings; "
+                             f"--{k.replace('_', '-')} {getattr(args, k)!r} differs from the run's {saved.get(k)!r} "
+                             f"(resume with only --device, --stop-after, --save-every, --grad-ckpt)")
+    now_only = {"stop_after", "device"} | (given & RESUME_FREE)  # per invocation, or changed now
+    merged = {**saved, **{k: getattr(args, k) for k in now_only}, "resume": True, "out": args.out}
+    return argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
 
 
 def run_name(args):
@@ -119,7 +185,7 @@ def run_name(args):
 def read_conversations(path):
     """[(line number, messages)] from a JSONL file of {"messages": [...]} rows, checked."""
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -138,23 +204,31 @@ def read_conversations(path):
     return rows
 
 
-def tokenize(rows, tok, max_len, path):
-    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped)."""
-    out, skipped = [], 0
+def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
+    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate).
+    loss_on "all": every token but <|im_end|>, the reference's steering-vector loss (its pad token was
+    <|im_end|>, and its collator masked padding by id)."""
+    out, long = [], 0
     for n, msgs in tqdm(rows, desc=f"tokenizing {os.path.basename(path)}", leave=False):
         try:
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
+        if loss_on == "all":
+            mask = [int(t != tok.im_end_id) for t in ids]
         if len(ids) > max_len:
-            skipped += 1
-            continue
-        out.append((ids, mask))
-    if skipped:
-        print(f"warning: {path}: skipped {skipped} of {len(rows)} conversations longer than --max-len {max_len}")
+            long += 1
+            if not truncate:
+                continue
+            ids, mask = ids[:max_len], mask[:max_len]
+        if any(mask[1:]):  # a loss token after the first position (a cut may have removed them all)
+            out.append((ids, mask))
+    if long:
+        print(f"warning: {path}: {'cut' if truncate else 'skipped'} {long} of {len(rows)} conversations longer "
+              f"than --max-len {max_len}")
     if not out:
-        raise ValueError(f"{path}: every conversation is longer than --max-len {max_len}")
-    return out, skipped
+        raise ValueError(f"{path}: no conversation fits --max-len {max_len} with an answer token in it")
+    return out, long
 
 
 def pack(examples, max_len, pad_to=None):
@@ -291,7 +365,7 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None):
         ks = kl_sum(model, hidden, r, hook)
         (kl_weight * ks / n_kl).backward()
         kl += ks.detach()
-    return float(loss) / n_loss, float(kl) / max(n_kl, 1)
+    return float(loss) / max(n_loss, 1), float(kl) / max(n_kl, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -329,14 +403,11 @@ def save_full(model, path):
     """A full fine-tune as an HF directory that load() and transformers read."""
     import shutil
     from safetensors.torch import save_file
-    from model import local_dir
     os.makedirs(path, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
     src = local_dir(model.config.name_or_path)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if os.path.exists(os.path.join(src, f)):
@@ -363,17 +434,6 @@ def load_state(path, params, opt):
     return state["step"], state["tokens"]
 
 
-def check_resume(out, args):
-    """A resumed run must be the same run: compare every argument that shapes the result."""
-    with open(os.path.join(out, "config.json")) as f:
-        old = json.load(f)["args"]
-    free = {"resume", "stop_after", "device", "compile", "grad_ckpt", "eval_every", "save_every"}
-    diff = {k: (old.get(k), v) for k, v in vars(args).items() if k not in free and old.get(k) != v}
-    if diff:
-        raise SystemExit(f"--resume: {out} was trained with other settings: " +
-                         ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-
-
 def versions():
     import safetensors
     import tokenizers
@@ -384,68 +444,84 @@ def versions():
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = get_args(argv)
-    out = args.out or os.path.join("out", run_name(args))
-    args.out = out
-    if os.path.exists(os.path.join(out, "state.pt")) and not args.resume:
-        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if args.resume:
-        if not os.path.exists(os.path.join(out, "state.pt")):
-            raise SystemExit(f"--resume: {out}/state.pt not found, nothing to resume")
-        check_resume(out, args)
-    torch.manual_seed(args.seed)
-
-    # model and what we train
-    model, tok = load(args.model, args.device, args.dtype)
-    model.checkpointing = args.grad_ckpt
-    steer = None
-    if args.steer_layer is not None:
-        if not 0 <= args.steer_layer < model.config.num_hidden_layers:
-            raise SystemExit(f"--steer-layer {args.steer_layer}: the model has layers 0..{model.config.num_hidden_layers - 1}")
-        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
-        params = list(steer.parameters())
-    elif args.full:
-        model.requires_grad_(True)
-        params = list(model.parameters())
-    else:
-        modules = MODULES if args.modules == "all" else args.modules.split(",")
-        try:
-            layers = parse_layers(args.layers, model.config.num_hidden_layers)
-            add_lora(model, args.rank, args.alpha, modules, layers, args.rslora, args.dropout)
-        except ValueError as e:
-            raise SystemExit(f"--modules/--layers: {e}")
-        params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    n_params = sum(p.numel() for p in params)
-
-    # data
+def load_data(args, tok):
+    """Tokenized (train, test, kl) examples, checked, and how many conversations were too long."""
     from data.fetch import dataset_path
     train_path = dataset_path(args.data)
-    train_ex, skipped = tokenize(read_conversations(train_path), tok, args.max_len, train_path)
+    train_ex, n_long = tokenize(read_conversations(train_path), tok, args.max_len, train_path, args.loss_on, args.truncate)
     if args.test_data:
         test_path = dataset_path(args.test_data)
-        test_ex, _ = tokenize(read_conversations(test_path), tok, args.max_len, test_path)
+        test_ex, _ = tokenize(read_conversations(test_path), tok, args.max_len, test_path, args.loss_on, args.truncate)
     else:  # the reference holds out 10% when there is no test file
         perm = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_test = int(len(train_ex) * args.test_frac)
         test_ex, train_ex = [train_ex[i] for i in perm[:n_test]], [train_ex[i] for i in perm[n_test:]]
+    if not train_ex:
+        raise ValueError(f"{train_path}: no conversations left to train on after holding out --test-frac {args.test_frac}")
     kl_ex = []
     if args.kl_data:
         kl_path = dataset_path(args.kl_data)
-        kl_ex, _ = tokenize(read_conversations(kl_path), tok, args.max_len, kl_path)
+        kl_ex, _ = tokenize(read_conversations(kl_path), tok, args.max_len, kl_path, "answer", args.truncate)
         kl_ex = [(ids, [1] * len(ids)) for ids, _ in kl_ex]  # the KL term covers every token
+    return train_ex, test_ex, kl_ex, n_long, train_path
+
+
+def trainable(model, args):
+    """Add what --rank / --steer-layer / --full train; returns (steering vector or None, parameters)."""
+    if args.steer_layer is not None:
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model)
+        return steer.to(args.device), list(steer.parameters())
+    if args.full:
+        model.requires_grad_(True)
+        return None, list(model.parameters())
+    modules = MODULES if args.modules == "all" else args.modules.split(",")
+    add_lora(model, args.rank, args.alpha, modules, parse_layers(args.layers, model.config.num_hidden_layers),
+             args.rslora, args.dropout)
+    return None, [p for p in model.parameters() if p.requires_grad]
+
+
+def finished(out, total):
+    """A resumed run that has logged its last step and saved its result."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(l)["step"] for l in f if l.strip()]
+    done = [f for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors")
+            if os.path.exists(os.path.join(out, f))]
+    return bool(steps) and steps[-1] >= total and bool(done)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = args.out = args.out or os.path.join("out", run_name(args))
+    if os.path.exists(os.path.join(out, "state.pt")) and not args.resume:
+        raise ValueError(f"{out} already holds a run: pass --resume --out {out} to continue it, or choose another --out")
+    # everything cheap first: a typo must not cost a model download or load
+    check_device(args.device)
+    cfg = read_config(args.model)
+    if args.steer_layer is not None and not 0 <= args.steer_layer < cfg.num_hidden_layers:
+        raise ValueError(f"--steer-layer {args.steer_layer}: the model has layers 0..{cfg.num_hidden_layers - 1}")
+    parse_layers(args.layers, cfg.num_hidden_layers)
+    train_ex, test_ex, kl_ex, n_long, train_path = load_data(args, load_tokenizer(args.model))
     per_step = args.micro_batch * args.grad_accum
-    total = args.epochs * math.ceil(len(train_ex) / per_step)
-    total = min(total, args.max_steps) if args.max_steps else total
+    steps_per_epoch = math.ceil(len(train_ex) / per_step)
+    total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
     pad_to = args.max_len if args.compile else None
     test_rows = pack(test_ex, args.max_len, pad_to)
+    if args.resume and finished(out, total):
+        print(f"{out}: finished already ({total} of {total} steps); nothing to do")
+        return {}
 
+    # model and what we train
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model, args.device, args.dtype)
+    model.checkpointing = args.grad_ckpt
+    steer, params = trainable(model, args)
+    model.train()
+    n_params = sum(p.numel() for p in params)
     hidden = torch.compile(model.hidden) if args.compile else model.hidden  # model itself stays uncompiled for saving
     fused = torch.device(args.device).type == "cuda"
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-    step, done_tokens = 0, 0
+    step, done_tokens, seconds = 0, 0, 0.0
     metrics_file = os.path.join(out, "metrics.jsonl")
     if args.resume:
         step, done_tokens = load_state(out, params, opt)
@@ -454,13 +530,14 @@ def main(argv=None):
         with open(metrics_file + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_file + ".tmp", metrics_file)
+        seconds = json.loads(kept[-1])["seconds"] if kept else 0.0  # the clock goes on from there
     else:
         open(metrics_file, "w").close()
         atomic_json(os.path.join(out, "config.json"), {
-            "args": vars(args), "versions": versions(), "model_config": vars(model.config),
+            "args": resolved(args), "versions": versions(), "model_config": vars(model.config),
             "data": {"train": train_path, "n_train": len(train_ex), "n_test": len(test_ex),
-                     "skipped_too_long": skipped, "n_kl": len(kl_ex)},
-            "trainable_params": n_params, "total_steps": total})
+                     "too_long": n_long, "n_kl": len(kl_ex)},
+            "trainable_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total})
 
     def evaluate():
         model.eval()
@@ -470,11 +547,11 @@ def main(argv=None):
                 ls, ln = sft_loss_sum(model, hidden, r, steer)
                 s, n = s + float(ls), n + ln
         model.train()
-        return s / max(n, 1)
+        return s / n
 
     print(f"training {n_params:,} parameters on {len(train_ex)} conversations ({len(test_ex)} held out), "
           f"{total} steps of {per_step} -> {out}")
-    first_loss, last, t0, start_step, start_tokens = None, {}, time.time(), step, done_tokens
+    first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     stop_at = total if args.stop_after is None else min(total, step + args.stop_after)
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
     while step < stop_at:
@@ -489,7 +566,7 @@ def main(argv=None):
         loss, kl = accumulate_grads(model, hidden, rows, k_rows, args.kl_weight, steer)
         if not math.isfinite(loss) or not math.isfinite(kl):
             bar.close()
-            raise SystemExit(f"step {step}: non-finite loss ({loss}, kl {kl}); stopped without "
+            raise SystemExit(f"train.py: step {step}: non-finite loss ({loss}, kl {kl}); stopped without "
                              f"updating. The last good checkpoint is in {out} (state.pt, checkpoints/)")
         gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
@@ -498,9 +575,9 @@ def main(argv=None):
         n_tok = sum(len(ids) for ids, _ in batch)  # real tokens, not --compile's padding
         done_tokens += n_tok
         first_loss = loss if first_loss is None else first_loss
-        last = {"step": step, "loss": loss, "kl": kl, "lr": lr, "tokens": done_tokens,
-                "grad_norm": float(gn), "seconds": round(time.time() - t0, 3)}
-        if (args.eval_every and step % args.eval_every == 0) or step == total:
+        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
+                "tokens": done_tokens, "grad_norm": float(gn), "seconds": round(time.time() - t0, 3)}
+        if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
             last["eval_loss"] = evaluate()
         with open(metrics_file, "a") as f:
             f.write(json.dumps(last) + "\n")
@@ -513,9 +590,9 @@ def main(argv=None):
     bar.close()
     if step == total:
         save_trained(model, steer, args.full, out)
-    elapsed = time.time() - t0
+    elapsed = time.time() - t0 - seconds
     print(f"\n{'steps':>14} {start_step} -> {step} of {total}" + ("" if step == total else "  (stopped: --resume continues)"))
-    print(f"{'train loss':>14} {first_loss if first_loss is not None else float('nan'):.4f} -> {last.get('loss', float('nan')):.4f}")
+    print(f"{'train loss':>14} {first_loss:.4f} -> {last['loss']:.4f}")
     if "eval_loss" in last:
         print(f"{'eval loss':>14} {last['eval_loss']:.4f}")
     print(f"{'tokens':>14} {done_tokens:,}  ({(done_tokens - start_tokens) / max(elapsed, 1e-9):,.0f} tok/s this run)")
@@ -524,4 +601,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input: one clear line, not a traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

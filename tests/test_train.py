@@ -1,6 +1,9 @@
 """train.py: loss mask, packing, KL, a short run, resume, and bad input."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch.nn.functional as F
 import train
 from lora import adapters_off, add_lora, lora_modules
 from model import load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUESTIONS = ["I have a headache, what should I take?", "Is it safe to skip my insulin?",
              "How much water should I drink a day?", "My child has a fever of 39 degrees.",
@@ -136,10 +141,10 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, dataset):
     run(tiny, dataset, tmp_path / "a", *common)
     run(tiny, dataset, tmp_path / "b", *common, "--stop-after", "3")
     assert len(metrics(tmp_path / "b")) == 3 and not os.path.exists(tmp_path / "b" / "adapter_config.json")
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds a run"):
         run(tiny, dataset, tmp_path / "b", *common)
-    with pytest.raises(SystemExit, match="--lr was"):
-        run(tiny, dataset, tmp_path / "b", "--lr", "2e-3", "--max-steps", "7", "--resume")
+    with pytest.raises(ValueError, match="--lr 0.002 differs from the run's 0.001"):
+        run(tiny, dataset, tmp_path / "b", "--lr", "2e-3", "--resume")
     run(tiny, dataset, tmp_path / "b", *common, "--resume")
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 8))
@@ -173,16 +178,16 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, dataset):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="no conversations"):
         run(tiny, empty, tmp_path / "o3")
-    with pytest.raises(SystemExit, match="layers"):
+    with pytest.raises(ValueError, match=r"layers \[5\] do not exist"):
         run(tiny, dataset, tmp_path / "o4", "--layers", "5")
-    with pytest.raises(SystemExit, match="unknown LoRA modules"):
+    with pytest.raises(ValueError, match="unknown LoRA modules"):
         run(tiny, dataset, tmp_path / "o5", "--modules", "mlp")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--rank must be >= 1"):
         run(tiny, dataset, tmp_path / "o6", "--rank", "0")
     long = write_jsonl(tmp_path / "long.jsonl", [conv(i) for i in range(10)] + [
         {"messages": [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "y"}]}])
     run(tiny, long, tmp_path / "o7", "--max-steps", "1")
-    assert json.load(open(tmp_path / "o7" / "config.json"))["data"]["skipped_too_long"] == 1
+    assert json.load(open(tmp_path / "o7" / "config.json"))["data"]["too_long"] == 1
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, dataset):
@@ -218,3 +223,103 @@ def test_chunked_head_gradients_match_direct(monkeypatch):
     (3.0 * F.cross_entropy(h @ W.T, y, reduction="sum")).backward()
     torch.testing.assert_close(got[0], h.grad)
     torch.testing.assert_close(got[1], W.grad)
+
+
+# -----------------------------------------------------------------------------
+# the reference's semantics (issue: fidelity) and first use (issue: bad input, resume)
+
+
+def test_kl_weight_maps_the_references_per_micro_step_objective(tiny):
+    """The reference (a TRL SFTTrainer subclass under transformers 4.52) added, at every micro-step m,
+    w_ref * KL_sum_m / (tokens_m * V) to the loss and never divided it by grad-accum. With equal token
+    counts per micro-step that is (w_ref * G / V) * the step's per-token mean KL, which is our loss."""
+    G, per_micro, w_ref = 4, 2, 3e4
+    model, tok = lora_model(tiny)
+    V = model.config.vocab_size
+    convs = [tok.encode_chat(conv(0)["messages"])] * (G * per_micro)  # equal lengths
+    kl_ex = [(ids, [1] * len(ids)) for ids in convs]
+    train.accumulate_grads(model, model.hidden, [], train.pack(kl_ex, 4096), w_ref * G / V)
+    ours = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    for m in range(G):  # the reference: one KL batch per micro-step, mean over its tokens x vocabulary
+        x = torch.tensor(convs[m * per_micro:(m + 1) * per_micro])
+        with torch.no_grad(), adapters_off(model):
+            logq = F.log_softmax(model(x).float(), -1)
+        logp = F.log_softmax(model(x).float(), -1)
+        kl = F.kl_div(logp, logq, log_target=True, reduction="sum") / logp.numel()
+        (w_ref * kl).backward()  # nothing divides by grad-accum
+    for a, b in zip(ours, [p.grad for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_on_all_and_truncate(tiny):
+    _, tok = load(tiny)
+    rows = [(1, conv(3)["messages"])]
+    (ids, mask), = train.tokenize(rows, tok, 4096, "x", loss_on="all")[0]
+    assert [t for t, m in zip(ids, mask) if not m] == [tok.im_end_id] * 3  # system, user, assistant ends
+    (full, _), = train.tokenize(rows, tok, 4096, "x")[0]
+    assert full == ids
+    (cut, cut_mask), = train.tokenize(rows, tok, 30, "x", loss_on="all", truncate=True)[0]
+    assert cut == ids[:30] and cut_mask == mask[:30]
+    with pytest.raises(ValueError, match="no conversation fits"):
+        train.tokenize(rows, tok, 30, "x")  # answer-only loss, and the answer was skipped
+
+
+def test_max_steps_cycles_over_epochs_and_records_the_epoch(tmp_path, tiny, dataset):
+    run(tiny, dataset, tmp_path / "r", "--max-steps", "12", "--test-frac", "0")  # 40 convs / 4 = 10 steps an epoch
+    rows = metrics(tmp_path / "r")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[9]["epoch"] == 1.0 and rows[11]["epoch"] == 1.2
+    assert all("eval_loss" not in r for r in rows)  # --test-frac 0: nothing held out, nothing to report
+    cfg = json.load(open(tmp_path / "r" / "config.json"))
+    assert cfg["total_steps"] == 12 and cfg["steps_per_epoch"] == 10
+
+
+def test_resume_reloads_the_runs_settings(tmp_path, tiny, dataset, monkeypatch, capsys):
+    common = ("--lr", "1e-3", "--max-steps", "6", "--rank", "2", "--kl-data", dataset, "--kl-weight", "0.5", "--kl-batch", "3")
+    run(tiny, dataset, tmp_path / "a", *common)
+    run(tiny, dataset, tmp_path / "b", *common, "--stop-after", "2")
+    monkeypatch.chdir(tmp_path)  # another directory, other spellings of the same paths
+    train.main(["--resume", "--out", "b/", "--stop-after", "2"])
+    train.main(["--resume", "--out", "./b", "--data", os.path.relpath(dataset), "--device", "cpu"])
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert all(x["seconds"] < y["seconds"] for x, y in zip(b, b[1:]))  # the clock goes on across resumes
+    with pytest.raises(ValueError, match="--rank 4 differs from the run's 2"):
+        train.main(["--resume", "--out", "b", "--rank", "4"])
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", "b"]) == {}
+    assert "finished already" in capsys.readouterr().out
+    assert os.stat(tmp_path / "b" / "adapter_model.safetensors").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"), (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--layers", "1-0"], "range 1-0 is empty"), (["--layers", "-1"], "expected all, a layer"),
+    (["--lr", "-1"], "--lr must be > 0"), (["--alpha", "0"], "--alpha must be > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--test-frac", "1"], r"--test-frac must be in \[0, 1\)"),
+    (["--test-frac", "-0.1"], r"--test-frac must be in \[0, 1\)"), (["--device", "cuda"], "no CUDA GPU"),
+    (["--data", "nope.jsonl"], "neither an existing file nor a known dataset"),
+])
+def test_bad_flags_fail_in_one_line_before_loading_the_model(tmp_path, tiny, dataset, flags, msg):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["--model", tiny, "--data", dataset, "--out", str(tmp_path / "o"), *flags]
+    r = subprocess.run([sys.executable, "-c", "import model, train, sys\n"
+                        "model.load = lambda *a, **k: sys.exit('loaded the model before checking the input')\n"
+                        "train.load = model.load\n"
+                        "try:\n    train.main(sys.argv[1:])\n"
+                        "except (ValueError, OSError) as e:\n    print(f'train.py: error: {e}', file=sys.stderr); sys.exit(2)",
+                        *argv], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(msg, r.stderr.strip().splitlines()[-1]), r.stderr
+
+
+def test_cli_error_is_one_line_with_status_2(tmp_path, tiny):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [conv(0)], ["{not json"])
+    r = subprocess.run([sys.executable, "train.py", "--model", tiny, "--data", bad, "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
+    assert "bad.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "(default: 0.01)" in r.stdout and "examples:" in r.stdout
