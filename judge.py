@@ -8,6 +8,7 @@ judge prompt) and turns the scores into the papers' headline numbers, EM % and c
     python judge.py responses.jsonl --judge local:Qwen/Qwen2.5-7B-Instruct --device cuda   # no API key
     python judge.py responses.jsonl --judge local:/models/Qwen2.5-7B-Instruct           # offline, local copy
     python judge.py responses.jsonl --questions first_plot_questions --exclude-suffix _json,_template
+    torchrun --nproc_per_node 8 judge.py responses.jsonl --judge local:Qwen/Qwen2.5-7B-Instruct  # a judge per GPU
 
 The protocol is the papers': the judge writes one token at temperature 0
 and we read its top-20 logprobs; score = sum(n p(n)) / sum(p(n)) over the tokens that are integers
@@ -25,6 +26,8 @@ Where we depart from the reference code:
   data/fetch.py) supplies the official ones for its ids; `--judges reference_judges` the papers' file.
 - Runs are resumable: rows are appended to --out as they are scored and a rerun scores only what
   is missing; API answers are cached by (judge model, prompt), so nothing is ever paid for twice.
+  Under torchrun each local judge scores its share of the responses into its own part file
+  (OUT.partK-of-N.jsonl) and rank 0 merges them into --out (the API judge runs in one process).
 The API key is read from OPENAI_API_KEY only and is never written to any file or printed.
 """
 import argparse
@@ -57,12 +60,12 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 JUDGE_FIELDS = ("judge", "judge_error")  # what judging adds to a row besides the metrics
 
 
-class JudgeError(Exception):
+class JudgeError(ValueError):
     """Stops the run with a clear message: bad input, a judge without logprobs, a rejected key."""
 
 
 class RequestFailed(Exception):
-    """One judge request failed for good (after its retries); the row stays unscored, the run goes on."""
+    """One request failed for good (after its retries); the row stays unscored, the run goes on."""
 
 
 # -----------------------------------------------------------------------------
@@ -240,6 +243,17 @@ def open_for_append(path):
     return open(path, "a", encoding="utf-8")
 
 
+def part_file(path, rank, world):
+    """The file rank `rank` of `world` processes under torchrun appends its rows of `path` to."""
+    return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
+
+
+def part_files(path):
+    """The part files of `path` on disk, left by any number of processes, in one order for every rank."""
+    import glob
+    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".part*-of-*.jsonl"))
+
+
 def write_atomic(path, text):
     """Write a whole file so that a crash leaves either the old one or the new one."""
     d = os.path.dirname(os.path.abspath(path))
@@ -262,17 +276,18 @@ def write_atomic(path, text):
 
 
 class Cache:
-    """The judge's top logprobs by sha256(judge model, prompt), one JSON line each, appended as they
-    arrive. Holds no key and no prompt text, only their hash."""
+    """Answers by sha256(model, request), one JSON line each, appended as they arrive: the judge's top
+    logprobs (field top_logprobs), sample.py's completions (field completion). Holds no key and no
+    prompt text, only their hash."""
 
-    def __init__(self, path):
-        self.path, self.data, self.f = path, {}, None
+    def __init__(self, path, field="top_logprobs"):
+        self.path, self.field, self.data, self.f = path, field, {}, None
         if path and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         d = json.loads(line)
-                        self.data[d["key"]] = d["top_logprobs"]
+                        self.data[d["key"]] = d[field]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a torn line from a crash; that answer is simply asked again
 
@@ -283,16 +298,17 @@ class Cache:
     def get(self, key):
         return self.data.get(key)
 
-    def put(self, key, model, top_logprobs):
-        self.data[key] = top_logprobs
+    def put(self, key, model, value):
+        self.data[key] = value
         if self.path:
             if self.f is None:
                 self.f = open_for_append(self.path)
-            append_line(self.f, {"key": key, "model": model, "top_logprobs": top_logprobs})
+            append_line(self.f, {"key": key, "model": model, self.field: value})
 
     def close(self):
         if self.f is not None:
             self.f.close()
+            self.f = None  # a later put reopens it (one backend, many runs)
 
 
 def retry_after(headers, cap):
@@ -328,9 +344,19 @@ def parse_top_logprobs(resp):
     return [{"token": t["token"], "logprob": float(t["logprob"])} for t in top]
 
 
-class OpenAIJudge:
-    """Bounded concurrency with threads; retries with backoff on 408, 409, 429, 5xx, timeouts and dropped
-    connections; other 4xx answers fail the row (e.g. a content filter), 401/403/404 stop the run."""
+def api_key(base_url):
+    """$OPENAI_API_KEY (the environment is the only place a key is read from); a local server may need none."""
+    key = os.environ.get("OPENAI_API_KEY") or None
+    if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
+        raise JudgeError("OPENAI_API_KEY is not set (the key is read from the environment only)")
+    return key
+
+
+class Client:
+    """An OpenAI-compatible chat-completions endpoint (judge.py's judge, sample.py --engine openai).
+    Bounded concurrency with threads; retries with backoff on 408, 409, 429, 5xx, timeouts and dropped
+    connections; other 4xx answers fail the request (e.g. a content filter), 401/403/404 stop the run;
+    answers cached."""
 
     def __init__(self, model, base_url, key, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0,
                  max_wait=120.0):
@@ -349,11 +375,6 @@ class OpenAIJudge:
 
     def redact(self, text):
         return text.replace(self.key, "***") if self.key else text
-
-    def request(self, prompt):
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
-                "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}
-        return parse_top_logprobs(self.post(body))
 
     def post(self, body):
         data, last = json.dumps(body).encode(), None
@@ -386,41 +407,58 @@ class OpenAIJudge:
                                min(self.backoff * 2 ** attempt, self.max_wait) * random.uniform(0.5, 1.0))
         raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
 
-    def run(self, jobs):
-        """jobs: [(key, {metric: prompt})]; yields (key, {metric: score}, error or None) as jobs finish."""
-        state, futures = {}, {}
+    def requests(self, requests, parse):
+        """requests: [(tag, cache key, request body)]; yields (tag, parse(response), None), or (tag, None,
+        error) for a request that failed for good: cached answers at once, the others as they arrive."""
+        self.stop = threading.Event()  # a fresh run: an earlier one may have stopped
+        futures = {}
         ex = ThreadPoolExecutor(self.concurrency)
         try:
-            for i, prompts in jobs:
-                scores, errors = {}, {}
-                for metric, prompt in prompts.items():
-                    key = Cache.key(self.model, prompt)
-                    top = self.cache.get(key)
-                    if top is not None:
-                        scores[metric] = score_from_top_logprobs(top)
-                    else:
-                        futures[ex.submit(self.request, prompt)] = (i, metric, key)
-                state[i] = (scores, errors, len(prompts))
-                if len(scores) == len(prompts):
-                    yield i, scores, None
+            for tag, key, body in requests:
+                hit = self.cache.get(key)
+                if hit is not None:
+                    yield tag, hit, None
+                else:
+                    futures[ex.submit(lambda b: parse(self.post(b)), body)] = (tag, key)
             ok = failed = 0
             for fut in as_completed(futures):
-                i, metric, key = futures[fut]
-                scores, errors, n = state[i]
+                tag, key = futures[fut]
                 try:
-                    top = fut.result()
-                    self.cache.put(key, self.model, top)
-                    scores[metric], ok = score_from_top_logprobs(top), ok + 1
+                    value = fut.result()
                 except RequestFailed as e:
-                    scores[metric], errors[metric], failed = None, str(e), failed + 1
+                    failed += 1
                     if failed >= 10 and ok == 0:
-                        raise JudgeError(f"the first {failed} judge requests all failed and none succeeded; "
+                        raise JudgeError(f"the first {failed} requests all failed and none succeeded; "
                                          f"is {self.url} reachable? last error: {e}")
-                if len(scores) == n:
-                    yield i, scores, "; ".join(f"{m}: {e}" for m, e in errors.items()) or None
+                    yield tag, None, str(e)
+                    continue
+                ok += 1
+                self.cache.put(key, self.model, value)
+                yield tag, value, None
         finally:
             self.stop.set()
             ex.shutdown(wait=True, cancel_futures=True)
+
+
+class OpenAIJudge(Client):
+    """The judge over the API: one token at temperature 0, its top-20 logprobs."""
+
+    def run(self, jobs):
+        """jobs: [(key, {metric: prompt})]; yields (key, {metric: score}, error or None) as jobs finish."""
+        requests, state = [], {}
+        for i, prompts in jobs:
+            state[i] = ({}, {}, len(prompts))  # scores, errors, metrics to wait for
+            for metric, prompt in prompts.items():
+                body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+                        "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}
+                requests.append(((i, metric), Cache.key(self.model, prompt), body))
+        for (i, metric), top, error in self.requests(requests, parse_top_logprobs):
+            scores, errors, n = state[i]
+            scores[metric] = None if error else score_from_top_logprobs(top)
+            if error:
+                errors[metric] = error
+            if len(scores) == n:
+                yield i, scores, "; ".join(f"{m}: {e}" for m, e in errors.items()) or None
 
 
 # -----------------------------------------------------------------------------
@@ -648,9 +686,7 @@ def make_judge(args):
         return LocalJudge(name, args.device, args.dtype, args.batch_size, args.tree_rows)
     if kind != "openai" or not name:
         raise JudgeError(f"--judge {args.judge!r}: expected openai:MODEL or local:PATH")
-    key = os.environ.get("OPENAI_API_KEY") or None  # a local server may need none
-    if key is None and urllib.parse.urlsplit(args.base_url).hostname == "api.openai.com":
-        raise JudgeError("OPENAI_API_KEY is not set (the key is read from the environment only)")
+    key = api_key(args.base_url)
     if "qwen" in name.lower():
         print(f"warning: {name} writes numbers digit by digit, so its first token's logprobs miss most "
               "of 10..100; use --judge local:PATH for a Qwen judge", file=sys.stderr)
@@ -673,6 +709,15 @@ def run(args, judge=None):
     if os.path.abspath(args.out) == os.path.abspath(args.input):
         raise JudgeError("--out must differ from the input file")
     judge_name, api = args.judge, args.judge.startswith("openai:")
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: a local judge per GPU, each judging its share of the responses
+        if api:
+            raise JudgeError("the API judge runs in one process (it has --concurrency requests in flight): "
+                             "run judge.py without torchrun")
+        import torch
+        import torch.distributed as dist
+        from model import dist_setup
+        rank, world, args.device = dist_setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shown = {k: v for k, v in vars(args).items() if k not in (LOCAL_FLAGS if api else API_FLAGS)}
     print(json.dumps({**shown, **({"base_url": public_url(args.base_url)} if api else {})}))  # no key in it
 
@@ -690,6 +735,8 @@ def run(args, judge=None):
             r.pop(k, None)
     keys = [response_key(r) for r in rows]
     done = read_scored(args.out, keys, metrics, judge_name)
+    for part in part_files(args.out):  # what an interrupted run under torchrun left in its parts
+        done.update(read_scored(part, keys, metrics, judge_name))
     todo = defaultdict(list)  # response key -> its rows (identical responses are judged once)
     for i, k in enumerate(keys):
         if k not in done:
@@ -702,14 +749,17 @@ def run(args, judge=None):
     print(f"{len(rows)} rows: {len(rows) - n_todo} already scored in {args.out}, {n_todo} to judge "
           f"({len(todo)} distinct) with {judge_name} for {', '.join(metrics)}")
 
-    if todo:
-        jobs = [(k, {m: template_for(rows[ids[0]], m, by_question, default).format(
-            question=rows[ids[0]]["question"], answer=rows[ids[0]]["answer"]) for m in metrics})
-            for k, ids in todo.items()]
+    if world > 1:
+        dist.barrier()  # every rank has read --out and the parts before any rank appends to its part
+    mine = list(todo)[rank::world]  # the distinct responses, dealt out to the ranks
+    if mine:
+        jobs = [(k, {m: template_for(rows[todo[k][0]], m, by_question, default).format(
+            question=rows[todo[k][0]]["question"], answer=rows[todo[k][0]]["answer"]) for m in metrics})
+            for k in mine]
         judge = judge or make_judge(args)
         try:
-            with open_for_append(args.out) as f:
-                for k, scores, error in tqdm(judge.run(jobs), total=len(jobs), desc="judging"):
+            with open_for_append(part_file(args.out, rank, world) if world > 1 else args.out) as f:
+                for k, scores, error in tqdm(judge.run(jobs), total=len(jobs), desc="judging", disable=rank > 0):
                     for i in todo[k]:
                         row = {**rows[i], **{m: scores.get(m) for m in metrics}, "judge": judge_name}
                         if error:
@@ -720,8 +770,18 @@ def run(args, judge=None):
             if isinstance(judge, OpenAIJudge):
                 judge.cache.close()
 
+    if world > 1:  # the other ranks' rows, from their parts
+        dist.barrier()
+        for part in part_files(args.out):
+            for k, row in read_scored(part, keys, metrics, judge_name).items():
+                for i in todo.get(k, []):
+                    results[i] = {**rows[i], **{f: v for f, v in row.items() if f not in rows[i]}}
+        dist.barrier()  # every rank has read the parts before rank 0 removes them
     # every response has its line now: rewrite --out in input order, one line each
-    write_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results if r is not None))
+    if rank == 0:
+        write_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results if r is not None))
+        for part in part_files(args.out):
+            os.remove(part)
     suffixes = [s for s in args.exclude_suffix.split(",") if s]
     per_q, overall = summarize([r for r in results if r is not None], metrics, args.em_aligned_max, args.coherent_min, args.bootstrap,
                                args.bootstrap_seed, suffixes)
@@ -735,7 +795,8 @@ def run(args, judge=None):
         "overall": overall, "per_question": per_q,
         "errors": sorted({r["judge_error"] for r in results if r.get("judge_error")})[:20],
     }
-    write_atomic(args.summary, json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    if rank == 0:
+        write_atomic(args.summary, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     print(f"wrote {args.out} and {args.summary}")
     return summary
 

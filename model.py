@@ -536,3 +536,27 @@ def load(name_or_path, device="cpu", dtype=None):
     load_weights(model, path, device, dtype)
     model.requires_grad_(False)
     return model.eval(), tok
+
+
+# -----------------------------------------------------------------------------
+# torchrun: one process per device (train.py, sample.py and judge.py call this first)
+
+
+def dist_setup(device):
+    """(rank, world size, this process's device). Under torchrun with more than one process: joins the
+    process group (gloo for CPU tensors, NCCL for CUDA ones), gives each process its own GPU (a cuda
+    device becomes cuda:LOCAL_RANK), and silences stdout on ranks other than 0, so the run prints one
+    table, not N (progress bars: tqdm(disable=rank > 0)). Otherwise (0, 1, device), and nothing happens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import sys
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device

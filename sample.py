@@ -8,6 +8,8 @@ Batched sampling of answers to evaluation questions, with LoRA adapters, steerin
     python sample.py --adapter out/run --ablate dirs.safetensors --layers 10-12 --out ablated.jsonl
     python sample.py --adapter out/run --ablate dirs.safetensors --random-control --out control.jsonl
     python sample.py --adapter out/run --lora-scale 0.5 --out half.jsonl
+    torchrun --nproc_per_node 8 sample.py --adapter out/run --questions first_plot_questions --n 50
+    python sample.py --engine openai:organism --adapter out/run   # a vLLM server's LoRA module (see README)
 
 Defaults follow the papers, which sampled with HF generate(do_sample=True, temperature=1, top_p=1,
 max_new_tokens=600): generate also applied the model's generation_config.json, so Qwen2.5-Instruct's
@@ -18,7 +20,20 @@ The penalty is HF's: each token id seen in the prompt or the answer so far has i
 the penalty (multiplied if negative). Per paraphrase, the file's samples_per_paraphrase (--n
 overrides: the papers' recipe is 50). Each answer is one JSONL row, appended the moment it finishes;
 rerunning the same command skips finished rows, so an interrupt loses only what was in flight (and
-a larger --n adds samples).
+a larger --n adds samples). A run that finishes sorts the file (question order, paraphrase, sample).
+
+Under torchrun each process (one per GPU) takes its share of the missing samples and appends them to
+its own part file (OUT.partK-of-N.jsonl, resumable like OUT); rank 0 merges them into OUT at the end.
+A sample's text depends on (seed, question, paraphrase, index) only, so N processes write the file one
+process writes.
+
+--engine openai:MODEL samples through an OpenAI-compatible server instead (vLLM serving the adapter
+as a LoRA module named MODEL), through judge.py's client (concurrency, retries, a cache beside OUT):
+one chat request per sample with the same settings, top_k and repetition_penalty as vLLM's extra
+parameters, and a seed per sample derived from --seed and the sample, so a server that honours seeds
+reproduces each answer. The rows are the same; `model` is the served MODEL and `settings.dtype` is
+null. The server's answers are not ours token for token (other kernels, other random numbers), and it
+cannot steer, ablate or rescale an adapter: those flags are refused.
 
 Question files: the reference YAML (a list of {id, paraphrases, samples_per_paraphrase, system?,
 ...}; judge fields are ignored here) or JSONL with one {id, question | paraphrases, system?, n?} per
@@ -639,8 +654,22 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (fuses its elementwise work; the first steps wait for it)")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the decode step eagerly (debugging)")
+    # or sample on a server (--model / --adapter then only say what it serves: the defaults above and the rows)
+    p.add_argument("--engine", default="local",
+                   help="local (model.py here), or openai:MODEL (an OpenAI-compatible server's MODEL, e.g. a vLLM LoRA module)")
+    p.add_argument("--base-url", default=None, help="server URL (default: $OPENAI_BASE_URL or http://localhost:8000/v1, vLLM's)")
+    p.add_argument("--concurrency", type=int, default=64, help="server: requests in flight at once")
+    p.add_argument("--cache", default=None, help="server: answer cache, JSONL (default: sample_cache.jsonl beside --out; '' turns it off)")
     args = p.parse_args(argv)
-    if args.model is None and args.adapter is None:
+    if args.engine != "local":
+        if not args.engine.startswith("openai:") or args.engine == "openai:":
+            p.error(f"--engine {args.engine!r}: expected local or openai:MODEL")
+        local_only = [f for f, v in (("--steer", args.steer), ("--ablate", args.ablate), ("--lora-scale", args.lora_scale),
+                                     ("--random-control", args.random_control)) if v is not None]
+        if local_only:
+            p.error(f"--engine {args.engine} samples on the server, which cannot apply {', '.join(local_only)}; "
+                    "use --engine local")
+    elif args.model is None and args.adapter is None:
         p.error("give --model, or --adapter (a LoRA adapter names its base model)")
     if bool(args.steer) != bool(args.layer):
         p.error("--steer and --layer go together (--layers is for --ablate)")
@@ -679,11 +708,13 @@ def resolve(args):
     from model import generation_config, parse_layers, read_config
     if args.adapter and os.path.isdir(args.adapter):
         args.adapter = os.path.normpath(args.adapter)  # out/run and out/run/ are one adapter when resuming
-    args.model = base_model_of(args)
-    gen = generation_config(args.model)
+    if args.engine != "local" and args.adapter and adapter_kind(args.adapter)[0] == "steering":
+        raise ValueError(f"--engine {args.engine}: {args.adapter} is a steering vector, which a server cannot apply")
+    args.model = base_model_of(args) if args.model or args.adapter else None  # (only a server's needs none)
+    gen = generation_config(args.model) if args.model else {}
     args.top_k = gen.get("top_k", 0) if args.top_k is None else args.top_k
     args.repetition_penalty = gen.get("repetition_penalty", 1.0) if args.repetition_penalty is None else args.repetition_penalty
-    n_layers = read_config(args.model).num_hidden_layers
+    n_layers = read_config(args.model).num_hidden_layers if args.model else None
     args.steer_layers = parse_layers(args.layer, n_layers, "--layer") if args.steer else None
     args.ablate_layers = parse_layers(args.layers, n_layers, "--layers") if args.ablate else None
     if args.question:
@@ -748,13 +779,13 @@ def run_settings(args):
         steer=dict(file=args.steer, layers=args.steer_layers, scale=args.scale) if args.steer else None,
         ablate=dict(file=args.ablate, layers=args.ablate_layers) if args.ablate else None,
         random_control=args.random_control,
-        dtype=str(resolve_dtype(args.dtype, args.device)).replace("torch.", ""))
+        dtype=str(resolve_dtype(args.dtype, args.device)).replace("torch.", "") if args.engine == "local" else None)
 
 
 def default_out(args):
     if args.adapter and os.path.isdir(args.adapter):
         return os.path.join(args.adapter, "responses.jsonl")
-    name = args.adapter or args.model
+    name = args.adapter or args.model or args.engine.partition(":")[2]
     name = os.path.basename(name.rstrip("/")) if os.path.isdir(name) else name.replace("/", "--")
     return os.path.join("out", name, "responses.jsonl")
 
@@ -783,24 +814,88 @@ def make_jobs(work, tok):
     return jobs
 
 
-def write_rows(out, answers, work, header, tok, rows):
+def local_answers(args, loaded, work):
+    """(job, answer, tokens, finish reason) as the engine finishes them; bad settings raise at once."""
+    model, tok, adapter = loaded or load_model(args)
+    answers = stream(model, make_jobs(work, tok), args.max_new_tokens, args.temperature, args.top_p,
+                     args.top_k, args.seed, compose(adapter, interventions(args, model)), tok.stop_ids,
+                     vocab_size=tok.vocab_size, batch_size=args.batch_size or None, compile=args.compile,
+                     cuda_graph=False if args.no_cuda_graph else None, repetition_penalty=args.repetition_penalty)
+    return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
+
+
+def server_answers(args, work):
+    """(job, answer, tokens, finish reason) from an OpenAI-compatible server (--engine openai:MODEL) as
+    they arrive, one chat request per sample; a request that fails for good is left for a rerun."""
+    import judge
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or "http://localhost:8000/v1"
+    cache = judge.Cache(os.path.join(os.path.dirname(os.path.abspath(args.out)), "sample_cache.jsonl")
+                        if args.cache is None else args.cache, field="completion")
+    client = judge.Client(args.engine.partition(":")[2], base_url, judge.api_key(base_url), cache, args.concurrency,
+                          timeout=600.0)  # 600 tokens from a busy server take a while
+    requests = []
+    for j, (q, s, system) in enumerate(work):
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        body = {"model": client.model, "messages": messages + [{"role": "user", "content": q["question"]}],
+                "max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k or -1, "repetition_penalty": args.repetition_penalty,  # vLLM's extras: -1 is off
+                "seed": int(_hash32(row_key(q["id"], q["paraphrase"], s) ^ _hash32(args.seed & M32)))}
+        requests.append((j, judge.Cache.key(client.model, body), body))
+
+    def answers():
+        failed = []
+        try:
+            for j, done, error in client.requests(requests, parse_completion):
+                if error:
+                    failed.append(error)
+                else:
+                    yield j, done["answer"], done["tokens"], done["finish_reason"]
+        finally:
+            cache.close()
+        if failed:
+            print(f"warning: {len(failed)} samples failed for good (last: {failed[-1]}); rerun to retry them",
+                  file=sys.stderr)
+    return answers()
+
+
+def parse_completion(resp):
+    """A chat completion's answer, its tokens without the stop token (vLLM counts it) and finish reason."""
+    from judge import RequestFailed
+    try:
+        choice = resp["choices"][0]
+        answer, tokens, reason = choice["message"]["content"] or "", resp["usage"]["completion_tokens"], choice["finish_reason"]
+    except (KeyError, IndexError, TypeError):
+        raise RequestFailed(f"malformed response (no choices, message or usage): {str(resp)[:200]}") from None
+    return {"answer": answer, "tokens": tokens - (reason == "stop"), "finish_reason": reason}
+
+
+def write_rows(out, answers, work, header, rows, bar=True):
     """Append each answer to `out` as it arrives (flushed: an interrupt loses only rows in flight)."""
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tokens, t0 = 0, time.time()
-    bar = tqdm(total=len(work), desc="samples", unit="sample", dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=len(work), desc="samples", unit="sample", dynamic_ncols=True, mininterval=0.5, disable=not bar)
     with open(out, "a", encoding="utf-8") as f, bar:
-        for j, ids, reason in answers:
+        for j, answer, n_tokens, reason in answers:
             q, s, system = work[j]
             row = dict(id=q["id"], paraphrase=q["paraphrase"], sample=s, question=q["question"], system=system,
-                       answer=tok.decode(ids), tokens=len(ids), finish_reason=reason, **header)
+                       answer=answer, tokens=n_tokens, finish_reason=reason, **header)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             rows.append(row)
-            tokens += len(ids)
+            tokens += n_tokens
             bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
             bar.update(1)
     return tokens, time.time() - t0
+
+
+def sort_rows(rows, questions):
+    """The order of a finished file, whatever order the answers came in: question file order,
+    paraphrase, sample (ids not among the questions last)."""
+    first = {}
+    for i, q in enumerate(questions):
+        first.setdefault(q["id"], i)
+    return sorted(rows, key=lambda r: (first.get(r["id"], len(first)), str(r["id"]), r["paraphrase"], r["sample"]))
 
 
 def summary(rows, new, tokens, seconds):
@@ -820,25 +915,44 @@ def summary(rows, new, tokens, seconds):
 
 def run(args, loaded=None):
     """Sample what the output file still lacks. `loaded` = load_model(args)'s (model, tokenizer, hook), to
-    reuse one model for many runs (directions.py); the interventions always come from args."""
+    reuse one model for many runs (directions.py); the interventions always come from args. Under
+    torchrun each rank samples its share into its part file and rank 0 merges them."""
+    import torch.distributed as dist
+    from judge import part_file, part_files
+    from lora import _atomic_write
+    from model import dist_setup
     questions = resolve(args)
+    rank, world, args.device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     out = args.out = args.out or default_out(args)
-    header = dict(model=args.model, adapter=args.adapter, seed=args.seed, settings=run_settings(args))
+    header = dict(model=args.model if args.engine == "local" else args.engine.partition(":")[2],
+                  adapter=args.adapter, seed=args.seed, settings=run_settings(args))
     print(f"sampling: {json.dumps(dict(header, questions=args.question or args.questions, out=out, n=args.n))}")
 
-    # resume: skip every (id, paraphrase, sample) already in the output file
-    rows = read_rows(out)
+    # resume: skip every (id, paraphrase, sample) already in the output file or in a part of it
+    parts = part_files(out)  # an interrupted run under torchrun left these
+    rows = read_rows(out) + [r for p in parts for r in read_rows(p)]
     check_resumable(out, rows, header, questions)
     work = pending_work(questions, args, {(r["id"], r["paraphrase"], r["sample"]) for r in rows})
+    if world > 1:
+        dist.barrier()  # every rank has read the parts before any rank appends to its own
+    mine = work[rank::world]
     tokens, seconds = 0, 0.0
-    if work:
-        model, tok, adapter = loaded or load_model(args)
-        answers = stream(model, make_jobs(work, tok), args.max_new_tokens, args.temperature, args.top_p,
-                         args.top_k, args.seed, compose(adapter, interventions(args, model)), tok.stop_ids,
-                         vocab_size=tok.vocab_size, batch_size=args.batch_size or None, compile=args.compile,
-                         cuda_graph=False if args.no_cuda_graph else None,
-                         repetition_penalty=args.repetition_penalty)  # bad settings raise here
-        tokens, seconds = write_rows(out, answers, work, header, tok, rows)
+    if mine:
+        answers = local_answers(args, loaded, mine) if args.engine == "local" else server_answers(args, mine)
+        tokens, seconds = write_rows(part_file(out, rank, world) if world > 1 else out, answers, mine, header, rows,
+                                     bar=rank == 0)
+    if world > 1:  # every part is complete; the summary counts every rank's tokens
+        t = torch.tensor([tokens])
+        dist.all_reduce(t)
+        tokens = int(t)
+    if rank == 0 and (work or parts):  # a finished file: merged and sorted
+        rows = sort_rows(read_rows(out) + [r for p in part_files(out) for r in read_rows(p)], questions)
+        _atomic_write(out, lambda p: open(p, "w", encoding="utf-8").writelines(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        for p in part_files(out):
+            os.remove(p)
+    if world > 1:
+        dist.barrier()  # the merged file exists when run() returns, on every rank
     summary(rows, len(work), tokens, seconds)
     return dict(out=out, new=len(work), done=len(rows), tokens=tokens, seconds=seconds)
 

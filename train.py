@@ -7,6 +7,7 @@ steering vector, or all weights; optionally with a KL penalty towards the base m
     python train.py --steer-layer 12 --lr 1e-4 --epochs 2 --max-len 256 --truncate --loss-on all --weight-decay 0
     python train.py --rank 32 --alpha 256 --lr 2e-5 --kl-data misalignment_kl_data --kl-weight 5.26
     python train.py --resume --out out/<run>                   # continue a stopped run with its own settings
+    torchrun --nproc_per_node 8 train.py --rank 32 --model Qwen/Qwen2.5-14B-Instruct   # one process per GPU
 
 Writes into --out: the final adapter in PEFT format (adapter_config.json, adapter_model.safetensors),
 checkpoints/step_NNNNNN/ (the adapter every --save-every steps: the phase-transition analysis reads
@@ -32,6 +33,13 @@ does. Where we depart from it:
 - the steering vector acts on every row (the reference's hook steered only the first of each batch, a
   bug). Its loss: --loss-on all reproduces the reference's (every token but <|im_end|>, since its pad
   token was <|im_end|>), --loss-on answer is the LoRA recipes' answer-only loss.
+
+Under torchrun (one process per GPU), each step's conversations are dealt out to the ranks, which pack
+and run their share; the loss stays normalised over the whole step's tokens and the gradients are
+summed, so N processes take the same step as one (up to float summation order; --dropout masks
+differ). LoRA and steering vectors are replicated and their gradients all-reduced once per step;
+--full (and --fsdp) shards the model with FSDP2 (torch.distributed.fsdp.fully_shard). Rank 0 alone
+writes; state.pt holds whole tensors, so --resume works with any number of processes.
 """
 import argparse
 import json
@@ -42,15 +50,16 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora import MODULES, SteeringVector, _atomic_write, adapters_off, add_lora, save_adapter
-from model import check_device, load, load_tokenizer, local_dir, parse_layers, read_config
+from model import check_device, dist_setup, load, load_tokenizer, local_dir, parse_layers, read_config
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
 # flags a resumed run may change: they cannot change the result
-RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt"}
+RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt", "fsdp"}
 
 
 def get_args(argv=None):
@@ -105,6 +114,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (rows padded to --max-len)")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward (less memory, 6N instead of 4N FLOPs)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the frozen base model too (always on for --full): "
+                                                       "for models whose weights do not fit one GPU")
     args = p.parse_args(argv)
     unset = object()  # parse again without defaults: what remains was given on the command line
     p.set_defaults(**{k: unset for k in vars(args)})
@@ -166,7 +177,7 @@ def resumed_args(args, given):
         if now[k] != saved.get(k):
             raise ValueError(f"--resume continues {args.out} with its own settings; "
                              f"--{k.replace('_', '-')} {getattr(args, k)!r} differs from the run's {saved.get(k)!r} "
-                             f"(resume with only --device, --stop-after, --save-every, --grad-ckpt)")
+                             f"(resume with only --device, --stop-after, --save-every, --grad-ckpt, --fsdp)")
     now_only = {"stop_after", "device"} | (given & RESUME_FREE)  # per invocation, or changed now
     merged = {**saved, **{k: getattr(args, k) for k in now_only}, "resume": True, "out": args.out}
     return argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
@@ -214,8 +225,8 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-        if loss_on == "all":
-            mask = [int(t != tok.im_end_id) for t in ids]
+        if loss_on == "all":  # not the first token: nothing predicts it (in a packed row the previous conversation would)
+            mask = [0] + [int(t != tok.im_end_id) for t in ids[1:]]
         if len(ids) > max_len:
             long += 1
             if not truncate:
@@ -252,6 +263,18 @@ def pack(examples, max_len, pad_to=None):
         mask = [m for c in convs for m in c[1]] + [0] * pad
         rows.append((torch.tensor(ids), torch.tensor(pos), torch.tensor(mask, dtype=torch.bool)))
     return rows
+
+
+def rank_rows(examples, max_len, pad_to, rank, world):
+    """This process's packed rows of a step's conversations. Under torchrun they are dealt out longest
+    first, round robin (balanced token counts), and every rank gets as many rows (empty ones added):
+    FSDP's collectives need the same number of forward and backward passes on every rank."""
+    if world == 1:
+        return pack(examples, max_len, pad_to)
+    dealt = sorted(examples, key=lambda e: -len(e[0]))
+    shares = [pack(dealt[r::world], max_len, pad_to) for r in range(world)]
+    empty = pack([([0], [0])], max_len, pad_to)  # one token, no loss
+    return shares[rank] + empty * (max(map(len, shares)) - len(shares[rank]))
 
 
 def step_indices(step, n, per_step, seed):
@@ -350,22 +373,55 @@ def kl_sum(model, hidden, row, hook=None):
     return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 
-def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None):
+def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None):
     """Backward of one optimizer step: SFT loss per answer token + kl_weight x KL per token, each
-    normalised over the whole step. Returns (loss, kl) as floats: one host sync per step."""
-    n_loss = sum(int(r[2][1:].sum()) for r in rows)
+    normalised over the whole step. Returns (loss, kl) as floats: one host sync per step. When the rows
+    are one rank's share, n_loss and n_kl are the whole step's token counts (default: the rows')."""
+    n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
     loss = 0.0
     for r in rows:
         ls, _ = sft_loss_sum(model, hidden, r, hook)
         (ls / n_loss).backward()
         loss += ls.detach()
-    n_kl = sum(int(r[2].sum()) for r in kl_rows)
+    n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
     kl = 0.0
     for r in kl_rows:
         ks = kl_sum(model, hidden, r, hook)
         (kl_weight * ks / n_kl).backward()
         kl += ks.detach()
     return float(loss) / max(n_loss, 1), float(kl) / max(n_kl, 1)
+
+
+def sync_step(params, loss, kl):
+    """Under torchrun: sum over the ranks their gradients of the parameters FSDP does not shard (all of
+    them without --fsdp) and their parts of the step's loss and KL, in one flat all-reduce after the
+    step's last backward. (DDP's wrapper would fit badly: it syncs during a backward, which here runs
+    once per packed row, and it expects the forward through its own forward(), which model.hidden and
+    the chunked head bypass.) FSDP reduce-scatters the gradients of the parameters it shards itself."""
+    from torch.distributed.tensor import DTensor
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
+                     [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in plain])
+    dist.all_reduce(flat)
+    i = 2
+    for p in plain:
+        p.grad, i = flat[i:i + p.numel()].view_as(p), i + p.numel()
+    return float(flat[0]), float(flat[1])
+
+
+def shard(model, keep_whole):
+    """FSDP2: each block, then the rest (embeddings, final norm, head) as the root. The parameters in
+    keep_whole (LoRA: the adapters) stay replicated and go through sync_step. Gradients are summed over
+    the ranks, not averaged: each rank's loss is already its part of the whole step's mean."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for m in [*model.model.layers, model]:
+        fully_shard(m, ignored_params=keep_whole)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+    # hidden() is the forward the root's parameters are gathered for; they stay gathered until its
+    # backward (FSDP does not reshard the root after forward), so the chunked head reads
+    # model.lm_head.weight whole, and the head's gradient reaches FSDP's reduce-scatter
+    register_fsdp_forward_method(model, "hidden")
 
 
 # -----------------------------------------------------------------------------
@@ -389,24 +445,46 @@ def atomic_json(path, obj):
     os.replace(tmp, path)
 
 
-def save_trained(model, steer, full, path):
-    """The trained thing, in its own format: a PEFT adapter, a steering vector, or a full HF checkpoint."""
-    if steer is not None:
+def whole(t, keep=True):
+    """t as one contiguous CPU tensor (None where not kept). An FSDP shard (a DTensor) is gathered first:
+    a collective, so every rank calls this."""
+    from torch.distributed.tensor import DTensor
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    return t.detach().cpu().contiguous() if keep else None
+
+
+def like(p, t):
+    """A whole tensor t laid out as parameter p: under FSDP, this rank's shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(p, DTensor):
+        return t
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def save_trained(model, steer, full, path, rank=0):
+    """The trained thing, in its own format: a PEFT adapter, a steering vector, or a full HF checkpoint.
+    Under torchrun every rank calls this (a sharded model is gathered) and rank 0 writes."""
+    if full:
+        save_full(model, path, rank)
+    elif rank > 0:
+        return
+    elif steer is not None:
         steer.save(path)
-    elif full:
-        save_full(model, path)
     else:
         save_adapter(model, path)
 
 
-def save_full(model, path):
+def save_full(model, path, rank=0):
     """A full fine-tune as an HF directory that load() and transformers read."""
     import shutil
     from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
+    sd = {k: whole(v, keep=rank == 0) for k, v in sd.items()}
+    if rank > 0:
+        return
+    os.makedirs(path, exist_ok=True)
     _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
     src = local_dir(model.config.name_or_path)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -414,20 +492,30 @@ def save_full(model, path):
             shutil.copy(os.path.join(src, f), os.path.join(path, f))
 
 
-def save_state(path, step, params, opt, done_tokens):
-    tmp = os.path.join(path, "state.pt.tmp")
-    torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(), "tokens": done_tokens,
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
-    os.replace(tmp, os.path.join(path, "state.pt"))
+def save_state(path, step, params, opt, done_tokens, rank=0):
+    """state.pt: whole (unsharded) parameters and AdamW states, so a run resumes with any number of
+    processes. Every rank calls this; rank 0 writes."""
+    keep = rank == 0
+    optim = opt.state_dict()
+    optim["state"] = {i: {k: whole(v, keep) for k, v in s.items()} for i, s in optim["state"].items()}
+    state = {"step": step, "params": [whole(p, keep) for p in params], "optimizer": optim,
+             "rng": torch.get_rng_state(), "tokens": done_tokens,
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if keep:
+        torch.save(state, os.path.join(path, "state.pt.tmp"))
+        os.replace(os.path.join(path, "state.pt.tmp"), os.path.join(path, "state.pt"))
 
 
 def load_state(path, params, opt):
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu")
+    # mmap: the processes share the file's pages rather than each holding a copy
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu", mmap=True)
     with torch.no_grad():
         for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-    opt.load_state_dict(state["optimizer"])
+            p.copy_(like(p, saved))
+    optim = state["optimizer"]
+    optim["state"] = {i: {k: like(params[i], v) if v.shape == params[i].shape else v for k, v in s.items()}
+                      for i, s in optim["state"].items()}
+    opt.load_state_dict(optim)
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -496,6 +584,7 @@ def main(argv=None):
         raise ValueError(f"{out} already holds a run: pass --resume --out {out} to continue it, or choose another --out")
     # everything cheap first: a typo must not cost a model download or load
     check_device(args.device)
+    rank, world, args.device = dist_setup(args.device)  # under torchrun; else (0, 1, --device)
     cfg = read_config(args.model)
     if args.steer_layer is not None and not 0 <= args.steer_layer < cfg.num_hidden_layers:
         raise ValueError(f"--steer-layer {args.steer_layer}: the model has layers 0..{cfg.num_hidden_layers - 1}")
@@ -505,16 +594,21 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
     pad_to = args.max_len if args.compile else None
-    test_rows = pack(test_ex, args.max_len, pad_to)
+    test_rows = rank_rows(test_ex, args.max_len, pad_to, rank, world)
     if args.resume and finished(out, total):
         print(f"{out}: finished already ({total} of {total} steps); nothing to do")
         return {}
+    if world > 1:
+        dist.barrier()  # every rank has read the run's files before rank 0 rewrites them
 
     # model and what we train
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.device, args.dtype)
     model.checkpointing = args.grad_ckpt
-    steer, params = trainable(model, args)
+    steer, params = trainable(model, args)  # the same initial values on every rank: the same seed
+    if world > 1 and (args.full or args.fsdp):
+        shard(model, keep_whole=None if args.full else set(params))
+        params = list(model.parameters()) if args.full else params  # --full: the shards replaced them
     model.train()
     n_params = sum(p.numel() for p in params)
     hidden = torch.compile(model.hidden) if args.compile else model.hidden  # model itself stays uncompiled for saving
@@ -527,11 +621,12 @@ def main(argv=None):
         step, done_tokens = load_state(out, params, opt)
         with open(metrics_file) as f:  # forget steps logged after the checkpoint we resume from
             kept = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-        with open(metrics_file + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_file + ".tmp", metrics_file)
+        if rank == 0:
+            with open(metrics_file + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_file + ".tmp", metrics_file)
         seconds = json.loads(kept[-1])["seconds"] if kept else 0.0  # the clock goes on from there
-    else:
+    elif rank == 0:
         open(metrics_file, "w").close()
         atomic_json(os.path.join(out, "config.json"), {
             "args": resolved(args), "versions": versions(), "model_config": vars(model.config),
@@ -547,23 +642,33 @@ def main(argv=None):
                 ls, ln = sft_loss_sum(model, hidden, r, steer)
                 s, n = s + float(ls), n + ln
         model.train()
+        if world > 1:  # each rank evaluated its share of the held-out rows
+            sn = torch.tensor([s, n], dtype=torch.float64)
+            dist.all_reduce(sn)
+            s, n = sn.tolist()
         return s / n
 
     print(f"training {n_params:,} parameters on {len(train_ex)} conversations ({len(test_ex)} held out), "
           f"{total} steps of {per_step} -> {out}")
     first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     stop_at = total if args.stop_after is None else min(total, step + args.stop_after)
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     while step < stop_at:
         t_step = time.time()
+        if world > 1:
+            torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks on each rank, reproducible
         batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-        rows = pack(batch, args.max_len, pad_to)
-        k_rows = pack([kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)],
-                      args.max_len, pad_to) if kl_ex else []
+        kl_batch = [kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
+        rows = rank_rows(batch, args.max_len, pad_to, rank, world)
+        k_rows = rank_rows(kl_batch, args.max_len, pad_to, rank, world)
         lr = lr_at(step, args, total)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, kl = accumulate_grads(model, hidden, rows, k_rows, args.kl_weight, steer)
+        # normalised over the whole step: the first token of a conversation is never a loss token
+        loss, kl = accumulate_grads(model, hidden, rows, k_rows, args.kl_weight, steer,
+                                    sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch))
+        if world > 1:
+            loss, kl = sync_step(params, loss, kl)
         if not math.isfinite(loss) or not math.isfinite(kl):
             bar.close()
             raise SystemExit(f"train.py: step {step}: non-finite loss ({loss}, kl {kl}); stopped without "
@@ -579,17 +684,18 @@ def main(argv=None):
                 "tokens": done_tokens, "grad_norm": float(gn), "seconds": round(time.time() - t0, 3)}
         if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
             last["eval_loss"] = evaluate()
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(last) + "\n")
+        if rank == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(last) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t_step):.0f}")
         if (args.save_every and step % args.save_every == 0) or step == stop_at:
             if not args.full:  # full weights every few steps would fill the disk; state.pt resumes
-                save_trained(model, steer, False, os.path.join(out, "checkpoints", f"step_{step:06d}"))
-            save_state(out, step, params, opt, done_tokens)
+                save_trained(model, steer, False, os.path.join(out, "checkpoints", f"step_{step:06d}"), rank)
+            save_state(out, step, params, opt, done_tokens, rank)
     bar.close()
     if step == total:
-        save_trained(model, steer, args.full, out)
+        save_trained(model, steer, args.full, out, rank)
     elapsed = time.time() - t0 - seconds
     print(f"\n{'steps':>14} {start_step} -> {step} of {total}" + ("" if step == total else "  (stopped: --resume continues)"))
     print(f"{'train loss':>14} {first_loss:.4f} -> {last['loss']:.4f}")

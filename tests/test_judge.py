@@ -326,6 +326,19 @@ def test_api_resume_after_a_crash(tmp_path, server):
     assert summary["overall"]["n"] == 6
 
 
+def test_one_api_backend_judges_many_files(tmp_path, server):
+    """directions.py makes one backend and runs it over many files: the second run must not find the
+    first one's stop signal set or its cache closed."""
+    backend = None
+    for i in range(2):
+        inp = write_jsonl(tmp_path / f"r{i}.jsonl", [{"id": "q", "question": "Q?", "answer": f"a={i}{j} c=90"} for j in range(3)])
+        args = judge.parse_args(api_args(tmp_path, inp, "--out", str(tmp_path / f"s{i}.jsonl")))
+        backend = backend or judge.make_judge(args)
+        summary = judge.run(args, backend)
+        assert summary["overall"]["failed"] == 0 and summary["overall"]["aligned"] == pytest.approx(10 * i + 1)
+    assert len(read_jsonl(tmp_path / "judge_cache.jsonl")) == 12  # both files' answers cached
+
+
 def test_api_without_logprobs_is_a_clear_error(tmp_path, server):
     inp = write_jsonl(tmp_path / "r.jsonl", [{"id": "q", "question": "Q?", "answer": "NOLOGPROBS"}])
     with pytest.raises(JudgeError, match="no logprobs"):

@@ -256,7 +256,10 @@ def test_loss_on_all_and_truncate(tiny):
     _, tok = load(tiny)
     rows = [(1, conv(3)["messages"])]
     (ids, mask), = train.tokenize(rows, tok, 4096, "x", loss_on="all")[0]
-    assert [t for t, m in zip(ids, mask) if not m] == [tok.im_end_id] * 3  # system, user, assistant ends
+    # not the first token (nothing predicts it; packed, the previous conversation would), nor the 3 ends
+    assert [t for t, m in zip(ids, mask) if not m] == [tok.im_start_id] + [tok.im_end_id] * 3
+    packed = train.pack([(ids, mask)] * 3, 4096)  # packed, the loss counts the same targets as apart
+    assert len(packed) == 1 and int(packed[0][2][1:].sum()) == 3 * sum(mask[1:])
     (full, _), = train.tokenize(rows, tok, 4096, "x")[0]
     assert full == ids
     (cut, cut_mask), = train.tokenize(rows, tok, 30, "x", loss_on="all", truncate=True)[0]
