@@ -169,15 +169,19 @@ def merge(model):
 # PEFT format
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """write(tmp) then rename over path: a crash leaves the old file or the new one, never half of one.
     The file gets the usual permissions (safetensors creates 0600 files; results are for everyone)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def save_adapter(model, path, base_model=None):
@@ -209,9 +213,9 @@ def save_adapter(model, path, base_model=None):
         tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, "adapter_model.safetensors"),
+    atomic_write(os.path.join(path, "adapter_model.safetensors"),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(path, "adapter_config.json"),
+    atomic_write(os.path.join(path, "adapter_config.json"),
                   lambda p: open(p, "w").write(json.dumps(config, indent=2)))
 
 
@@ -280,9 +284,9 @@ class SteeringVector(nn.Module):
 
     def save(self, path):
         os.makedirs(path, exist_ok=True)
-        _atomic_write(os.path.join(path, "steering_vector.safetensors"),
+        atomic_write(os.path.join(path, "steering_vector.safetensors"),
                       lambda p: save_file({"vector": self.vector.detach().float().cpu().contiguous()}, p))
-        _atomic_write(os.path.join(path, "steering_config.json"), lambda p: open(p, "w").write(
+        atomic_write(os.path.join(path, "steering_config.json"), lambda p: open(p, "w").write(
             json.dumps({"type": "steering_vector", "layer": self.layer, "alpha": self.alpha,
                         "d_model": self.vector.numel(), "base_model_name_or_path": self.base_model}, indent=2)))
 

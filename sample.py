@@ -919,7 +919,7 @@ def run(args, loaded=None):
     torchrun each rank samples its share into its part file and rank 0 merges them."""
     import torch.distributed as dist
     from judge import part_file, part_files
-    from lora import _atomic_write
+    from lora import atomic_write
     from model import dist_setup
     questions = resolve(args)
     rank, world, args.device = dist_setup(args.device)  # (0, 1, --device) without torchrun
@@ -947,7 +947,7 @@ def run(args, loaded=None):
         tokens = int(t)
     if rank == 0 and (work or parts):  # a finished file: merged and sorted
         rows = sort_rows(read_rows(out) + [r for p in part_files(out) for r in read_rows(p)], questions)
-        _atomic_write(out, lambda p: open(p, "w", encoding="utf-8").writelines(
+        atomic_write(out, lambda p: open(p, "w", encoding="utf-8").writelines(
             json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         for p in part_files(out):
             os.remove(p)

@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lora import MODULES, SteeringVector, _atomic_write, adapters_off, add_lora, save_adapter
+from lora import MODULES, SteeringVector, atomic_write, adapters_off, add_lora, save_adapter
 from model import check_device, dist_setup, load, load_tokenizer, local_dir, parse_layers, read_config
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
@@ -485,7 +485,7 @@ def save_full(model, path, rank=0):
     if rank > 0:
         return
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
     src = local_dir(model.config.name_or_path)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if os.path.exists(os.path.join(src, f)):
