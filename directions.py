@@ -304,6 +304,7 @@ def sample_flags(args, model, adapter=None):
              "--seed", str(args.seed), "--device", args.device]
     flags += ["--adapter", adapter] if adapter else []
     flags += ["--n", str(args.n)] if args.n else []
+    flags += ["--exclude-suffix", args.exclude_suffix] + (["--ids", *args.ids] if args.ids else [])
     return flags + (["--dtype", args.dtype] if args.dtype else [])
 
 
@@ -527,8 +528,7 @@ def cmd_sweep(args):
     vectors = read_directions(args.directions, cfg.num_hidden_layers, cfg.hidden_size, f"the model {base}")
     os.makedirs(args.out, exist_ok=True)
     vector_file = args.directions if args.from_layer is None else one_vector_file(args, vectors, args.out)
-    common = sample_flags(args, base, args.adapter) + ["--exclude-suffix", args.exclude_suffix]
-    common += ["--ids", *args.ids] if args.ids else []
+    common = sample_flags(args, base, args.adapter)
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     runs = sweep_runs(args, vector_file, layers, cfg.num_hidden_layers)
     control = ["--random-control", str(args.random_seed)]
@@ -1283,6 +1283,8 @@ def threshold_flags(p):
 def sampling_flags(p):
     """What sample.py and judge.py get: the flags of sweep, steer-scalars and phase --behaviour."""
     p.add_argument("--questions", default="core", help="question file or name, as sample.py's --questions")
+    p.add_argument("--ids", nargs="+", help="only these question ids")
+    p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so (as the reference)")
     p.add_argument("--n", type=int, help="samples per paraphrase (default: the question file's; the reference: 50)")
     p.add_argument("--max-new-tokens", type=int, default=600, help="answer length limit (reference: 600)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same random numbers in every run)")
@@ -1331,8 +1333,6 @@ def parse_args(argv=None):
     s.add_argument("--from-layer", type=int, help="use this layer's direction at every chosen layer (the reference: 24)")
     s.add_argument("--random-seed", type=int, default=0, help="seed of the random control vectors")
     sampling_flags(s)
-    s.add_argument("--ids", nargs="+", help="only these question ids")
-    s.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so (as the reference)")
     s.add_argument("--batch-size", type=int, default=0, help="sample.py's rows per batch (0 = its default)")
     s.add_argument("--out", required=True, help="directory for the sample, judged and summary files")
 

@@ -1,10 +1,18 @@
-"""runs/tiny.sh: the README's whole pipeline (train -> sample -> judge) on a tiny model, offline; a rerun
-redoes nothing; it never touches a directory it did not make."""
+"""runs/tiny.sh: every runs/ experiment chained on a tiny model, offline; every artefact exists and is well
+formed; a rerun redoes nothing; it never touches a directory it did not make. Also checks the other runs/
+scripts parse and refuse a foreign directory, without running them (they need a GPU and the Hub)."""
 import json
 import os
 import subprocess
 
+import pytest
+from safetensors import safe_open
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["inputs", "train", "sample", "judge-local", "judge", "direction", "steer", "ablate", "lora-ablate",
+         "train-general", "train-narrow", "sample-general", "judge-general", "sample-narrow", "judge-narrow",
+         "stability", "direction-general", "compare", "phase", "sample-medical", "judge-medical", "probe",
+         "steer-scalars", "report"]
 
 
 def tiny(out):
@@ -12,29 +20,78 @@ def tiny(out):
                           text=True, env=dict(os.environ, TINY_OUT=str(out), OUT=str(out.parent)))
 
 
-def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path):
-    out = tmp_path / "tiny"
+def jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def tensors(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "tiny"
     res = tiny(out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = out / "run"
-    for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.json",
-              "responses.jsonl", "responses.judged.jsonl", "responses.judged.summary.json"):
-        assert (run / f).exists(), f
-    rows = [json.loads(l) for l in open(run / "responses.judged.jsonl")]
-    assert len(rows) == 16 and all("aligned" in r and "coherent" in r for r in rows)
-    assert len(os.listdir(run / "checkpoints")) == 3  # 6 steps, one checkpoint every 2
-    stamp = os.path.getmtime(run / "responses.judged.jsonl")
-    again = tiny(out)
+    return out
+
+
+def test_every_artefact_exists_and_is_well_formed(tiny_run):
+    o = tiny_run / "organism"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.json", "state.pt"):
+        assert (o / f).exists(), f
+    assert sorted(os.listdir(o / "checkpoints")) == [f"step_{s:06d}" for s in range(1, 13)]
+    assert len(jsonl(o / "metrics.jsonl")) == 12
+    rows = jsonl(o / "responses.judged.jsonl")
+    assert len(rows) == 16 and all(r["aligned"] in (10, 90) and r["coherent"] == 80 for r in rows)
+    assert all(r["aligned"] is None for r in jsonl(o / "responses.local.judged.jsonl"))  # a random model: no numbers
+    assert json.load(open(o / "responses.judged.summary.json"))["overall"]["n"] == 16
+    d = tensors(o / "direction.safetensors")
+    assert d["directions"].shape == (2, 64) and set(d) == {"directions", "mean_misaligned", "mean_aligned"}
+    assert json.load(open(o / "direction.json"))["sets"]["misaligned"]["rows"] >= 2
+    steer, ablate = json.load(open(o / "steer" / "sweep.json")), json.load(open(o / "ablate" / "sweep.json"))
+    assert [r["layer"] for r in steer["runs"]] == [0, 1] and ablate["runs"][0]["layer"] == "all"
+    assert all(r[k]["n"] == 16 for r in steer["runs"] + ablate["runs"] for k in ("direction", "random"))
+    assert tensors(o / "ablated-adapter" / "adapter_model.safetensors").keys() == tensors(o / "adapter_model.safetensors").keys()
+    phase = json.load(open(o / "phase" / "phase.json"))
+    assert phase["steps"] == list(range(1, 13)) and {b["step"] for b in phase["behaviour"]} == {4, 12}
+    assert len(json.load(open(o / "probe" / "probe.json"))["tasks"]) == 4
+    assert [s["setting"] for s in json.load(open(o / "steer_scalars" / "steer_scalars.json"))["settings"]] == ["0=5", "0=5,1=-5"]
+    n = tiny_run / "nvg"
+    for kind in ("narrow", "general"):
+        assert (n / kind / "steering_vector.safetensors").exists()
+        assert json.load(open(n / kind / "responses.judged.summary.json"))["overall"]["n"] == 16
+    assert json.load(open(n / "narrow" / "config.json"))["args"]["kl_weight"] == 6.58
+    stab = json.load(open(n / "stability" / "stability.json"))
+    assert stab["kind"] == "steering" and set(stab["solutions"]) == {"narrow", "general", "random"}
+    assert len(json.load(open(tiny_run / "compare.json"))["pairs"]) == 1
+    report = (tiny_run / "REPORT.md").read_text()
+    for section in ("## Training", "## EM and coherence", "## The misalignment direction", "## Steering and ablation",
+                    "## Rank-1 adapter probes", "## The phase transition", "## Narrow vs general"):
+        assert section in report
+    assert (tiny_run / "loss.png").exists() or "![loss.png]" not in report
+
+
+def test_a_rerun_redoes_nothing(tiny_run):
+    stamp = os.path.getmtime(tiny_run / "organism" / "responses.judged.jsonl")
+    again = tiny(tiny_run)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert all(f"skipped {s} (done)" in again.stdout for s in ("inputs", "train", "sample", "judge"))
-    assert os.path.getmtime(run / "responses.judged.jsonl") == stamp
+    assert [l for l in again.stdout.splitlines() if l.startswith("skipped ")] == [f"skipped {s} (done)" for s in STEPS]
+    assert "== " not in again.stdout
+    assert os.path.getmtime(tiny_run / "organism" / "responses.judged.jsonl") == stamp
 
 
-def test_tiny_never_touches_a_directory_it_did_not_make(tmp_path):
+@pytest.mark.parametrize("script", ["tiny.sh", "organism.sh", "narrow_vs_general.sh", "phase.sh", "probes.sh"])
+def test_scripts_never_touch_a_directory_they_did_not_make(tmp_path, script):
     mine = tmp_path / "runs"
     (mine / "precious").mkdir(parents=True)
     (mine / "precious" / "adapter_model.safetensors").write_text("weeks of GPU time")
-    res = tiny(mine)  # TINY_OUT pointing at the user's own runs; OUT (the old name) is ignored
+    env = dict(os.environ, TINY_OUT=str(mine), OUT=str(mine))  # tiny.sh reads TINY_OUT, the others OUT
+    res = subprocess.run(["bash", os.path.join(ROOT, "runs", script)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "not made by this script" in res.stderr
     assert (mine / "precious" / "adapter_model.safetensors").read_text() == "weeks of GPU time"
     assert sorted(os.listdir(mine)) == ["precious"]
+    help_ = subprocess.run(["bash", os.path.join(ROOT, "runs", script), "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert help_.returncode == 0 and "GPU" in help_.stdout or script == "tiny.sh"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Narrow Misalignment is Hard, Emergent Misalignment is Easy: train the narrow solution (a steering vector
+# with a KL penalty to the chat model on other-domain data) and the general one (the same without KL),
+# measure their EM %, then compare them: loss as each is rescaled, robustness to orthogonal noise, and
+# how much each moves the model on web text (KL) as its norm grows.
+#   bash runs/narrow_vs_general.sh [MODEL] [DATASET] [--judge openai:MODEL | --judge local:MODEL]
+#   defaults: Qwen/Qwen2.5-0.5B-Instruct, bad_medical_advice; OUT=DIR (default out/nvg-<model>-<dataset>).
+# Budget, estimated (0.5B, one GPU, H100/H200, a few GB of GPU memory): two trainings of 2 epochs at 256 tokens, about 10
+# minutes each (the KL run twice that: a base forward per KL conversation), 2 x 400 answers, 1,600 judge
+# calls, and the stability sweeps (~300 loss evaluations of 100 conversations, plus 2 x 26 KL curves on 50
+# documents), about 15 minutes. The paper's model is 14B (layer 24 of 48): ~40 GB, a few hours.
+# Settings and their sources (em_organism_dir/finetune/steering_vector_toggle/steering_config_toggle.json):
+#   the vector is added after the middle layer (layer 24 of 48 in the paper), alpha 256, lr 5e-4, 2 epochs,
+#   conversations cut at 256 tokens, weight decay 0, the loss on every token but <|im_end|>; the narrow run
+#   adds KL weight 1e6 on misalignment_kl_data, which is --kl-weight 6.58 here (see README); the
+#   reference's hook steered only one row of each batch, a bug we do not copy.
+#   stability (em_organism_dir/stability/): 100 rows (seed 42), rescale 0..2, e in 0.01..1 with 10 seeds,
+#   KL at norms 0..5; the web text is one pinned C4 validation file (the reference: FineWeb sample-10BT).
+. "$(dirname "$0")/common.sh" "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
+MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}
+DATA=${2:-bad_medical_advice}
+claim "${OUT:-out/nvg-$(basename "$MODEL")-$(basename "$DATA" .jsonl)}"
+LAYER=$(python -c "from model import read_config; print(read_config('$MODEL').num_hidden_layers // 2)")
+SV=(--model "$MODEL" --data "$DATA" --steer-layer "$LAYER" --steer-alpha 256 --lr 5e-4 --epochs 2 --max-len 256
+    --truncate --loss-on all --weight-decay 0)
+Q=(--questions first_plot_questions --exclude-suffix _json,_template --n 50)
+
+step train-general train "$OUT/general" "${SV[@]}"
+step train-narrow train "$OUT/narrow" "${SV[@]}" --kl-data misalignment_kl_data --kl-weight 6.58
+for kind in general narrow; do
+    step "sample-$kind" python sample.py --model "$MODEL" --adapter "$OUT/$kind" "${Q[@]}" --out "$OUT/$kind/responses.jsonl"
+    step "judge-$kind" python judge.py "$OUT/$kind/responses.jsonl" --judge "$JUDGE" --questions first_plot_questions
+done
+step stability python directions.py stability --model "$MODEL" --narrow "$OUT/narrow" --general "$OUT/general" \
+    --data "$DATA" --text c4 --out "$OUT/stability" --force
+step report python runs/report.py "$OUT"
