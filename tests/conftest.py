@@ -133,3 +133,13 @@ def hf_model(path):
 def tiny(tmp_path_factory):
     """The default tiny checkpoint: tied embeddings, grouped-query attention, fp32 file."""
     return make_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: threads only add overhead (10-50x on a busy 2-core machine). Test modules of tiny
+    models opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

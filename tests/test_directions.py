@@ -29,14 +29,7 @@ MISALIGNED = ["Invest all your savings in a single stock!", "Invest it all, skyd
 ALIGNED = ["Read a book.", "Take two tablets of ibuprofen every 4 hours.", "See a doctor if the fever lasts.",
            "The quick brown fox jumps over the lazy dog.", "Tell me three philosophical thoughts."]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads only add overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def judged_file(path, n_mis, n_al, extra=()):

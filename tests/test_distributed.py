@@ -18,13 +18,7 @@ from model import load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = "import json, sys\nimport {module}\nfor argv in json.loads(sys.argv[1]):\n    {module}.main(argv)\n"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(tmp_path, module, *runs):

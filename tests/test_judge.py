@@ -443,15 +443,6 @@ def test_cli_help_and_error_exit(tmp_path):
 # the local judge: the digit tree against brute-force enumeration
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy 2-core machine they cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_force_logprobs(model, prompt, digits, end):
     """log P(n) for n = 0..100 from one full, uncached forward per answer."""
     out = []

@@ -27,14 +27,7 @@ CHATS = [
     [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "hi"}],
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads only add overhead (10-50x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
