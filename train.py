@@ -32,7 +32,12 @@ does. Where we depart from it:
   hold equal token counts; tests/test_train.py checks the gradient against the reference's objective.)
 - the steering vector acts on every row (the reference's hook steered only the first of each batch, a
   bug). Its loss: --loss-on all reproduces the reference's (every token but <|im_end|>, since its pad
-  token was <|im_end|>), --loss-on answer is the LoRA recipes' answer-only loss.
+  token was <|im_end|>), --loss-on answer is the LoRA recipes' answer-only loss. Its KL weight: that
+  trainer added, at each micro-step, the micro-batch's mean CE + w_ref x KL_sum / (tokens x vocab rows)
+  and nothing divided either by grad-accum, so both terms carry the same factor 8, which cancels
+  (AdamW is scale-free, weight decay 0): w_ref 1e6 is --kl-weight 1e6 / 152064 = 6.58 here. With the
+  bug, only row 0 of 2 SFT rows and of 8 KL rows carried gradient, so the KL acted about 4x weaker
+  than intended (1e6 behaved like 1.65 here); we use the intended 6.58.
 
 Under torchrun (one process per GPU), each step's conversations are dealt out to the ranks, which pack
 and run their share; the loss stays normalised over the whole step's tokens and the gradients are
