@@ -42,7 +42,7 @@ import torch.nn as nn
 import sample
 import train
 from lora import add_lora
-from model import Config, Qwen2, check_device, load, resolve_dtype
+from model import Config, HelpFormatter, Qwen2, check_device, load, resolve_dtype
 
 # Tried on the GPU and did not pay (fill in as measured): none yet.
 
@@ -67,13 +67,8 @@ PEAK_TFLOPS = [  # dense bf16 tensor-core peaks from the datasheets; the first n
 LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: key = 1024 x row + length
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a default of None is explained in the help text itself
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0], formatter_class=Formatter)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="hub id or HF directory (default: random weights of --shape)")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="shape of the random model (default: 0.5b; tiny with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

@@ -1298,7 +1298,7 @@ def out_flags(p, help, force="existing output files", **kw):
 
 
 def parse_args(argv=None):
-    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    from model import HelpFormatter as fmt
     p = argparse.ArgumentParser(prog="directions.py", description=__doc__, formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 

@@ -626,7 +626,7 @@ LOCAL_FLAGS = ("device", "dtype", "batch_size", "tree_rows")
 
 
 def parse_args(argv=None):
-    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})  # no torch import: the API judge runs without it
     p = argparse.ArgumentParser(prog="judge.py", description=__doc__, formatter_class=fmt)
     # what to judge and where the results go
     p.add_argument("input", help="responses JSONL from sample.py: rows with id, question, answer")

@@ -16,6 +16,7 @@ Numerics follow transformers' modeling_qwen2.py, the reference this file is test
 RoPE tables in fp32 (cast to the activations' dtype, as HF does), RMSNorm in fp32 cast back
 before the weight, q/k/v with bias, grouped-query attention.
 """
+import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -536,6 +537,14 @@ def load(name_or_path, device="cpu", dtype=None):
     load_weights(model, path, device, dtype)
     model.requires_grad_(False)
     return model.eval(), tok
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: the docstring as written, and each flag's default (None is explained in
+    the flag's own help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # -----------------------------------------------------------------------------

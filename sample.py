@@ -605,7 +605,7 @@ def check_resumable(path, rows, header, questions):
 
 def parse_args(argv=None):
     blocks = __doc__.strip().split("\n\n")
-    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    from model import HelpFormatter as fmt
     p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
                                 formatter_class=fmt)
     # what to sample from

@@ -70,7 +70,7 @@ RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt
 def get_args(argv=None):
     """(args, the flags given on the command line): --resume takes every other setting from the run."""
     blocks = __doc__.strip().split("\n\n")
-    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    from model import HelpFormatter as fmt
     p = argparse.ArgumentParser(prog="train.py", description=blocks[0], epilog="examples:\n" + blocks[1],
                                 formatter_class=fmt)
     # what to train on
