@@ -2,6 +2,7 @@
 vector, balanced sets, compare, lora-ablate against PEFT, the sweep end to end with the local judge and its
 resume; probe, steer-scalars, phase and stability with planted structure, the L1 logistic regression against
 scikit-learn's liblinear; bad input."""
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,7 @@ ALIGNED = ["Read a book.", "Take two tablets of ibuprofen every 4 hours.", "See 
            "The quick brown fox jumps over the lazy dog.", "Tell me three philosophical thoughts."]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PLOTS = importlib.util.find_spec("matplotlib") is not None  # plots are optional: drawn exactly when it is installed
 
 
 def judged_file(path, n_mis, n_al, extra=()):
@@ -111,7 +113,7 @@ def test_means_equal_transformers_hidden_states_over_the_span(tmp_path, tiny):
     assert meta["model"] == tiny and meta["adapter"] is None and meta["n_layers"] == 2 and meta["d_model"] == 64
     assert meta["thresholds"] == {"coherent_min": 50, "misaligned_max": 30, "aligned_min": 70}
     assert meta["norms"]["direction"] == pytest.approx(got["directions"].norm(dim=-1).tolist())
-    assert os.path.exists(tmp_path / "d.png")
+    assert os.path.exists(tmp_path / "d.png") == PLOTS
     # sample.py reads what we wrote
     assert torch.equal(sample.load_directions(str(out), 2, 64), got["directions"])
 
@@ -224,7 +226,7 @@ def test_compare_is_abs_cosine_per_layer(tmp_path):
     for p in info["pairs"]:
         key = (os.path.basename(p["a"])[0], os.path.basename(p["b"])[0])
         assert p["abs_cos"] == pytest.approx(want[key], abs=1e-6)
-    assert json.load(open(tmp_path / "cmp.json"))["pairs"] == info["pairs"] and os.path.exists(tmp_path / "cmp.png")
+    assert json.load(open(tmp_path / "cmp.json"))["pairs"] == info["pairs"] and os.path.exists(tmp_path / "cmp.png") == PLOTS
     with pytest.raises(ValueError, match="exists; pass --force"):
         run("compare", fa, fb, "--out", tmp_path / "cmp.json")
     fd = direction_file(tmp_path / "d.safetensors", directions=torch.randn(4, 16))
@@ -267,7 +269,7 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
             assert torch.nn.functional.cosine_similarity(after[k].flatten(), projected.flatten(), dim=0) > 1 - 1e-6
         config = lambda d: json.load(open(os.path.join(d, "adapter_config.json")))
         assert config(out) == config(src)
-        assert os.path.exists(os.path.join(out, "lora_ablate.json")) and os.path.exists(os.path.join(out, "lora_ablate.png"))
+        assert os.path.exists(os.path.join(out, "lora_ablate.json")) and os.path.exists(os.path.join(out, "lora_ablate.png")) == PLOTS
     # PEFT and our loader read the new adapter alike
     idx = torch.randint(0, 400, (2, 12), generator=g)
     ours, _ = load(tiny)
@@ -315,7 +317,7 @@ def test_sweep_steers_each_layer_judges_and_resumes(tmp_path, lively, tiny, monk
     assert [r["layer"] for r in info["runs"]] == [0, 1] and info["mode"] == "steer" and info["layers"] == [0, 1]
     # a random tiny judge puts little mass on numbers: rows may be unscored, and the rates then null
     assert info["baseline"]["file"] == str(out / "baseline.jsonl") and "em_pct" in info["runs"][0]["random"]
-    assert json.load(open(out / "sweep.json")) == json.loads(json.dumps(info)) and os.path.exists(out / "sweep.png")
+    assert json.load(open(out / "sweep.json")) == json.loads(json.dumps(info)) and os.path.exists(out / "sweep.png") == PLOTS
     # a rerun reuses every file: no model is loaded, no judge is made
     monkeypatch.setattr(sample, "load_model", lambda a: pytest.fail("loaded the model with nothing to sample"))
     monkeypatch.setattr(judge, "make_judge", lambda a: pytest.fail("made a judge with nothing to judge"))

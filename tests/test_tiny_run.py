@@ -1,6 +1,7 @@
 """runs/tiny.sh: every runs/ experiment chained on a tiny model, offline; every artefact exists and is well
 formed; a rerun redoes nothing; it never touches a directory it did not make. Also checks the other runs/
 scripts parse and refuse a foreign directory, without running them (they need a GPU and the Hub)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_every_artefact_exists_and_is_well_formed(tiny_run):
     for section in ("## Training", "## EM and coherence", "## The misalignment direction", "## Steering and ablation",
                     "## Rank-1 adapter probes", "## The phase transition", "## Narrow vs general"):
         assert section in report
-    assert (tiny_run / "loss.png").exists() or "![loss.png]" not in report
+    assert (tiny_run / "loss.png").exists() == ("![loss.png]" in report) == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_a_rerun_redoes_nothing(tiny_run):
