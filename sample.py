@@ -269,10 +269,12 @@ def uniforms(seed, keys, pos):
 
 
 def penalize(logits, seen, penalty):
-    """HF's RepetitionPenaltyLogitsProcessor, in place: the logit of every token in `seen` (B, S) (the
-    prompt and the answer so far; repeats allowed) is divided by `penalty` if positive, else multiplied."""
+    """HF's RepetitionPenaltyLogitsProcessor, in place: the logit of every token in the tensors `seen`,
+    each (B, S_i) (the prompt and the answer so far; repeats allowed), is divided by `penalty` if positive,
+    else multiplied. Without a penalty nothing is built: this runs in every decode step."""
     if penalty == 1.0:
         return logits
+    seen = torch.cat(seen, 1)  # (B, S)
     g = logits.gather(1, seen)  # (B, S)
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
 
@@ -335,7 +337,8 @@ class Sampling:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got {self}")
 
     def draw(self, logits, keys, pos, seen):
-        """Token ids (B,) after the logits (B, V) of rows with these keys, at these positions, having seen these tokens."""
+        """Token ids (B,) after the logits (B, V) of rows with these keys, at these positions, having seen
+        the tokens in the tensors `seen` (see penalize)."""
         logits = penalize(logits, seen, self.repetition_penalty)
         return sample_tokens(logits, uniforms(self.seed, keys, pos), self.temperature, self.top_k, self.top_p)
 
@@ -379,7 +382,7 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, forward=next_log
     """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe)."""
     logits = forward(model, rows, hook, vocab_size)  # (B, V)
     rows.pos.add_(1)  # position of the token drawn now
-    nxt = sampling.draw(logits, rows.keys, rows.pos[:, 0], torch.cat([rows.prompt, rows.out], 1))  # (B,)
+    nxt = sampling.draw(logits, rows.keys, rows.pos[:, 0], (rows.prompt, rows.out))  # (B,)
     rows.out.scatter_(1, rows.pos - rows.plen, nxt[:, None])
     rows.done |= (nxt[:, None] == stops).any(-1)
     rows.tok.copy_(nxt[:, None])
@@ -495,7 +498,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     prompt = torch.tensor([list(jobs[j][0]) + [jobs[j][0][0]] * (width - len(jobs[j][0])) for j in batch],
                           device=dev)  # (B, P); the padding repeats a prompt token, so the penalty ignores it
     out = prompt[:, :1].repeat(1, max_new_tokens)  # (B, N)
-    first = sampling.draw(logits[r], keys, plen[:, 0], prompt)  # (B,)
+    first = sampling.draw(logits[r], keys, plen[:, 0], (prompt,))  # (B,)
     out[:, 0] = first
     return Rows(list(batch), first[:, None].clone(), plen.clone(), plen, keys, prompt, out,
                 (first[:, None] == stops).any(-1), cache)
