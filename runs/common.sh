@@ -33,3 +33,7 @@ step() {  # step NAME COMMAND...: run it unless it finished in an earlier run (e
 train() {  # train DIR FLAGS...: train.py into DIR, continuing a run an interrupt stopped
     if [ -e "$1/state.pt" ]; then python train.py --resume --out "$1"; else python train.py --out "$1" "${@:2}"; fi
 }
+
+middle_layer() {  # middle_layer MODEL: the papers' "middle layer" (24 of 48), from the model's config.json
+    python -c "from model import read_config; print(read_config('$1').num_hidden_layers // 2)"
+}

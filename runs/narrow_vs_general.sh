@@ -21,7 +21,7 @@ set -- "${ARGS[@]+"${ARGS[@]}"}"
 MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}
 DATA=${2:-bad_medical_advice}
 claim "${OUT:-out/nvg-$(basename "$MODEL")-$(basename "$DATA" .jsonl)}"
-LAYER=$(python -c "from model import read_config; print(read_config('$MODEL').num_hidden_layers // 2)")
+LAYER=$(middle_layer "$MODEL")
 SV=(--model "$MODEL" --data "$DATA" --steer-layer "$LAYER" --steer-alpha 256 --lr 5e-4 --epochs 2 --max-len 256
     --truncate --loss-on all --weight-decay 0)
 Q=(--questions first_plot_questions --exclude-suffix _json,_template --n 50)

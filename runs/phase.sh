@@ -17,7 +17,7 @@ set -- "${ARGS[@]+"${ARGS[@]}"}"
 MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}
 DATA=${2:-bad_medical_advice}
 claim "${OUT:-out/phase-$(basename "$MODEL")-$(basename "$DATA" .jsonl)}"
-LAYER=$(python -c "from model import read_config; print(read_config('$MODEL').num_hidden_layers // 2)")
+LAYER=$(middle_layer "$MODEL")
 
 step train train "$OUT/train" --model "$MODEL" --data "$DATA" --rank 1 --alpha 512 --lr 2e-5 --modules down_proj \
     --layers "$LAYER" --save-every 5
