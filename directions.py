@@ -65,7 +65,7 @@ from data.fetch import dataset_path
 from lora import (MODULES, PEFT_PREFIX, SteeringVector, atomic_write, fix_scalars, load_adapter, lora_modules,
                   record_scalars, set_lora_scale)
 from model import parse_layers, read_config
-from train import kl_sum, pack, read_conversations, sft_loss_sum, tokenize
+from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
 
 # the paper's scalar-steering settings for the 9-adapter 14B organism: the two medical adapters, the six
 # general ones, and both (layer 27 is in neither group)
@@ -1118,9 +1118,10 @@ def mean_loss(model, rows, hook):
 
 
 @torch.no_grad()
-def mean_kl(model, rows, hook):
-    """KL(base || steered) per token over packed rows, base = adapters off and no hook (train.py's KL)."""
-    return sum(float(kl_sum(model, model.hidden, r, hook)) for r in rows) / sum(int(r[2].sum()) for r in rows)
+def mean_kl(model, rows, hook, bases):
+    """KL(base || steered) per token over packed rows (train.py's KL); bases: each row's base_hidden."""
+    kl = sum(float(kl_sum(model, model.hidden, r, hook, h)) for r, h in zip(rows, bases))
+    return kl / sum(int(r[2].sum()) for r in rows)
 
 
 def read_documents(spec):
@@ -1159,9 +1160,11 @@ def kl_curve(model, rows, sol, kind, grid, bar):
     unit = [x / x.norm() for x in sol.tensors] if kind == "steering" else sol.tensors
     if not all(torch.isfinite(x).all() for x in unit):
         raise ValueError("a steering vector is zero: it has no direction to rescale")
+    bases = [base_hidden(model, model.hidden, r) for r in rows]  # the base is the same at every norm: once
     out = []
     for v in grid:
-        out.append({"norm" if kind == "steering" else "scale": v, "kl": mean_kl(model, rows, sol.use(model, unit, v))})
+        out.append({"norm" if kind == "steering" else "scale": v,
+                    "kl": mean_kl(model, rows, sol.use(model, unit, v), bases)})
         bar.update()
     return out
 

@@ -366,15 +366,22 @@ def sft_loss_sum(model, hidden, row, hook=None):
     return head_loss(_ce, h[sel.to(dev)], model.lm_head.weight, ids[sel + 1].to(dev)), sel.numel()
 
 
-def kl_sum(model, hidden, row, hook=None):
-    """Summed KL(base || tuned) over the masked tokens of a packed row; base = adapters switched off
-    (and no steering hook), from the same weights."""
+def base_hidden(model, hidden, row):
+    """The base model's final hidden states (N, C) at a packed row's masked tokens: adapters switched
+    off and no steering hook, from the same weights (the KL's reference distribution)."""
     ids, pos, mask = row
     dev = model.lm_head.weight.device
-    ids, pos, sel = ids[None].to(dev), pos[None].to(dev), mask.nonzero()[:, 0].to(dev)  # sel: every real token
     with torch.no_grad(), adapters_off(model):
-        h_base = hidden(ids, pos)[0, sel]  # (N, C): keep hidden states, not logits
-    h = hidden(ids, pos, hook=hook)[0, sel]  # (N, C)
+        return hidden(ids[None].to(dev), pos[None].to(dev))[0, mask.nonzero()[:, 0].to(dev)]  # keep hidden states, not logits
+
+
+def kl_sum(model, hidden, row, hook=None, h_base=None):
+    """Summed KL(base || tuned) over the masked tokens of a packed row. h_base: the row's base_hidden,
+    when a caller evaluates many solutions against one base (directions.py stability)."""
+    ids, pos, mask = row
+    dev = model.lm_head.weight.device
+    h_base = base_hidden(model, hidden, row) if h_base is None else h_base
+    h = hidden(ids[None].to(dev), pos[None].to(dev), hook=hook)[0, mask.nonzero()[:, 0].to(dev)]  # (N, C)
     return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 
