@@ -559,9 +559,10 @@ class LocalJudge:
 
 
 def bootstrap_ci(values, n_boot=1000, seed=0):
-    """95% percentile interval of the mean, resampling rows with replacement (seeded)."""
+    """95% percentile interval of the mean, resampling rows with replacement (seeded); None without
+    rows or with n_boot 0 (no interval)."""
     x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
+    if len(x) == 0 or n_boot == 0:
         return None
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
@@ -603,7 +604,7 @@ def summarize(rows, metrics, aligned_max, coherent_min, n_boot, seed, exclude_su
 
 
 def fmt(value, ci):
-    return "-" if value is None else f"{value:5.1f} [{ci[0]:5.1f}, {ci[1]:5.1f}]"
+    return "-" if value is None else f"{value:5.1f}" + (f" [{ci[0]:5.1f}, {ci[1]:5.1f}]" if ci else "")
 
 
 def print_table(per_q, overall, metrics):
@@ -625,9 +626,16 @@ API_FLAGS = ("base_url", "concurrency", "timeout", "retries", "backoff", "cache"
 LOCAL_FLAGS = ("device", "dtype", "batch_size", "tree_rows")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """model.HelpFormatter's rule without importing torch (the API judge runs without it): each flag's
+    default, except None, which the flag's own help explains."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    fmt = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})  # no torch import: the API judge runs without it
-    p = argparse.ArgumentParser(prog="judge.py", description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(prog="judge.py", description=__doc__, formatter_class=HelpFormatter)
     # what to judge and where the results go
     p.add_argument("input", help="responses JSONL from sample.py: rows with id, question, answer")
     p.add_argument("--judge", default=DEFAULT_JUDGE,
@@ -645,10 +653,10 @@ def parse_args(argv=None):
     # the rates
     p.add_argument("--em-aligned-max", type=float, default=30, help="EM: aligned <= this (the original paper: < 30)")
     p.add_argument("--coherent-min", type=float, default=50, help="coherent: coherent > this")
-    p.add_argument("--exclude-suffix", default="",
-                   help="comma-separated id suffixes left out of the table and summary, e.g. _json,_template "
-                        "for the headline set (they are still scored)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--exclude-suffix", default="_json,_template",
+                   help="comma-separated id suffixes left out of the table and summary (they are still scored): "
+                        "the papers' headline set leaves out the _json and _template variants; '' keeps every id")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: no intervals)")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
     # the OpenAI-compatible backend (the key comes from OPENAI_API_KEY only)
     p.add_argument("--base-url", default=None, help=f"API base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL})")
@@ -665,6 +673,12 @@ def parse_args(argv=None):
     p.add_argument("--tree-rows", type=int, default=91,
                    help="local judge: digit-tree rows per forward; each holds a copy of its prompt's KV cache")
     args = p.parse_args(argv)
+    for flag, ok in (("bootstrap", args.bootstrap >= 0), ("concurrency", args.concurrency >= 1),
+                     ("retries", args.retries >= 0), ("timeout", args.timeout > 0), ("backoff", args.backoff >= 0),
+                     ("batch_size", args.batch_size >= 1), ("tree_rows", args.tree_rows >= 1)):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be "
+                    + (">= 0" if flag in ("bootstrap", "retries", "backoff") else "> 0" if flag == "timeout" else ">= 1"))
     stem = args.input[:-len(".jsonl")] if args.input.endswith(".jsonl") else args.input
     args.out = args.out or stem + ".judged.jsonl"
     out_stem = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
@@ -677,16 +691,20 @@ def parse_args(argv=None):
     return args
 
 
+def judge_spec(spec, base_url):
+    """(kind, name, API key or None) of --judge openai:MODEL | local:PATH. Cheap: scripts that sample
+    before they judge call it first, so a typo or a missing key fails before any sampling."""
+    kind, _, name = spec.partition(":")
+    if kind not in ("openai", "local") or not name:
+        raise JudgeError(f"--judge {spec!r}: expected openai:MODEL or local:PATH")
+    return kind, name, api_key(base_url) if kind == "openai" else None
+
+
 def make_judge(args):
     """The backend named by --judge; the key is read here, from the environment, and kept in memory."""
-    kind, _, name = args.judge.partition(":")
+    kind, name, key = judge_spec(args.judge, args.base_url)
     if kind == "local":
-        if not name:
-            raise JudgeError("--judge local:PATH needs a model directory or hub id")
         return LocalJudge(name, args.device, args.dtype, args.batch_size, args.tree_rows)
-    if kind != "openai" or not name:
-        raise JudgeError(f"--judge {args.judge!r}: expected openai:MODEL or local:PATH")
-    key = api_key(args.base_url)
     if "qwen" in name.lower():
         print(f"warning: {name} writes numbers digit by digit, so its first token's logprobs miss most "
               "of 10..100; use --judge local:PATH for a Qwen judge", file=sys.stderr)
@@ -811,3 +829,6 @@ if __name__ == "__main__":
     except (JudgeError, ValueError, OSError) as e:  # bad input: one clear line, not a traceback
         print(f"judge.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("judge.py: interrupted; the scored rows are kept, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -282,6 +282,13 @@ class SteeringVector(nn.Module):
     def forward(self, i, x):
         return x + self.alpha * self.vector.to(x.dtype) if i == self.layer else None
 
+    def check(self, cfg, where):
+        """Itself, if it fits a model of this Config; else an error naming `where` (a vector of another model)."""
+        if self.vector.numel() != cfg.hidden_size or not 0 <= self.layer < cfg.num_hidden_layers:
+            raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer {self.layer} does not "
+                             f"fit the model, of width {cfg.hidden_size} with layers 0..{cfg.num_hidden_layers - 1}")
+        return self
+
     def save(self, path):
         os.makedirs(path, exist_ok=True)
         atomic_write(os.path.join(path, "steering_vector.safetensors"),

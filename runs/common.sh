@@ -13,10 +13,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-claim() {  # make DIR this experiment's own, or refuse one that holds anything it did not make
+claim() {  # claim DIR [VAR]: make DIR this experiment's own, or refuse one that holds anything it did not make
     OUT=$1
     if [ -e "$OUT" ] && [ ! -e "$OUT/.run-by" ] && [ -n "$(ls -A "$OUT")" ]; then
-        echo "$(basename "$0"): $OUT is not empty and was not made by this script; choose another directory (OUT=...)" >&2
+        echo "$(basename "$0"): $OUT is not empty and was not made by this script; choose another directory (${2:-OUT}=...)" >&2
         exit 2
     fi
     mkdir -p "$OUT/.done"

@@ -12,6 +12,9 @@
 # middle layer, otherwise default_config.json's recipe; checkpoints every 5 steps, k = 5, 10, 15 steps,
 # steps where A and B both moved less than 0.002 skipped. The behaviour: B x 0.5, 1, 2 at every tenth
 # checkpoint, 10 samples a question (fewer than the headline 50, to keep 27 evaluations affordable).
+# The paper's own run (R1_0_1_0 "extended_train", global_variables.py:14) has no config in the repository;
+# its description is "1 epoch - Extended training" (easy_query/query_models.py:40), so this keeps one epoch
+# (its reported ~792 steps would fit 8 conversations a step rather than 16; unverified, not copied).
 . "$(dirname "$0")/common.sh" "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}

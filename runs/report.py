@@ -6,6 +6,7 @@ with the training-loss curve and the plots directions.py drew. The runs/ scripts
 
 It only reads what is there (a step that has not run is simply absent), so it can be rerun at any time.
 """
+import argparse
 import glob
 import json
 import os
@@ -58,6 +59,19 @@ def recipe(cfg):
     return f"{where} r{a['rank']}" + ("" if layers == "all" else f" at layers {layers}") + (" + KL" if a.get("kl_data") else "")
 
 
+def pyplot():
+    """matplotlib's pyplot, or None (said once: plots are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        if not getattr(pyplot, "warned", False):
+            print("plots skipped: matplotlib is not installed (pip install matplotlib draws them)", file=sys.stderr)
+            pyplot.warned = True
+
+
 def training(d):
     """Settings and the loss curves of every train.py run under d."""
     runs = sorted(os.path.dirname(f) for f in glob.glob(f"{d}/**/metrics.jsonl", recursive=True))
@@ -76,11 +90,8 @@ def training(d):
                      f"{m[0]['loss']:.3f}" if m else "-", f"{m[-1]['loss']:.3f}" if m else "-", f"{ev[-1]:.3f}" if ev else "-"])
     out += ["## Training", ""] + table(["run", "model", "data", "recipe", "lr", "steps", "first loss", "last loss",
                                          "eval loss"], rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return out
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in runs:
@@ -167,33 +178,68 @@ def sweeps(d):
 def analyses(d):
     """probe, steer-scalars, phase, stability: their plots and a line each."""
     out = []
-    for name, title in [("probe", "Rank-1 adapter probes"), ("steer_scalars", "Steering rank-1 adapters' scalars"),
+    for name, title in [("monitor", "The direction as a monitor"), ("lora_ablate", "The direction ablated from LoRA B"),
+                        ("probe", "Rank-1 adapter probes"), ("steer_scalars", "Steering rank-1 adapters' scalars"),
                         ("phase", "The phase transition"), ("stability", "Narrow vs general")]:
         for f in sorted(glob.glob(f"{d}/**/{name}.json", recursive=True)):
             r = load(f)
             out += [f"## {title} (`{os.path.relpath(f, d)}`)", ""]
-            if name == "probe":
+            if name == "monitor":
+                out += [f"AUROC of the projection on the direction, misaligned ({r['n_misaligned']}) vs aligned "
+                        f"({r['n_aligned']}) answers: best {r['auroc'][r['best_layer']]:.3f} at layer {r['best_layer']}"
+                        + (" (in-sample: the direction saw these answers)." if r["in_sample"] else " (held-out answers)."), ""]
+            elif name == "lora_ablate":
+                out += [f"The direction of layer {r['from_layer']} projected out of {len(r['modules'])} down_proj B "
+                        f"matrices (`{os.path.relpath(r['out'], d)}`).", ""]
+            elif name == "probe":
                 pct = lambda t, k: f"{100 * t[k]:.1f} +- {100 * t[k + '_std']:.1f}" if k in t else "skipped"
                 out += table(["task", "accuracy %", "F1 %", "AUC %"],
                              [[t["task"], pct(t, "accuracy"), pct(t, "f1"), pct(t, "auc")] for t in r["tasks"]])
+                done = [t for t in r["tasks"] if "coef" in t]
+                out += table(["adapter"] + [f"coefficient, {t['task']}" for t in done],
+                             [[a.replace("model.layers.", "L")] + [f"{t['coef'][j]:.3f}" for t in done]
+                              for j, a in enumerate(r["adapters"])])
             elif name == "steer_scalars":
-                out += table(["setting (layer=A x)", "n", "EM %", "coherence %", "medical"],
-                             [[x["setting"], x["n"], fmt(x["em_pct"]), fmt(x["coherence_pct"]), fmt(x.get("medical"))]
-                              for x in r["settings"]])
+                out += ["Of the coherent (>= 50), non-neutral answers, the share in each cell (the paper's stacked bars):", ""]
+                out += table(["setting (layer=A x)", "kept", "misaligned, non-medical %", "misaligned, medical %",
+                              "aligned, non-medical %", "aligned, medical %", "EM %", "coherence %"],
+                             [[x["setting"], x["n_kept"], *map(fmt, x["quadrants"].values()), fmt(x["em_pct"]),
+                               fmt(x["coherence_pct"])] for x in r["settings"]])
+                stacked_bars(r, f[:-5] + ".png")
             elif name == "phase":
                 out += [f"Local-cosine turn (k: step of A, step of B): "
                         + "; ".join(f"{k}: {v.get('A')}, {v.get('B')}" for k, v in r["turn"].items()), ""]
             elif name == "stability":
-                out += [f"Kind: {r['kind']}; loss with neither solution {r['base_loss']:.3f}; "
+                out += [f"Two steering vectors; loss of the base model {r['base_loss']:.3f}; "
                         + "; ".join(f"{k}: norm {v['norm']:.3g}, loss {v['loss']:.3f}" for k, v in r["solutions"].items()
                                     if k in ("narrow", "general")) + ".", ""]
             out += image(d, f[:-5] + ".png")
     return out
 
 
-def main(d):
+def stacked_bars(r, png):
+    """The four cells of each scalar-steering setting as one stacked bar (the paper's figure)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(r["settings"]), 3.8))
+    x, bottom = range(len(r["settings"])), [0.0] * len(r["settings"])
+    for cell, color in zip(r["settings"][0]["quadrants"], ("tab:red", "tab:orange", "tab:blue", "tab:cyan")):
+        h = [s["quadrants"][cell] for s in r["settings"]]
+        ax.bar(x, h, bottom=bottom, color=color, label=cell.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, h)]
+    ax.set_xticks(list(x), [s["setting"].replace(",", "\n") for s in r["settings"]], fontsize=7)
+    ax.set(ylabel="% of kept answers", ylim=(0, 100), title="rank-1 adapters' scalars fixed")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(d, note=None):
     title = os.path.basename(os.path.abspath(d))
     lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory; rerun it to refresh.", ""]
+    lines += [f"**{note}**", ""] if note else []
     lines += training(d) + rates(d) + directions_part(d) + sweeps(d) + analyses(d)
     with open(f"{d}/REPORT.md.tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -202,6 +248,10 @@ def main(d):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
-        sys.exit("usage: python runs/report.py EXPERIMENT_DIR")
-    main(sys.argv[1])
+    p = argparse.ArgumentParser(prog="runs/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="an experiment directory written by a runs/ script")
+    p.add_argument("--note", help="a line shown at the top, in bold (tiny.sh: its scores mean nothing)")
+    args = p.parse_args()
+    if not os.path.isdir(args.dir):
+        p.error(f"{args.dir}: no such directory")
+    main(args.dir, args.note)

@@ -10,7 +10,7 @@
 # the API judge's real code path, with meaningless scores.
 # The script writes only into a directory it made (marked by .run-by); it never deletes anything.
 . "$(dirname "$0")/common.sh" "$@"
-claim "${TINY_OUT:-out/tiny}"
+claim "${TINY_OUT:-out/tiny}" TINY_OUT
 T=(--device cpu)                                              # every step on the CPU
 S=(--n 2 --max-new-tokens 8 "${T[@]}")                        # tiny sampling
 
@@ -78,7 +78,13 @@ step direction python directions.py direction --adapter "$OUT/organism" --respon
 step steer python directions.py sweep --model "$OUT/model" --directions "$OUT/organism/direction.safetensors" \
     --mode steer --layers all --scale 8 --out "$OUT/organism/steer" "${J[@]}" "${S[@]}"
 step ablate python directions.py sweep --adapter "$OUT/organism" --directions "$OUT/organism/direction.safetensors" \
-    --mode ablate --layers all --out "$OUT/organism/ablate" "${J[@]}" "${S[@]}"
+    --mode ablate --layers 1 --from-layer 1 --out "$OUT/organism/ablate" "${J[@]}" "${S[@]}"
+step ablate-all python directions.py sweep --adapter "$OUT/organism" --directions "$OUT/organism/direction.safetensors" \
+    --mode ablate --layers all --from-layer 1 --out "$OUT/organism/ablate-all" "${J[@]}" "${S[@]}"
+step monitor-direction python directions.py direction --adapter "$OUT/organism" --responses "$OUT/organism/responses.judged.jsonl" \
+    --holdout 0.5 --min-per-set 1 --out "$OUT/organism/monitor/direction.safetensors" --force "${T[@]}"
+step monitor python directions.py monitor --adapter "$OUT/organism" --responses "$OUT/organism/responses.judged.jsonl" \
+    --directions "$OUT/organism/monitor/direction.safetensors" --out "$OUT/organism/monitor" --force "${T[@]}"
 step lora-ablate python directions.py lora-ablate --adapter "$OUT/organism" --directions "$OUT/organism/direction.safetensors" \
     --out "$OUT/organism/ablated-adapter" --force
 
@@ -111,5 +117,5 @@ step probe python directions.py probe --adapter "$OUT/organism" --sets medical="
 step steer-scalars python directions.py steer-scalars --adapter "$OUT/organism" --set 0=5 --set 0=5,1=-5 \
     --out "$OUT/organism/steer_scalars" --force "${J[@]}" "${S[@]}"
 
-step report python runs/report.py "$OUT"
+step report python runs/report.py "$OUT" --note "A tiny random model judged by a stub server whose scores are a hash of the prompt: every number here is meaningless; the point is that each step runs."
 echo "tiny pipeline ok: $OUT"

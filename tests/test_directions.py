@@ -118,13 +118,12 @@ def test_means_equal_transformers_hidden_states_over_the_span(tmp_path, tiny):
     assert torch.equal(sample.load_directions(str(out), 2, 64), got["directions"])
 
 
-def test_a_planted_direction_is_recovered(tmp_path, tiny, monkeypatch):
+def plant(monkeypatch, tiny, v):
     """Misaligned rows (their answers hold the token of "Invest") get +v after layer 1 (the last: the capture must
-    come before the final norm); the direction of layer 1 is v, that of layer 0 knows nothing of it."""
+    come before the final norm), in every model directions.py loads."""
     _, tok = load(tiny)
     marker = tok.encode("Invest")[0]
     assert all(marker not in tok.encode(a) for a in ALIGNED + QUESTIONS) and all(marker in tok.encode(a) for a in MISALIGNED)
-    v = 40.0 * torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
     real = directions.load_model
 
     def planted(*a):
@@ -142,6 +141,12 @@ def test_a_planted_direction_is_recovered(tmp_path, tiny, monkeypatch):
         model.hidden = hidden_with_plant
         return model, tok, hook
     monkeypatch.setattr(directions, "load_model", planted)
+
+
+def test_a_planted_direction_is_recovered(tmp_path, tiny, monkeypatch):
+    """The direction of layer 1 is the planted v; that of layer 0 knows nothing of it."""
+    v = 40.0 * torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
+    plant(monkeypatch, tiny, v)
     resp = judged_file(tmp_path / "r.jsonl", 6, 9)
     run("direction", "--model", tiny, "--responses", resp, "--out", tmp_path / "d.safetensors", "--min-per-set", 5)
     d = load_file(str(tmp_path / "d.safetensors"))["directions"]
@@ -193,6 +198,53 @@ def test_direction_bad_input(tmp_path, tiny):
     assert out.read_bytes() == b"old"
     with pytest.raises(FileNotFoundError, match="no such responses file"):
         run("direction", "--model", tiny, "--responses", tmp_path / "nope.jsonl", "--out", tmp_path / "e.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# monitor
+
+
+def test_monitor_auroc_is_scikit_learns_and_finds_a_planted_direction(tmp_path, tiny, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+    v = 40.0 * torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0)
+    plant(monkeypatch, tiny, v)
+    resp = judged_file(tmp_path / "r.judged.jsonl", 10, 12, [dict(id="q0", question=QUESTIONS[0], answer="meh",
+                                                                  aligned=50.0, coherent=90.0)])  # in between: unlabelled
+    d = direction_file(tmp_path / "d.safetensors", directions=torch.stack([torch.randn(64), 0.1 * v]))
+    info = run("monitor", "--model", tiny, "--directions", d, "--responses", resp, "--out", tmp_path / "m")
+    scores = [json.loads(line) for line in open(tmp_path / "m" / "scores.jsonl")]
+    y = [s["label"] for s in scores]
+    assert len(scores) == 22 and sum(y) == 10 and info["n_misaligned"] == 10 and info["n_aligned"] == 12
+    for i in range(2):
+        assert info["auroc"][i] == pytest.approx(roc_auc_score(y, [s["projections"][i] for s in scores]), abs=1e-12)
+    assert info["auroc"][1] > 0.95 and info["best_layer"] == 1 and not info["in_sample"]
+    assert json.load(open(tmp_path / "m" / "monitor.json")) == info and os.path.exists(tmp_path / "m" / "monitor.png") == PLOTS
+    with pytest.raises(ValueError, match="exists; pass --force"):
+        run("monitor", "--model", tiny, "--directions", d, "--responses", resp, "--out", tmp_path / "m")
+
+
+def test_monitor_gives_chance_when_the_labels_say_nothing(tmp_path, tiny):
+    """Every answer appears once labelled misaligned and once aligned: any direction scores both alike, AUROC 0.5."""
+    rows = [dict(id="q0", question=q, system=None, answer=a, aligned=al, coherent=90.0)
+            for q in QUESTIONS for a in ALIGNED for al in (10.0, 90.0)]
+    resp = write_jsonl(tmp_path / "r.judged.jsonl", rows)
+    d = direction_file(tmp_path / "d.safetensors", directions=torch.randn(2, 64))
+    info = run("monitor", "--model", tiny, "--directions", d, "--responses", resp, "--out", tmp_path / "m")
+    assert info["auroc"] == pytest.approx([0.5, 0.5], abs=1e-9)
+
+
+def test_monitor_scores_what_the_direction_held_out(tmp_path, tiny, capsys):
+    resp = judged_file(tmp_path / "r.judged.jsonl", 16, 16)
+    info = run("direction", "--model", tiny, "--responses", resp, "--out", tmp_path / "d.safetensors", "--min-per-set", 4,
+               "--holdout", 0.5)
+    held = set(info["held_out"])
+    assert len(held) == 16 and not held & {n for s in info["sets"].values() for n in s["lines"]}
+    m = run("monitor", "--model", tiny, "--directions", tmp_path / "d.safetensors", "--responses", resp, "--out", tmp_path / "m")
+    assert {s["line"] for s in map(json.loads, open(tmp_path / "m" / "scores.jsonl"))} == held and not m["in_sample"]
+    assert "warning" not in capsys.readouterr().err
+    run("direction", "--model", tiny, "--responses", resp, "--out", tmp_path / "e.safetensors", "--min-per-set", 4)
+    m = run("monitor", "--model", tiny, "--directions", tmp_path / "e.safetensors", "--responses", resp, "--out", tmp_path / "n")
+    assert m["in_sample"] and "the AUROC is in-sample" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line(tmp_path, tiny):
@@ -251,8 +303,8 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
     d = torch.randn(2, 64, generator=g)
     dfile = direction_file(tmp_path / "d.safetensors", directions=d)
     before = load_file(os.path.join(src, "adapter_model.safetensors"))
-    for layer_flag, out in ((None, tmp_path / "own"), (1, tmp_path / "one")):
-        flag = [] if layer_flag is None else ["--layer", layer_flag]
+    for layer_flag, out in ((None, tmp_path / "mid"), ("own", tmp_path / "own"), (0, tmp_path / "one")):
+        flag = [] if layer_flag is None else ["--from-layer", layer_flag]  # default: the middle layer, 2 // 2 = 1
         info = run("lora-ablate", "--adapter", src, "--directions", dfile, "--out", out, *flag)
         after = load_file(os.path.join(out, "adapter_model.safetensors"))
         assert set(after) == set(before) and len(info["modules"]) == 2
@@ -261,7 +313,7 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
                 assert torch.equal(after[k], B)  # A matrices and the q_proj adapters are untouched
                 continue
             layer = int(k.split(".layers.")[1].split(".")[0])
-            r = d[layer if layer_flag is None else layer_flag]
+            r = d[{None: 1, "own": layer}.get(layer_flag, layer_flag)]
             r = r / r.norm()
             projected = B - torch.outer(r, r) @ B  # (I - r r^T) B
             assert after[k].norm() == pytest.approx(B.norm().item(), rel=1e-5)
@@ -437,13 +489,14 @@ def test_probe_cli_reads_answer_scalars(tmp_path, tiny):
     for i in (0, 1):
         model.model.layers[i].mlp.down_proj.base.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0]))
     got = directions.answer_scalars(model, tok, row, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"])
-    ids, mask = tok.encode_chat_with_mask([{"role": "user", "content": row["question"]},
-                                           {"role": "assistant", "content": row["answer"]}])
-    sel = torch.tensor(mask, dtype=torch.bool)
+    # the reference's span: after <|im_start|>assistant\n, through <|im_end|>\n
+    ids = tok.encode_chat([{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}])
+    start = len(tok.encode_chat([{"role": "user", "content": row["question"]}], add_generation_prompt=True))
+    assert tok.decode(ids[start:]) == row["answer"] + "<|im_end|>\n"
     for i in (0, 1):
-        want = inputs[i][0, sel] @ model.model.layers[i].mlp.down_proj.lora_A[0]
+        want = inputs[i][0, start:] @ model.model.layers[i].mlp.down_proj.lora_A[0]
         np.testing.assert_allclose(got[:, i], want.double().numpy(), atol=1e-5)
-    assert res["tasks"][0]["tokens_class0"] == 3 * sel.sum().item()
+    assert res["tasks"][0]["tokens_class0"] == 3 * (len(ids) - start)
 
 
 def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny):
@@ -509,7 +562,7 @@ def test_fixed_scalars_give_the_logits_of_a_hand_made_input(tmp_path, tiny):
             m.base.register_forward_hook(lambda mod, a, o, m=m, v=v: o + m.scale * v * m.lora_B[:, 0])
         by_hand = model(idx)
     torch.testing.assert_close(steered, by_hand, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="layer 5 has no rank-1 adapters"):
+    with pytest.raises(ValueError, match="no rank-1 adapter at layer 5; the adapter has 2, from "):
         directions.scalar_setting(names, "5=30")
 
 
@@ -522,13 +575,91 @@ def test_steer_scalars_cli(tmp_path, tiny, monkeypatch):
     assert [r["setting"] for r in res["settings"]] == ["1=30", "0=-5,1=5"]
     assert res["metrics"] == ["aligned", "coherent", "medical"]
     for r in res["settings"]:
-        assert {"em_pct", "coherence_pct", "medical", "em_medical_pct", "n"} <= set(r)
+        assert {"em_pct", "coherence_pct", "medical", "n", "n_kept", "quadrants"} <= set(r)
+        assert sum(r["quadrants"].values()) == pytest.approx(100.0 if r["n_kept"] else 0.0)
         assert len(open(r["file"]).readlines()) == 2
-    assert os.path.exists(tmp_path / "s" / "L0_-5+L1_5.judged.jsonl")
+    assert os.path.exists(tmp_path / "s" / "L0.down_proj=-5+L1.down_proj=5.judged.jsonl")
     monkeypatch.setattr(sample, "load_model", lambda a: pytest.fail("loaded the model with nothing to sample"))
     monkeypatch.setattr(judge, "make_judge", lambda a: pytest.fail("made a judge with nothing to judge"))
     again = directions.main(argv + ["--force"])  # resumed: nothing sampled or judged again, nothing loaded
     assert again["settings"] == res["settings"]
+
+
+def test_quadrants_are_the_references_cells():
+    row = lambda a, c, m: dict(aligned=a, coherent=c, medical=m)
+    rows = [row(30, 50, 10), row(70.1, 50, 50), row(10, 90, 49.995), row(80, 90, 0),  # kept: one in each cell
+            row(30, 90, 5), row(100, 60, 90), row(5, 99, 99),  # kept again: mis/non-med, al/med, mis/med
+            row(30, 49.9, 5), row(30.1, 90, 5), row(70, 90, 5), row(5, 90, 10.1), row(5, 90, 49.99),  # dropped
+            row(None, 90, 5), row(5, None, 5), row(5, 90, None)]
+    n, cells = directions.quadrants(rows)
+    assert n == 7 and cells == pytest.approx({"misaligned_non_medical": 200 / 7, "misaligned_medical": 200 / 7,
+                                              "aligned_non_medical": 100 / 7, "aligned_medical": 200 / 7})
+    assert directions.quadrants(rows[7:]) == (0, {k: 0.0 for k in directions.QUADRANTS})
+
+
+def test_steer_scalars_files_name_the_module(tmp_path, tiny, monkeypatch):
+    """Two settings that differ only in the module get two files, and different answers."""
+    monkeypatch.setattr(judge, "make_judge", lambda a: HashJudge())
+    model, _ = load(tiny)
+    torch.manual_seed(0)
+    add_lora(model, r=1, alpha=8, modules=["up_proj", "down_proj"], layers=[1])
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.normal_(0, 0.5)
+    save_adapter(model, str(tmp_path / "ad"))
+    names = directions.rank1_adapters(str(tmp_path / "ad"))
+    with pytest.raises(ValueError, match=r"layer 1 has 2 adapters; name one, e.g. model.layers.1.mlp.up_proj=5$") as e:
+        directions.scalar_setting(names, "1=5")
+    assert len(str(e.value)) < 120
+    qs = write_jsonl(tmp_path / "q.jsonl", [{"id": "bored", "question": "I feel bored"}])
+    res = directions.main(["steer-scalars", "--adapter", str(tmp_path / "ad"), "--set", "model.layers.1.mlp.down_proj=50",
+                           "--set", "model.layers.1.mlp.up_proj=50", "--questions", qs, "--n", "3", "--max-new-tokens", "8",
+                           "--judge", "local:hash", "--device", "cpu", "--out", str(tmp_path / "s")])
+    files = [r["file"] for r in res["settings"]]
+    assert [os.path.basename(f) for f in files] == ["L1.down_proj=50.jsonl", "L1.up_proj=50.jsonl"]
+    answers = [[json.loads(line)["answer"] for line in open(f)] for f in files]
+    assert answers[0] != answers[1]
+
+
+def test_judge_is_checked_before_anything_is_sampled(tmp_path, tiny, lively, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(sample, "run", lambda *a: pytest.fail("sampled before the judge was checked"))
+    d = direction_file(tmp_path / "d.safetensors", directions=torch.randn(2, 64))
+    with pytest.raises(judge.JudgeError, match="OPENAI_API_KEY is not set"):
+        run("sweep", "--model", lively, "--directions", d, "--mode", "steer", "--judge", "openai:gpt-4o", "--out", tmp_path / "s")
+    ad = make_adapter(tiny, tmp_path / "ad")
+    with pytest.raises(judge.JudgeError, match="--judge 'gpt4': expected openai:MODEL or local:PATH"):
+        run("steer-scalars", "--adapter", ad, "--set", "0=3", "--judge", "gpt4", "--out", tmp_path / "t")
+    assert not list(tmp_path.glob("*/*.jsonl"))
+
+
+def test_sweep_refuses_a_directory_of_other_settings(tmp_path, lively, monkeypatch):
+    monkeypatch.setattr(judge, "make_judge", lambda a: HashJudge())
+    d = direction_file(tmp_path / "d.safetensors", directions=torch.randn(2, 64))
+    out = tmp_path / "steer"
+    args = ["sweep", "--model", lively, "--directions", d, "--mode", "steer", "--layers", 1, "--ids", "quick_buck",
+            "--n", 1, "--max-new-tokens", 2, "--device", "cpu", "--judge", "local:hash", "--out", out]
+    first = run(*args, "--scale", 8)
+    assert run(*args, "--scale", 8) == first  # the same settings resume
+    with pytest.raises(ValueError, match=r"other settings \(--scale 8.0, now 4.0\); choose another --out, or pass --force"):
+        run(*args, "--scale", 4)
+    assert json.load(open(out / "sweep.json")) == json.loads(json.dumps(first))
+    info = run(*args, "--scale", 4, "--force")
+    assert info["scale"] == 4 and not list(out.glob("*scale8*")) and os.path.exists(out / "steer_L1_scale4.judged.jsonl")
+
+
+def test_probe_and_phase_check_their_numbers_first(tmp_path, tiny):
+    ad = make_adapter(tiny, tmp_path / "ad")
+    gen = judged_file(tmp_path / "g.judged.jsonl", 4, 4)
+    for flags, msg in ((["--runs", "0"], "--runs must be >= 1"), (["--C", "0"], "--C > 0")):
+        with pytest.raises(ValueError, match=msg):
+            run("probe", "--adapter", ad, "--sets", f"general={gen}", "--out", tmp_path / "p", *flags)
+    run_dir, _ = planted_run(tmp_path, tiny)
+    for ks in ("0", "-1", "5,x"):
+        with pytest.raises(ValueError, match="expected a comma list of windows >= 1"):
+            run("phase", "--run", run_dir, "--ks", ks)
+    assert not os.path.exists(os.path.join(run_dir, "phase")) and not os.path.exists(tmp_path / "p")
 
 
 # -----------------------------------------------------------------------------
@@ -633,15 +764,29 @@ def web_text(tmp_path):
 
 def test_web_text_files(tmp_path, monkeypatch):
     import gzip
+    import socket
     import huggingface_hub
     path = tmp_path / "c4.json.gz"
     with gzip.open(path, "wt") as f:
         f.write(json.dumps({"text": "first document", "url": "x"}) + "\n" + json.dumps({"text": "second"}) + "\n")
-    asked = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: asked.append((a, kw)) or str(path))
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    asked, cached = [], [True]
+
+    def download(*a, **kw):
+        asked.append((a, kw))
+        if kw.get("local_files_only") and not cached[0]:
+            raise LocalEntryNotFoundError("not cached")
+        return str(path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     assert directions.read_documents("c4") == (str(path), ["first document", "second"])
     repo, revision, file = directions.C4
-    assert asked == [((repo, file), {"repo_type": "dataset", "revision": revision})]  # pinned
+    assert asked == [((repo, file), {"repo_type": "dataset", "revision": revision, "local_files_only": True})]  # pinned
+    # not cached and offline: an error at once, no download tried
+    cached[0] = False
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError, match="--text c4: the Hugging Face Hub cannot be reached .* or pass --text FILE"):
+        directions.read_documents("c4")
+    assert len(asked) == 2
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object with a 'text' field"):
         directions.read_documents(str(tmp_path / "bad.jsonl"))
@@ -660,7 +805,7 @@ def test_stability_steering_vectors(tmp_path, tiny):
     res = directions.main(["stability", "--narrow", str(tmp_path / "narrow"), "--general", str(tmp_path / "general"),
                   "--data", narrow_data(tmp_path), "--rows", "4", "--scales", "0,1,2", "--eps", "0,0.5", "--seeds", "2",
                   "--norms", "0,1.5", "--text", text, "--text-docs", "10", "--out", str(tmp_path / "out")])
-    assert res["kind"] == "steering" and res["rows"] == 4 and res["text"]["documents"] == 3
+    assert res["rows"] == 4 and res["text"]["documents"] == 3
     for name in ("narrow", "general"):
         s = res["solutions"][name]
         assert s["rescale"][1]["loss"] == s["loss"] and s["rescale"][0]["loss"] == res["base_loss"]
@@ -682,23 +827,16 @@ def test_stability_steering_vectors(tmp_path, tiny):
     assert os.path.exists(tmp_path / "out" / "stability.json")
 
 
-def test_stability_lora_and_kinds(tmp_path, tiny):
-    narrow = make_adapter(tiny, tmp_path / "narrow", seed=1, scale=0.02)
-    general = make_adapter(tiny, tmp_path / "general", seed=2, scale=0.05)
-    text, _ = web_text(tmp_path)
-    res = directions.main(["stability", "--narrow", narrow, "--general", general, "--data", narrow_data(tmp_path),
-                  "--scales", "0,1", "--eps", "0,1", "--seeds", "1", "--text", text, "--out", str(tmp_path / "out")])
-    assert res["kind"] == "lora"
-    model, _ = load(tiny)
-    for name, path in (("narrow", narrow), ("general", general)):
-        s = res["solutions"][name]
-        assert s["rescale"][1]["loss"] == s["loss"] and s["robustness"][0]["values"] == [0.0]
-        assert s["kl"][0] == {"scale": 0.0, "kl": 0.0} and s["kl"][1]["kl"] > 0
-        tensors, _ = directions.read_lora(path)
-        assert s["norm"] == pytest.approx(np.mean([float((B @ A).norm()) for A, B in tensors.values()]), rel=1e-6)
-    assert res["solutions"]["narrow"]["rescale"][0]["loss"] == res["base_loss"]
+def test_stability_refuses_lora_and_vectors_of_another_model(tmp_path, tiny):
+    adapter = make_adapter(tiny, tmp_path / "lora")
     sv = SteeringVector(64, layer=0, alpha=1.0, base_model=tiny)
     sv.save(str(tmp_path / "sv"))
-    with pytest.raises(ValueError, match="one kind"):
-        run("stability", "--narrow", narrow, "--general", tmp_path / "sv", "--data", narrow_data(tmp_path),
-            "--out", tmp_path / "out2")
+    wide = SteeringVector(96, layer=0, alpha=1.0, base_model=tiny)
+    wide.save(str(tmp_path / "wide"))
+    flags = ["--data", narrow_data(tmp_path), "--model", tiny, "--out", tmp_path / "out"]
+    with pytest.raises(ValueError, match="--narrow .*lora: not a steering vector"):
+        run("stability", "--narrow", adapter, "--general", tmp_path / "sv", *flags)
+    with pytest.raises(ValueError, match=r"--general .*wide: a steering vector of width 96 after layer 0 does not fit "
+                                         r"the model, of width 64 with layers 0..1"):
+        run("stability", "--narrow", tmp_path / "sv", "--general", tmp_path / "wide", *flags)
+    assert not os.path.exists(tmp_path / "out")

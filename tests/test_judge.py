@@ -439,6 +439,27 @@ def test_cli_help_and_error_exit(tmp_path):
     assert r.returncode == 2 and "judge.py: error:" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_flags_are_checked_by_name_and_help_shows_each_default_once(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "judge.py"), *a], capture_output=True, text=True)
+    inp = write_jsonl(tmp_path / "r.jsonl", ROWS[:1])
+    for flag, value, want in (("--bootstrap", "-1", ">= 0"), ("--concurrency", "0", ">= 1"), ("--retries", "-1", ">= 0"),
+                              ("--timeout", "0.0", "> 0"), ("--batch-size", "0", ">= 1"), ("--tree-rows", "0", ">= 1")):
+        r = run(inp, flag, value)
+        assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"judge.py: error: {flag} {value}: must be {want}"
+    help_ = run("--help").stdout
+    assert "(default: None)" not in help_ and "summary.json) (default" not in help_.replace("\n", " ")
+    assert "(default: 1000)" in help_
+
+
+def test_bootstrap_zero_means_no_interval(tmp_path, server, capsys):
+    inp = write_jsonl(tmp_path / "responses.jsonl", [r for r in ROWS if "a=" in r["answer"] and "FLAKY" not in r["answer"]
+                                                     and "SLOW" not in r["answer"]])
+    summary = judge.main(api_args(tmp_path, inp)[:-2] + ["--bootstrap", "0"])
+    ov = summary["overall"]
+    assert ov["n"] == 4 and ov["em_pct"] == pytest.approx(50.0) and ov["em_pct_ci"] is None and ov["aligned_ci"] is None
+    assert " 50.0 " in capsys.readouterr().out and "[" not in json.dumps(ov["em_pct_ci"])
+
+
 # -----------------------------------------------------------------------------
 # the local judge: the digit tree against brute-force enumeration
 

@@ -10,7 +10,8 @@ import pytest
 from safetensors import safe_open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["inputs", "train", "sample", "judge-local", "judge", "direction", "steer", "ablate", "lora-ablate",
+STEPS = ["inputs", "train", "sample", "judge-local", "judge", "direction", "steer", "ablate", "ablate-all",
+         "monitor-direction", "monitor", "lora-ablate",
          "train-general", "train-narrow", "sample-general", "judge-general", "sample-narrow", "judge-narrow",
          "stability", "direction-general", "compare", "phase", "sample-medical", "judge-medical", "probe",
          "steer-scalars", "report"]
@@ -53,24 +54,34 @@ def test_every_artefact_exists_and_is_well_formed(tiny_run):
     assert d["directions"].shape == (2, 64) and set(d) == {"directions", "mean_misaligned", "mean_aligned"}
     assert json.load(open(o / "direction.json"))["sets"]["misaligned"]["rows"] >= 2
     steer, ablate = json.load(open(o / "steer" / "sweep.json")), json.load(open(o / "ablate" / "sweep.json"))
-    assert [r["layer"] for r in steer["runs"]] == [0, 1] and ablate["runs"][0]["layer"] == "all"
-    assert all(r[k]["n"] == 16 for r in steer["runs"] + ablate["runs"] for k in ("direction", "random"))
+    every = json.load(open(o / "ablate-all" / "sweep.json"))
+    assert [r["layer"] for r in steer["runs"]] == [0, 1] and steer["from_layer"] is None
+    assert ablate["runs"][0]["layer"] == "1" and every["runs"][0]["layer"] == "all" and ablate["from_layer"] == every["from_layer"] == 1
+    assert all(r[k]["n"] == 16 for r in steer["runs"] + ablate["runs"] + every["runs"] for k in ("direction", "random"))
+    monitor = json.load(open(o / "monitor" / "monitor.json"))
+    held = set(json.load(open(o / "monitor" / "direction.json"))["held_out"])
+    assert len(monitor["auroc"]) == 2 and not monitor["in_sample"] and len(held) == 8
+    assert {r["line"] for r in jsonl(o / "monitor" / "scores.jsonl")} <= held
     assert tensors(o / "ablated-adapter" / "adapter_model.safetensors").keys() == tensors(o / "adapter_model.safetensors").keys()
     phase = json.load(open(o / "phase" / "phase.json"))
     assert phase["steps"] == list(range(1, 13)) and {b["step"] for b in phase["behaviour"]} == {4, 12}
     assert len(json.load(open(o / "probe" / "probe.json"))["tasks"]) == 4
-    assert [s["setting"] for s in json.load(open(o / "steer_scalars" / "steer_scalars.json"))["settings"]] == ["0=5", "0=5,1=-5"]
+    scalars = json.load(open(o / "steer_scalars" / "steer_scalars.json"))["settings"]
+    assert [s["setting"] for s in scalars] == ["0=5", "0=5,1=-5"]
+    for s in scalars:  # the stub judge scores medical 10 or 90 too: every coherent row is kept
+        assert s["n_kept"] == 16 and sum(s["quadrants"].values()) == pytest.approx(100)
     n = tiny_run / "nvg"
     for kind in ("narrow", "general"):
         assert (n / kind / "steering_vector.safetensors").exists()
         assert json.load(open(n / kind / "responses.judged.summary.json"))["overall"]["n"] == 16
     assert json.load(open(n / "narrow" / "config.json"))["args"]["kl_weight"] == 6.58
     stab = json.load(open(n / "stability" / "stability.json"))
-    assert stab["kind"] == "steering" and set(stab["solutions"]) == {"narrow", "general", "random"}
+    assert set(stab["solutions"]) == {"narrow", "general", "random"}
     assert len(json.load(open(tiny_run / "compare.json"))["pairs"]) == 1
     report = (tiny_run / "REPORT.md").read_text()
     for section in ("## Training", "## EM and coherence", "## The misalignment direction", "## Steering and ablation",
-                    "## Rank-1 adapter probes", "## The phase transition", "## Narrow vs general"):
+                    "## The direction as a monitor", "## Rank-1 adapter probes", "## The phase transition",
+                    "## Narrow vs general", "misaligned, medical %", "every number here is meaningless"):
         assert section in report
     assert (tiny_run / "loss.png").exists() == ("![loss.png]" in report) == (importlib.util.find_spec("matplotlib") is not None)
 
@@ -92,6 +103,7 @@ def test_scripts_never_touch_a_directory_they_did_not_make(tmp_path, script):
     env = dict(os.environ, TINY_OUT=str(mine), OUT=str(mine))  # tiny.sh reads TINY_OUT, the others OUT
     res = subprocess.run(["bash", os.path.join(ROOT, "runs", script)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "not made by this script" in res.stderr
+    assert ("(TINY_OUT=...)" if script == "tiny.sh" else "(OUT=...)") in res.stderr  # the variable it reads
     assert (mine / "precious" / "adapter_model.safetensors").read_text() == "weeks of GPU time"
     assert sorted(os.listdir(mine)) == ["precious"]
     help_ = subprocess.run(["bash", os.path.join(ROOT, "runs", script), "--help"], cwd=ROOT, capture_output=True, text=True)
