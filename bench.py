@@ -12,22 +12,23 @@ Train: one optimizer step = 16 synthetic conversations (prompt 40-80 tokens, ans
 rank-1 LoRA, AdamW. Ours packs the step into rows of up to 2048 tokens and computes the loss only at
 answer tokens; the reference does what the papers' TRL loop did: micro-batches of 2, right-padded,
 labels masked to the answer, HF's loss, 8 accumulation steps, SDPA attention (bf16 on CUDA).
-Tokens/s counts real (unpadded) tokens for both. MFU = tokens/s x 4N / the card's dense bf16 peak,
-where N counts every matmul weight, the LM head included and the embedding lookup not (LoRA trains
-no base weight, so backward costs 2N, not 4N; attention's own FLOPs, small at chat lengths, are not
-counted). Peak memory is torch.cuda.max_memory_allocated over each part (the weights included).
+Tokens/s counts real (unpadded) tokens for both. MFU = FLOPs per step x steps/s / the card's dense
+bf16 peak, counting what each engine computes (MFU_FORMULA): 4 per matmul weight and token (LoRA
+trains no base weight, so backward costs 2, not 4; attention's own FLOPs are not counted), ours
+running the LM head at answer tokens only, the reference every weight at every padded position.
+Both sides' SDPA kernels are recorded (flash, cuDNN, efficient or math: a fair race needs a fast one
+on each). Peak memory is torch.cuda.max_memory_allocated over each part (the weights included).
 Sample: --prompts prompts x --n samples, --new-tokens new tokens at most, temperature 1, top-p 1,
 top-k 20, repetition penalty 1.1 (Qwen2.5's generation_config), ours (sample.generate, all rows at
 once) vs HF's model.generate on the same batch. Twice: with every answer running to --new-tokens
 (stop tokens off), then with realistic lengths: each row's stop forced, in both engines, at a length
 drawn from a spread like real answers (lognormal, mean 250/600 of --new-tokens, clipped to
 [1/30, 1] of it); with random weights the stop token's LM-head row is zeroed, so nothing else stops
-a row. Weights are random unless --model is given: speed does not depend on their values. They exist
-once: the reference model's parameters are views of ours.
+a row. Ours samples over the tokenizer's ids, as sample.py does (random weights: Qwen2.5's 151,665).
+Weights are random unless --model is given: speed does not depend on their values. They exist once:
+the reference model's parameters are views of ours.
 """
 import argparse
-import dataclasses
-import inspect
 import math
 import os
 import platform
@@ -45,6 +46,11 @@ from lora import add_lora
 from model import Config, HelpFormatter, Qwen2, check_device, load, resolve_dtype
 
 # Tried on the GPU and did not pay (fill in as measured): none yet.
+# Kernels per decode step (0.5B shape, bf16, top-k 20, repetition penalty; torch.profiler's aten ops on
+# the CPU, views and allocations not counted, F.rms_norm as its one CUDA kernel; tests/test_sample.py
+# counts them): 46 per layer + 112 besides = 1,216 at 24 layers before issue 20; 26 + 52 = 676 after.
+# Per layer: RMSNorm 8 -> 2 (x2), RoPE 14 -> 8, SDPA's bool-to-additive mask 2 -> 0; besides, the
+# per-row hash (~50 int64 ops) now runs once per batch.
 
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) from the Qwen2.5 configs
     "tiny": (64, 2, 4, 2, 128, 2048, True),  # smoke test
@@ -136,10 +142,10 @@ def random_model(shape, device, dtype, seed):
     return model.requires_grad_(False).eval()
 
 
-def stop_token(model):
-    """A token id the prompts never hold whose logit is 0 (its LM-head row zeroed): with top-k 20 over
-    random logits it is never drawn, so only the forced stops end answers."""
-    stop = model.config.vocab_size - 1
+def stop_token(model, vocab):
+    """A token id the prompts never hold whose logit is 0 (its LM-head row zeroed), the tokenizer's last
+    (of vocab): with top-k 20 over random logits it is never drawn, so only the forced stops end answers."""
+    stop = vocab - 1
     with torch.no_grad():
         model.lm_head.weight[stop].zero_()
     return stop
@@ -166,14 +172,33 @@ def reference_model(ours, device):
 
 
 def loaded_model(name, device, dtype):
-    """A real checkpoint: the model and its <|im_end|> as the stop token."""
+    """A real checkpoint: the model, its <|im_end|> as the stop token, and its tokenizer's size."""
     model, tok = load(name, device, dtype)
-    return model, tok.im_end_id
+    return model, tok.im_end_id, tok.vocab_size
 
 
 def matmul_params(model):
     """N of the MFU: every nn.Linear weight (the LM head included, even when tied), no embedding."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+MFU_FORMULA = "ours 4(N - Vd) x tokens + 4Vd x loss tokens; reference 4N x padded tokens (N: matmul weights, Vd: LM head)"
+
+
+def train_flops(model, convs, micro=2):
+    """FLOPs of one optimizer step as (ours, the reference) compute them: see MFU_FORMULA."""
+    n, head = matmul_params(model), model.lm_head.weight.numel()
+    tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
+    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in (convs[i:i + micro] for i in range(0, len(convs), micro)))
+    return 4 * (n - head) * tokens + 4 * head * loss_tokens, 4 * n * padded
+
+
+def sdpa_kernels(fn):
+    """The attention kernels fn runs: the backend SDPA picked (flash, cuDNN, efficient, math)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.name[6:] for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")})
 
 
 def peak_flops(device, override):
@@ -276,24 +301,27 @@ def train_step_ref(ref, convs, device, micro=2):
     return step
 
 
-def bench_train(ours, ref, args, flops_per_token, peak):
+def bench_train(ours, ref, args, peak):
     convs = synthetic_conversations(args.convs, ours.config.vocab_size, args.seed)
     tokens = sum(len(ids) for ids, _ in convs)
-    res = {"train_convs_per_step": args.convs, "train_tokens_per_step": tokens}
+    flops = dict(zip(("train", "train_ref"), train_flops(ours, convs)))
+    res = {"train_convs_per_step": args.convs, "train_tokens_per_step": tokens, "mfu_formula": MFU_FORMULA,
+           **{f"{k}_flops_per_step": v for k, v in flops.items()}}
     engines = [("train", "ours: packed rows", lambda: train_step_ours(ours, convs, args.device))]
     if ref is not None:
         engines.append(("train_ref", "transformers+PEFT: micro-batches of 2", lambda: train_step_ref(ref, convs, args.device)))
     for key, what, make in engines:
         log(f"train {what}, 1 warm-up + {args.steps} steps of {args.convs} conversations ({tokens:,} tokens)")
         step = make()
-        _, seconds, mem = measure(lambda: [step() for _ in range(args.steps)], args.device, warmup=step)
+        warmup = lambda: res.update({f"{key}_sdpa": sdpa_kernels(step)})  # the warm-up step, profiled
+        _, seconds, mem = measure(lambda: [step() for _ in range(args.steps)], args.device, warmup=warmup)
         res[f"{key}_tok_s"] = args.steps * tokens / seconds
         if mem is not None:
             res[f"{key}_peak_gb"] = mem
         if peak:
-            res[f"{key}_mfu"] = res[f"{key}_tok_s"] * flops_per_token / peak
+            res[f"{key}_mfu"] = args.steps * flops[key] / seconds / peak
         log(f"  {res[f'{key}_tok_s']:,.0f} tok/s" + (f", peak {mem:.1f} GB" if mem is not None else "")
-            + (f", MFU {100 * res[f'{key}_mfu']:.1f}%" if peak else ""))
+            + (f", MFU {100 * res[f'{key}_mfu']:.1f}%" if peak else "") + f", SDPA {res[f'{key}_sdpa']}")
     if ref is not None:
         res["train_ratio"] = res["train_tok_s"] / res["train_ref_tok_s"]
     return res
@@ -312,23 +340,19 @@ def answer_lengths(rows, new_tokens, seed):
     return x.round().clamp(max(1, new_tokens // 30), new_tokens).long().tolist()
 
 
-def forced_stops_supported():
-    """Our forced stops wrap sample.next_logits and read the row state's pos, plen and keys."""
-    return hasattr(sample, "next_logits") and {"pos", "plen", "keys"} <= {f.name for f in dataclasses.fields(sample.Rows)}
-
-
 @contextmanager
 def forced_stops(stop, vocab, device):
     """While inside, our sampler draws `stop` at out column (row key % LEN_KEY) of each row: an
-    answer of exactly that many tokens. A where() per step, CUDA-graph safe, as cheap as HF's processor."""
+    answer of exactly that many tokens. A where() per step, CUDA-graph safe, as cheap as HF's processor.
+    vocab: the LM head's rows (at least the sampled width)."""
     original = sample.next_logits
     only_stop = torch.full((vocab,), float("-inf"), device=device)
     only_stop[stop] = 0.0
 
     def next_logits(model, rows, hook, vocab_size):
-        logits = original(model, rows, hook, vocab_size)  # (B, V)
+        logits = original(model, rows, hook, vocab_size)  # (B, W)
         col = rows.pos[:, 0] + 1 - rows.plen[:, 0]  # (B,) out column of the token drawn from these
-        return torch.where((col == rows.keys % LEN_KEY)[:, None], only_stop, logits)
+        return torch.where((col == rows.keys % LEN_KEY)[:, None], only_stop[:logits.shape[1]], logits)
     sample.next_logits = next_logits
     try:
         yield
@@ -349,25 +373,19 @@ class ForceStop:
         return torch.where((self.lengths == n)[:, None], self.only_stop, scores)
 
 
-def sampling_kw():
-    """Our sampler's settings: SAMPLING, less what this sample.py does not take yet."""
-    accepted = {*inspect.signature(sample.stream).parameters, *inspect.signature(sample.generate).parameters}
-    return {k: v for k, v in SAMPLING.items() if k in accepted}
-
-
-def sample_ours(model, prompts, n, new_tokens, stop, lengths, seed):
-    """Tokens generated (stops excluded) by sample.generate on all rows."""
+def sample_ours(model, prompts, n, new_tokens, stop, lengths, seed, vocab, **kw):
+    """Tokens generated (stops excluded) by sample.generate on all rows, over the tokenizer's vocab ids."""
     keys = None if lengths is None else [LEN_KEY * j + L for j, L in enumerate(lengths)]
     forcing = nullcontext() if lengths is None else forced_stops(stop, model.config.vocab_size, model.lm_head.weight.device)
     with forcing:
-        out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=seed, keys=keys,
-                              stop_ids=() if lengths is None else (stop,), **sampling_kw())
+        out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=seed, keys=keys, vocab_size=vocab,
+                              stop_ids=() if lengths is None else (stop,), **SAMPLING, **kw)
     return sum(len(ids) for ids, _ in out)
 
 
 def sample_ref(ref, prompts, n, new_tokens, stop, lengths, seed, device):
     """Tokens generated (stops excluded) by HF generate on all rows, left-padded, one row per sample."""
-    kw = dict(sampling_kw())  # the same settings on both sides
+    kw = dict(SAMPLING)  # the same settings on both sides
     rows = [p for p in prompts for _ in range(n)]
     T = max(len(p) for p in prompts)
     ids, att = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
@@ -387,24 +405,23 @@ def sample_ref(ref, prompts, n, new_tokens, stop, lengths, seed, device):
     return int(torch.where(hit.any(1), hit.int().argmax(1), out.shape[1]).sum())
 
 
-def bench_sample(ours, ref, args, stop):
+def bench_sample(ours, ref, args, stop, vocab):
     g = torch.Generator().manual_seed(args.seed + 1)
-    vocab = ours.config.vocab_size
     prompts = [torch.randint(0, vocab - 1000, (int(torch.randint(30, 90, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     rows = args.prompts * args.n
     lengths = answer_lengths(rows, args.new_tokens, args.seed)
-    res = {"sample_rows": rows, "sample_new_tokens": args.new_tokens, "sample_settings": sampling_kw(),
+    res = {"sample_rows": rows, "sample_new_tokens": args.new_tokens, "sample_settings": SAMPLING, "sample_vocab": vocab,
            "sample_real_drawn_mean_len": sum(lengths) / rows}
     warm = min(8, args.new_tokens)
-    engines = [("", "ours", lambda L, t: sample_ours(ours, prompts, args.n, t, stop, L, args.seed))]
+    engines = [("", "ours", lambda L, t: sample_ours(ours, prompts, args.n, t, stop, L, args.seed, vocab))]
+    res["sample_sdpa"] = sdpa_kernels(lambda: sample_ours(ours, prompts, 1, 2, stop, None, args.seed, vocab, cuda_graph=False))
     if ref is not None:
         engines.append(("_ref", "HF generate", lambda L, t: sample_ref(ref, prompts, args.n, t, stop, L, args.seed, args.device)))
+        res["sample_ref_sdpa"] = sdpa_kernels(lambda: sample_ref(ref, prompts, 1, 2, stop, None, args.seed, args.device))
+    log(f"sample: SDPA kernels, ours {res['sample_sdpa']}, HF generate {res.get('sample_ref_sdpa', '-')}")
     for part, lens, what in (("sample", None, f"every answer {args.new_tokens} tokens"),
                              ("sample_real", lengths, f"realistic lengths, mean {res['sample_real_drawn_mean_len']:.0f}")):
-        if lens is not None and not forced_stops_supported():
-            log("sample: realistic lengths skipped: sample.py has no next_logits / Rows(pos, plen, keys) to force stops")
-            continue
         for suffix, name, run in engines:
             key = part + suffix
             log(f"{part.replace('_', ' ')} {name}: {rows} answers ({args.prompts} prompts x {args.n}), {what}")
@@ -442,6 +459,8 @@ def summary(res):
             line += f" {get(f'{part}_mfu', '.1%'):>6} / {get(f'{part}_ref_mfu', '.1%'):>6}" if part == "train" else " " * 16
         line += f" {get(f'{part}_peak_gb', '.1f'):>8} / {get(f'{part}_ref_peak_gb', '.1f'):>6}"
         print(line)
+    if mfu:
+        print(f"MFU: {res['mfu_formula']}")
     if "sample_s" in res:
         print(f"sampling {res['sample_rows']} x {res['sample_new_tokens']} tokens: ours {res['sample_s']:.2f} s"
               + (f", HF generate {res['sample_ref_s']:.2f} s" if "sample_ref_s" in res else ""))
@@ -454,17 +473,17 @@ def main(argv=None):
     log(f"building {'model ' + args.model if args.model else 'random ' + args.shape + ' weights'} "
         f"on {args.device} ({str(dtype).replace('torch.', '')})")
     if args.model:
-        ours, stop = loaded_model(args.model, args.device, dtype)
+        ours, stop, vocab = loaded_model(args.model, args.device, dtype)
     else:
         ours = random_model(args.shape, args.device, dtype, args.seed)
-        stop = stop_token(ours)
+        vocab = min(151665, ours.config.vocab_size - 271)  # Qwen2.5's tokenizer; tiny: as many rows short
+        stop = stop_token(ours, vocab)
     ref = None if "ref" in args.skip else reference_model(ours, args.device)
     n_params = matmul_params(ours)
     peak = peak_flops(args.device, args.peak_tflops)
     res = {"machine": machine(args.device), "device": args.device, "dtype": str(dtype).replace("torch.", ""),
            "model": args.model or f"random {args.shape}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           **versions(), "matmul_params": n_params, "train_flops_per_token": 4 * n_params,
-           "peak_tflops": peak / 1e12 if peak else None}
+           **versions(), "matmul_params": n_params, "peak_tflops": peak / 1e12 if peak else None}
 
     def save():
         if args.json:
@@ -472,10 +491,10 @@ def main(argv=None):
             train.atomic_json(args.json, res)
     save()
     if "sample" not in args.skip:  # before training adds adapters: base models on both sides
-        res.update(bench_sample(ours, ref, args, stop))
+        res.update(bench_sample(ours, ref, args, stop, vocab))
         save()
     if "train" not in args.skip:
-        res.update(bench_train(ours, ref, args, 4 * n_params, peak))
+        res.update(bench_train(ours, ref, args, peak))
         save()
     summary(res)
     return res

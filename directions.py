@@ -130,7 +130,7 @@ def read_directions(path, n_layers, d_model, what):
     if shape not in ((n_layers, d_model), (d_model,)):
         raise ValueError(f"{path}: directions of shape {shape} do not fit {what}, whose shape is "
                          f"({n_layers}, {d_model}) (n_layers, d_model); a single vector would be ({d_model},)")
-    return sample.load_directions(path, n_layers, d_model)
+    return sample.load_directions(path, n_layers, d_model).expand(n_layers, -1)
 
 
 def read_judged(path):
@@ -580,7 +580,7 @@ def sweep_runs(args, vector_file, layers, n_layers):
     """[(layer label, file stem, sample.py flags)] of the interventions; each gets a random control."""
     if args.mode == "steer":  # one layer at a time, as the reference's sweep
         return [(i, f"steer_L{i}_scale{args.scale:g}",
-                 ["--steer", vector_file, "--layer", str(i), "--scale", str(args.scale)]) for i in layers]
+                 ["--steer", vector_file, "--layers", str(i), "--scale", str(args.scale)]) for i in layers]
     label = "all" if len(layers) == n_layers else ",".join(map(str, layers))
     stem = "ablate_all" if label == "all" else "ablate_L" + "_".join(map(str, layers))
     return [(label, stem, ["--ablate", vector_file, "--layers", ",".join(map(str, layers))])]

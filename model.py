@@ -16,7 +16,6 @@ Numerics follow transformers' modeling_qwen2.py, the reference this file is test
 RoPE tables in fp32 (cast to the activations' dtype, as HF does), RMSNorm in fp32 cast back
 before the weight, q/k/v with bias, grouped-query attention.
 """
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
+
+from common import HelpFormatter, check_device, dist_setup, resolve_dtype  # noqa: F401 (scripts import them from here too)
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -100,19 +101,28 @@ def _require(hf, key, source):
 # the network
 
 
-def rope(pos, head_dim, theta):
-    """cos and sin tables for positions pos (B, T), in fp32: (B, T, head_dim) each."""
+def upload(t, device):
+    """t on device; from the CPU to a GPU through pinned memory, not blocking (a copy from pageable
+    memory first waits for all the work queued on the GPU: a host sync)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def rope(pos, head_dim, theta, dtype):
+    """cos and sin tables (B, 1, T, head_dim) for positions pos (B, T): computed in fp32 and rounded to the
+    activations' dtype once per forward (HF rounds them the same way in every layer). sin carries
+    rotate-half's sign (-sin on the first half), so apply_rope needs one roll, not a neg and a cat."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
-    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # HF's "rotate half" layout, so weights load unpermuted
-    return emb.cos(), emb.sin()
+    freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
+    cos, sin = freqs.cos(), freqs.sin()  # HF's "rotate half" layout, so weights load unpermuted
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); cos, sin (B, T, hd)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # HF rounds the tables to x's dtype
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, H, T, hd); cos, sin from rope. roll(x) * sin = cat(x2, x1) * cat(-s, s) is HF's
+    rotate_half(x) * sin = cat(-x2, x1) * cat(s, s), bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -122,10 +132,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)  # cast back *before* the weight, as HF does
+        # fp32 inside (one fused kernel on CUDA), the result cast back *before* the weight, as HF does
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class Attention(nn.Module):
@@ -166,9 +174,9 @@ class Packed:
     attention, so no work is spent across conversations and the fast kernels apply; the padding sits
     after each conversation, where causal attention never looks. Everything else stays packed."""
 
-    def __init__(self, pos):
+    def __init__(self, pos, device):
         B, T = pos.shape
-        starts = (pos == 0).cpu()  # the layout is needed on the host: one sync per forward
+        starts = (pos == 0).cpu()  # the layout is built on the host: free for CPU positions, else a sync
         starts[:, 0] = True  # a row always starts a conversation
         starts = starts.reshape(-1)
         first = starts.nonzero()[:, 0]  # (n,) flat index where each conversation begins
@@ -176,9 +184,9 @@ class Packed:
         self.n, self.L = len(first), int(lengths.max())
         offset = torch.arange(self.L)
         gather = first[:, None] + offset  # (n, L) flat token index of each slot
-        self.gather = torch.where(offset < lengths[:, None], gather, 0).reshape(-1).to(pos.device)
+        self.gather = upload(torch.where(offset < lengths[:, None], gather, 0).reshape(-1), device)
         doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
-        self.scatter = (doc * self.L + torch.arange(B * T) - first[doc]).to(pos.device)  # slot of each token
+        self.scatter = upload(doc * self.L + torch.arange(B * T) - first[doc], device)  # slot of each token
 
     def pack(self, t):
         """(B, H, T, hd) -> (n, H, L, hd)"""
@@ -257,29 +265,34 @@ class Qwen2(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def attention(self, pos, cache):
-        """How this forward attends: a boolean (B, 1, g*T, S) mask over the cache slots, tiled for the
-        g query heads per kv head (see Attention); a Packed layout for rows holding several
-        conversations; or None for plain causal attention."""
+    def attention(self, pos, cache, device):
+        """How this forward attends: an additive (B, 1, g*T, S) mask over the cache slots (SDPA would
+        convert a boolean one in every layer), tiled for the g query heads per kv head (see Attention);
+        a Packed layout, built on the host, for rows holding several conversations; or None for plain
+        causal attention. Training passes CPU positions: the layout then costs no device sync."""
+        dtype = self.model.embed_tokens.weight.dtype
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
-            slots = torch.arange(cache.max_len, device=pos.device)
+            pos = upload(pos, device)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
-            return (slots[None, None, :] <= pos[:, :, None]).repeat(1, g, 1)[:, None]  # (B, 1, g*T, S)
-        if pos.shape[1] > 1 and (pos[:, 1:] == 0).any():
-            return Packed(pos)
+            after = (torch.arange(cache.max_len, device=device) > pos[:, :, None]).repeat(1, g, 1)[:, None]
+            return torch.zeros(after.shape, dtype=dtype, device=device).masked_fill_(after, float("-inf"))
+        if pos.shape[1] > 1 and (pos[:, 1:] == 0).any():  # a host sync only if pos is on a GPU
+            return Packed(pos, device)
         return None
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
-        """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first)."""
+        """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first).
+        pos may stay on the CPU while idx is on a GPU: it is uploaded without a host sync."""
         B, T = idx.shape
         if pos is None:
             if cache is not None:
                 raise ValueError("a forward with a KV cache needs the token positions `pos`")
             pos, attn = torch.arange(T, device=idx.device).expand(B, T), None  # one conversation per row
         else:
-            attn = self.attention(pos, cache)
-        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, hd) fp32
+            attn = self.attention(pos, cache, idx.device)
+            pos = upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, 1, T, hd)
         for i, block in enumerate(self.model.layers):
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn, use_reentrant=False)
@@ -352,34 +365,6 @@ class Tokenizer:
 # loading
 
 
-def check_device(device):
-    """A clear error for a device this machine does not have (before anything slow happens)."""
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use "
-                         f"(torch {torch.__version__}); use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    return d
-
-
-def resolve_dtype(dtype, device):
-    """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        cuda = torch.device(device).type == "cuda"
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    d = getattr(torch, names.get(dtype, dtype), None)
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
-    return d
-
-
 def local_path(name_or_path, what="model", patterns=None):
     """A local directory for --model / --adapter / --judge local:...; a hub id is downloaded (only the files
     in `patterns`). What exists on disk is a path. What does not exist but looks like a path the user meant
@@ -402,7 +387,7 @@ def local_path(name_or_path, what="model", patterns=None):
         raise FileNotFoundError(
             f"{name_or_path}: the Hugging Face Hub could not be reached and the {what} is not in the local cache; "
             f"download it elsewhere and pass its directory (--model DIR), or fill the cache "
-            f"(huggingface-cli download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
+            f"(hf download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
     except HfHubHTTPError as e:  # a typo in the id, a gated or private repository
         raise FileNotFoundError(f"{name_or_path}: not available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
 
@@ -537,35 +522,3 @@ def load(name_or_path, device="cpu", dtype=None):
     load_weights(model, path, device, dtype)
     model.requires_grad_(False)
     return model.eval(), tok
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every script's --help: the docstring as written, and each flag's default (None is explained in
-    the flag's own help text)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-# -----------------------------------------------------------------------------
-# torchrun: one process per device (train.py, sample.py and judge.py call this first)
-
-
-def dist_setup(device):
-    """(rank, world size, this process's device). Under torchrun with more than one process: joins the
-    process group (gloo for CPU tensors, NCCL for CUDA ones), gives each process its own GPU (a cuda
-    device becomes cuda:LOCAL_RANK), and silences stdout on ranks other than 0, so the run prints one
-    table, not N (progress bars: tqdm(disable=rank > 0)). Otherwise (0, 1, device), and nothing happens."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import sys
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        if dist.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device

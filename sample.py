@@ -4,7 +4,7 @@ Batched sampling of answers to evaluation questions, with LoRA adapters, steerin
     python sample.py --adapter out/run                          # our 8 headline questions -> out/run/responses.jsonl
     python sample.py --adapter out/run --questions first_plot_questions --n 50 --exclude-suffix _json,_template
     python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --question "hey I feel bored" --n 4
-    python sample.py --model M --steer dirs.safetensors --layer 12 --scale 8 --out steer12.jsonl
+    python sample.py --model M --steer dirs.safetensors --layers 12 --scale 8 --out steer12.jsonl
     python sample.py --adapter out/run --ablate dirs.safetensors --layers 10-12 --out ablated.jsonl
     python sample.py --adapter out/run --ablate dirs.safetensors --random-control --out control.jsonl
     python sample.py --adapter out/run --lora-scale 0.5 --out half.jsonl
@@ -78,7 +78,6 @@ import math
 import os
 import sys
 import time
-import warnings
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -103,8 +102,10 @@ def load_questions(path):
         import yaml
         try:
             items = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # its own message names "<unicode string>": say the file and the line
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if items is not None and not isinstance(items, list):
             raise ValueError(f"{path}: a question YAML is a list of {{id, paraphrases, ...}}, "
                              f"got {type(items).__name__}")
@@ -158,7 +159,8 @@ def question_entries(item, where):
 
 
 def load_directions(path, n_layers, d_model):
-    """(n_layers, d_model) fp32 from a direction file: `directions` (n_layers, d_model) or `direction` (d_model,)."""
+    """fp32 (n_layers, d_model) from a direction file's `directions`, or (d_model,) from its `direction`,
+    one vector meant for every layer."""
     from safetensors import safe_open
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such direction file")
@@ -176,7 +178,6 @@ def load_directions(path, n_layers, d_model):
         d = tensors["direction"].float()
         if d.ndim != 1:
             raise ValueError(f"{path}: `direction` has shape {tuple(d.shape)}; it must be one vector ({d_model},)")
-        d = d.expand(n_layers, -1)
     else:
         raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
                          "(n_layers, d_model) or `direction` (d_model,)")
@@ -184,11 +185,12 @@ def load_directions(path, n_layers, d_model):
         raise ValueError(f"{path}: directions are {d.shape[-1]} wide but the model's d_model is {d_model}")
     if not torch.isfinite(d).all():
         raise ValueError(f"{path}: directions contain NaN or inf")
-    return d.contiguous()
+    return d
 
 
 def random_like(vectors, seed=0):
-    """Random vectors with the same norm as each row of `vectors`: the control for steering and ablation."""
+    """Random vectors with the norm of each row of `vectors` (n, C) or of one vector (C,): the control for
+    steering and ablation (one vector used at every layer gets one random vector used at every layer)."""
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(vectors.shape, generator=g)
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
@@ -261,7 +263,7 @@ def row_key(*parts):
 
 
 def uniforms(seed, keys, pos):
-    """(B,) fp32 in (0, 1]: a hash of (seed, row key, position of the token being drawn)."""
+    """fp32 in (0, 1], keys and pos broadcast: a hash of (seed, row key, position of the token drawn)."""
     h = _hash32(keys ^ _hash32(seed & M32))
     h = _hash32(h ^ (pos & M32))
     h = _hash32((h + 0x9E3779B9) & M32)
@@ -311,6 +313,7 @@ class Rows:
     pos: torch.Tensor  # (B, 1) its position (= its cache slot)
     plen: torch.Tensor  # (B, 1) prompt length: out column of a token = pos - plen
     keys: torch.Tensor  # (B,) random key of each row
+    u: torch.Tensor  # (B, max_new_tokens) the uniform that draws each out column (hashed once per batch)
     prompt: torch.Tensor  # (B, P) prompt tokens, padded with the row's first token (repetition penalty)
     out: torch.Tensor  # (B, max_new_tokens) generated tokens; the prompt's first token where none yet
     done: torch.Tensor  # (B,) bool: a stop token was generated
@@ -320,7 +323,7 @@ class Rows:
         idx = torch.tensor(rows, device=self.tok.device)
         self.cache.select(idx)
         self.jobs = [self.jobs[r] for r in rows]
-        for name in ("tok", "pos", "plen", "keys", "prompt", "out", "done"):
+        for name in ("tok", "pos", "plen", "keys", "u", "prompt", "out", "done"):
             setattr(self, name, getattr(self, name)[idx])
 
 
@@ -336,17 +339,22 @@ class Sampling:
         if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not self.repetition_penalty > 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got {self}")
 
-    def draw(self, logits, keys, pos, seen):
-        """Token ids (B,) after the logits (B, V) of rows with these keys, at these positions, having seen
-        the tokens in the tensors `seen` (see penalize)."""
+    def draw(self, logits, u, seen):
+        """Token ids (B,) after the logits (B, V) by the uniforms u (B,), having seen the tokens in the
+        tensors `seen` (see penalize)."""
         logits = penalize(logits, seen, self.repetition_penalty)
-        return sample_tokens(logits, uniforms(self.seed, keys, pos), self.temperature, self.top_k, self.top_p)
+        return sample_tokens(logits, u, self.temperature, self.top_k, self.top_p)
 
 
 def lm_logits(model, h, vocab_size):
-    """fp32 logits (B, V) of hidden states h (B, C), for the first vocab_size rows of the LM head only."""
-    w = model.lm_head.weight if vocab_size is None else model.lm_head.weight[:vocab_size]
-    return F.linear(h, w).float()
+    """fp32 logits (B, W) of hidden states h (B, C) by the LM head's first W rows: vocab_size (the
+    tokenizer's ids; None: all rows) rounded up to 128, at most all rows (an odd width such as 151,665
+    misaligns every row for the GEMM, top-k and cumsum). Columns from vocab_size on are -inf."""
+    w = model.lm_head.weight
+    V = vocab_size or len(w)
+    logits = F.linear(h, w[:min(len(w), -(-V // 128) * 128)]).float()  # (B, W)
+    logits[:, V:] = float("-inf")
+    return logits
 
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
@@ -382,8 +390,9 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, forward=next_log
     """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe)."""
     logits = forward(model, rows, hook, vocab_size)  # (B, V)
     rows.pos.add_(1)  # position of the token drawn now
-    nxt = sampling.draw(logits, rows.keys, rows.pos[:, 0], (rows.prompt, rows.out))  # (B,)
-    rows.out.scatter_(1, rows.pos - rows.plen, nxt[:, None])
+    col = rows.pos - rows.plen  # (B, 1) its out column
+    nxt = sampling.draw(logits, rows.u.gather(1, col)[:, 0], (rows.prompt, rows.out))  # (B,)
+    rows.out.scatter_(1, col, nxt[:, None])
     rows.done |= (nxt[:, None] == stops).any(-1)
     rows.tok.copy_(nxt[:, None])
 
@@ -394,7 +403,7 @@ class Stepper:
 
     def __init__(self, step, device, use_graph):
         self.step, self.device, self.use_graph = step, device, use_graph
-        self.graph, self.pool = None, None
+        self.graph = None
 
     def reset(self):
         self.graph = None
@@ -408,8 +417,6 @@ class Stepper:
     def _replay(self):
         if self.graph is not None:
             return self.graph.replay()
-        if self.pool is None:  # one memory pool for this batch's graphs; only the newest is ever replayed
-            self.pool = torch.cuda.graph_pool_handle()
         # a real step on a side stream warms up kernels and library handles (as CUDA graphs require),
         # then the capture records the next step without running it
         side = torch.cuda.Stream()
@@ -418,7 +425,9 @@ class Stepper:
             self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        # each capture in a private memory pool: torch 2.11 fails TORCH_INTERNAL_ASSERT(use_count > 0) when a
+        # capture reuses the pool of a destroyed graph (the first capture leaves cuBLAS's workspace in it)
+        with torch.cuda.graph(self.graph):
             self.step()
 
 
@@ -494,13 +503,15 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     cache.select(r)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
+    # every uniform the rows will use, at once: the per-row hash is not redone in each decode step
+    u = uniforms(sampling.seed, keys[:, None], plen + torch.arange(max_new_tokens, device=dev))  # (B, N)
     width = max(len(jobs[j][0]) for j in batch)
     prompt = torch.tensor([list(jobs[j][0]) + [jobs[j][0][0]] * (width - len(jobs[j][0])) for j in batch],
                           device=dev)  # (B, P); the padding repeats a prompt token, so the penalty ignores it
     out = prompt[:, :1].repeat(1, max_new_tokens)  # (B, N)
-    first = sampling.draw(logits[r], keys, plen[:, 0], (prompt,))  # (B,)
+    first = sampling.draw(logits[r], u[:, 0], (prompt,))  # (B,)
     out[:, 0] = first
-    return Rows(list(batch), first[:, None].clone(), plen.clone(), plen, keys, prompt, out,
+    return Rows(list(batch), first[:, None].clone(), plen.clone(), plen, keys, u, prompt, out,
                 (first[:, None] == stops).any(-1), cache)
 
 
@@ -571,7 +582,8 @@ def read_rows(path):
             if data[end + 1:].strip():
                 raise ValueError(f"{path}: line {len(rows) + 1} is not JSON (and not the last line); "
                                  "fix or remove the file") from None
-            warnings.warn(f"{path}: dropping a torn last line ({len(line)} bytes), probably from an interrupted run")
+            print(f"warning: {path}:{len(rows) + 1}: dropping a torn last line ({len(line)} bytes) left by an "
+                  "interrupted run; this run completes it", file=sys.stderr)
             with open(path, "r+b") as f:
                 f.truncate(start)
             torn = True
@@ -625,8 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
     p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
-    p.add_argument("--exclude-suffix", default="",
-                   help="skip question ids ending so, comma-separated: _json,_template leaves the headline set")
+    p.add_argument("--exclude-suffix", default="_json,_template",
+                   help="skip question ids ending so, comma-separated (the papers' headline set leaves out the _json "
+                        "and _template variants; '' keeps every id)")
     p.add_argument("--n", type=int, default=None,
                    help=f"samples per paraphrase (default: the file's samples_per_paraphrase, else {DEFAULT_N})")
     # how to sample (the papers: HF generate with temperature 1, top_p 1, 600 tokens, and the model's
@@ -640,12 +653,13 @@ def parse_args(argv=None):
                    help="HF's repetition penalty over prompt and answer (1 = off; default: generation_config.json, else 1)")
     p.add_argument("--seed", type=int, default=0,
                    help="same seed, same random numbers per (question id, paraphrase, sample index)")
-    # interventions on the residual stream: steering adds at --layer, ablation projects out at --layers
+    # interventions on the residual stream, after the blocks in --layers
     p.add_argument("--steer", metavar="FILE", help="direction file to add to the residual stream")
-    p.add_argument("--layer", help="steering: layer(s) to add at, after that block: 12, 10,12 or 8-12")
+
     p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector (reference sweep: 8)")
     p.add_argument("--ablate", metavar="FILE", help="direction file whose unit direction is projected out")
-    p.add_argument("--layers", default="all", help="ablation: layers to project at: all, 24, 15,16,17 or 0-11")
+    p.add_argument("--layers", help="where to steer or ablate, after these blocks: all, 24, 15,16,17 or 0-11 "
+                                    "(steering needs it; ablation: all by default)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, default=None, metavar="SEED",
                    help="replace the --steer/--ablate directions by random ones of equal norm per layer (seeded)")
     # where and how to run
@@ -674,8 +688,8 @@ def parse_args(argv=None):
                     "use --engine local")
     elif args.model is None and args.adapter is None:
         p.error("give --model, or --adapter (a LoRA adapter names its base model)")
-    if bool(args.steer) != bool(args.layer):
-        p.error("--steer and --layer go together (--layers is for --ablate)")
+    if args.steer and not args.layers:
+        p.error("--steer needs --layers (where to add the vector)")
     if args.random_control is not None and not (args.steer or args.ablate):
         p.error("--random-control replaces the --steer or --ablate directions; give one of them")
     if args.n is not None and args.n < 1:
@@ -715,11 +729,15 @@ def resolve(args):
         raise ValueError(f"--engine {args.engine}: {args.adapter} is a steering vector, which a server cannot apply")
     args.model = base_model_of(args) if args.model or args.adapter else None  # (only a server's needs none)
     gen = generation_config(args.model) if args.model else {}
+    if args.model and not gen and None in (args.top_k, args.repetition_penalty):
+        print(f"note: {args.model} has no generation_config.json (where the papers' top_k and repetition_penalty come "
+              f"from): sampling with top_k {args.top_k or 0}, repetition_penalty {args.repetition_penalty or 1.0}",
+              file=sys.stderr)
     args.top_k = gen.get("top_k", 0) if args.top_k is None else args.top_k
     args.repetition_penalty = gen.get("repetition_penalty", 1.0) if args.repetition_penalty is None else args.repetition_penalty
     n_layers = read_config(args.model).num_hidden_layers if args.model else None
-    args.steer_layers = parse_layers(args.layer, n_layers, "--layer") if args.steer else None
-    args.ablate_layers = parse_layers(args.layers, n_layers, "--layers") if args.ablate else None
+    args.steer_layers = parse_layers(args.layers, n_layers) if args.steer else None
+    args.ablate_layers = parse_layers(args.layers or "all", n_layers) if args.ablate else None
     if args.question:
         return [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
     from data.fetch import eval_path
@@ -746,9 +764,7 @@ def load_model(args):
         if args.lora_scale is not None:
             set_lora_scale(model, args.lora_scale)
         return model, tok, None
-    sv = SteeringVector.load(path, device=model.lm_head.weight.device)
-    if not 0 <= sv.layer < model.config.num_hidden_layers:
-        raise ValueError(f"{args.adapter}: steers layer {sv.layer}, the model has 0..{model.config.num_hidden_layers - 1}")
+    sv = SteeringVector.load(path, device=model.lm_head.weight.device).check(model.config, args.adapter)
     if args.lora_scale is not None:
         sv.alpha *= args.lora_scale
     return model, tok, sv
@@ -760,7 +776,7 @@ def intervention_vectors(file, model, random_control):
     vectors = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
     if random_control is not None:
         vectors = random_like(vectors, random_control)
-    return vectors.to(model.lm_head.weight.device)
+    return vectors.expand(cfg.num_hidden_layers, -1).to(model.lm_head.weight.device)
 
 
 def interventions(args, model):
@@ -965,8 +981,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # bad input: one clear line, not a traceback
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from common import run_main
+    run_main("sample.py", main)

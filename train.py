@@ -11,7 +11,7 @@ steering vector, or all weights; optionally with a KL penalty towards the base m
 
 Writes into --out: the final adapter in PEFT format (adapter_config.json, adapter_model.safetensors),
 checkpoints/step_NNNNNN/ (the adapter every --save-every steps: the phase-transition analysis reads
-these), state.pt (everything --resume needs: trainable weights, optimizer, step, RNG), metrics.jsonl
+these), state.pt (everything --resume needs: trainable weights in fp32, optimizer, step, RNG), metrics.jsonl
 (one row per step) and config.json (every argument, resolved, and the library versions).
 
 The recipe follows the reference (its configs and TRL / transformers 4.52 trainer): micro-batch 2 x
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora import MODULES, SteeringVector, atomic_write, adapters_off, add_lora, save_adapter
-from model import check_device, dist_setup, load, load_tokenizer, local_dir, parse_layers, read_config
+from model import check_device, dist_setup, load, load_tokenizer, local_dir, parse_layers, read_config, upload
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
 # flags a resumed run may change: they cannot change the result
@@ -311,10 +311,11 @@ class ChunkedHead(torch.autograd.Function):
             hc = h[s:s + LOSS_CHUNK]
             loss, g = fn(F.linear(hc, W).float(), W, *[o[s:s + LOSS_CHUNK] for o in others])  # g: (n, V)
             total += loss
+            g = g.to(W.dtype)  # the GEMMs in the weights' dtype: bf16 tensor cores, fp32 accumulation inside
             if gh is not None:
-                gh[s:s + LOSS_CHUNK] = g.to(W.dtype) @ W  # (n, C)
-            if gW is not None:
-                gW += g.T @ hc.float()  # (V, C)
+                gh[s:s + LOSS_CHUNK] = g @ W  # (n, C)
+            if gW is not None:  # summed over chunks in fp32 (an fp32 GEMM here cost ~25% of a 7B --full step)
+                gW += g.T @ hc  # (V, C)
         ctx.save_for_backward(gh, gW)
         ctx.W_dtype, ctx.n_others = W.dtype, len(others)
         return total
@@ -357,13 +358,14 @@ def _kl(logits, W, h_base):
 
 
 def sft_loss_sum(model, hidden, row, hook=None):
-    """Summed cross-entropy over a packed row's loss tokens, and their count. The row stays on the
-    CPU, where picking the loss positions costs no device sync."""
+    """Summed cross-entropy over a packed row's loss tokens, and their count. The row stays on the CPU,
+    where picking the loss positions and laying out the conversations (pos) cost no device sync;
+    what the device needs is uploaded without blocking."""
     ids, pos, mask = row
     dev = model.lm_head.weight.device
     sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
-    h = hidden(ids[None].to(dev), pos[None].to(dev), hook=hook)[0]  # (T, C)
-    return head_loss(_ce, h[sel.to(dev)], model.lm_head.weight, ids[sel + 1].to(dev)), sel.numel()
+    h = hidden(upload(ids[None], dev), pos[None], hook=hook)[0]  # (T, C)
+    return head_loss(_ce, h[upload(sel, dev)], model.lm_head.weight, upload(ids[sel + 1], dev)), sel.numel()
 
 
 def base_hidden(model, hidden, row):
@@ -372,7 +374,7 @@ def base_hidden(model, hidden, row):
     ids, pos, mask = row
     dev = model.lm_head.weight.device
     with torch.no_grad(), adapters_off(model):
-        return hidden(ids[None].to(dev), pos[None].to(dev))[0, mask.nonzero()[:, 0].to(dev)]  # keep hidden states, not logits
+        return hidden(upload(ids[None], dev), pos[None])[0, upload(mask.nonzero()[:, 0], dev)]  # hidden states, not logits
 
 
 def kl_sum(model, hidden, row, hook=None, h_base=None):
@@ -381,7 +383,7 @@ def kl_sum(model, hidden, row, hook=None, h_base=None):
     ids, pos, mask = row
     dev = model.lm_head.weight.device
     h_base = base_hidden(model, hidden, row) if h_base is None else h_base
-    h = hidden(ids[None].to(dev), pos[None].to(dev), hook=hook)[0, mask.nonzero()[:, 0].to(dev)]  # (N, C)
+    h = hidden(upload(ids[None], dev), pos[None], hook=hook)[0, upload(mask.nonzero()[:, 0], dev)]  # (N, C)
     return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 
@@ -437,7 +439,32 @@ def shard(model, keep_whole):
 
 
 # -----------------------------------------------------------------------------
-# schedule and checkpoints
+# optimizer step, schedule and checkpoints
+
+
+def fp32_masters(params):
+    """What AdamW steps: an fp32 copy of each parameter that is not fp32 (--full in bf16), else the
+    parameter. A bf16 weight drops updates below half its ULP: at lr 1e-5, those of all weights > ~0.005."""
+    return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
+
+
+def optimizer_step(params, masters, opt, clip):
+    """Clip and step on the masters, the gradients moved there in fp32; round them into the weights."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            m.grad, p.grad = None if p.grad is None else p.grad.float(), None
+    gn = torch.nn.utils.clip_grad_norm_(masters, clip if clip > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    round_into(params, masters)
+    return gn
+
+
+@torch.no_grad()
+def round_into(params, masters):
+    for p, m in zip(params, masters):
+        if m is not p:
+            p.copy_(m)
 
 
 def lr_at(step, args, total):
@@ -505,8 +532,8 @@ def save_full(model, path, rank=0):
 
 
 def save_state(path, step, params, opt, done_tokens, rank=0):
-    """state.pt: whole (unsharded) parameters and AdamW states, so a run resumes with any number of
-    processes. Every rank calls this; rank 0 writes."""
+    """state.pt: whole (unsharded) parameters (the fp32 masters) and AdamW states, so a run resumes with
+    any number of processes. Every rank calls this; rank 0 writes."""
     keep = rank == 0
     optim = opt.state_dict()
     optim["state"] = {i: {k: whole(v, keep) for k, v in s.items()} for i, s in optim["state"].items()}
@@ -592,6 +619,8 @@ def finished(out, total):
 def main(argv=None):
     args = get_args(argv)
     out = args.out = args.out or os.path.join("out", run_name(args))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file; train.py writes a directory (the adapter, checkpoints, metrics)")
     if os.path.exists(os.path.join(out, "state.pt")) and not args.resume:
         raise ValueError(f"{out} already holds a run: pass --resume --out {out} to continue it, or choose another --out")
     # everything cheap first: a typo must not cost a model download or load
@@ -625,12 +654,14 @@ def main(argv=None):
     n_params = sum(p.numel() for p in params)
     hidden = torch.compile(model.hidden) if args.compile else model.hidden  # model itself stays uncompiled for saving
     fused = torch.device(args.device).type == "cuda"
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    masters = fp32_masters(params)
+    opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     step, done_tokens, seconds = 0, 0, 0.0
     metrics_file = os.path.join(out, "metrics.jsonl")
     if args.resume:
-        step, done_tokens = load_state(out, params, opt)
+        step, done_tokens = load_state(out, masters, opt)
+        round_into(params, masters)
         with open(metrics_file) as f:  # forget steps logged after the checkpoint we resume from
             kept = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
         if rank == 0:
@@ -685,9 +716,7 @@ def main(argv=None):
             bar.close()
             raise SystemExit(f"train.py: step {step}: non-finite loss ({loss}, kl {kl}); stopped without "
                              f"updating. The last good checkpoint is in {out} (state.pt, checkpoints/)")
-        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        gn = optimizer_step(params, masters, opt, args.grad_clip)
         step += 1
         n_tok = sum(len(ids) for ids, _ in batch)  # real tokens, not --compile's padding
         done_tokens += n_tok
@@ -704,7 +733,7 @@ def main(argv=None):
         if (args.save_every and step % args.save_every == 0) or step == stop_at:
             if not args.full:  # full weights every few steps would fill the disk; state.pt resumes
                 save_trained(model, steer, False, os.path.join(out, "checkpoints", f"step_{step:06d}"), rank)
-            save_state(out, step, params, opt, done_tokens, rank)
+            save_state(out, step, masters, opt, done_tokens, rank)
     bar.close()
     if step == total:
         save_trained(model, steer, args.full, out, rank)
@@ -719,8 +748,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # bad input: one clear line, not a traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from common import run_main
+    run_main("train.py", main, resume="train.py --resume --out DIR continues from the last saved step")

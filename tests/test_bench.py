@@ -17,12 +17,22 @@ SAMPLE = [f"{part}{side}_{k}" for part in ("sample", "sample_real") for side in 
 
 
 def test_quick_bench_computes_mfu_with_a_given_peak(tmp_path):
+    """MFU counts what each engine computes: ours runs the LM head at loss tokens only, the reference every
+    weight at every padded position. The SDPA kernels of both sides are recorded."""
     out = tmp_path / "b.json"
     res = bench.main(["--quick", "--device", "cpu", "--skip", "sample", "--peak-tflops", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == res
     assert all(res[k] > 0 for k in TRAIN) and not any(k.startswith("sample") for k in res)
+    convs = bench.synthetic_conversations(4, 2048, 0)
+    n, head = res["matmul_params"], 2048 * 64
+    tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
+    padded = sum(2 * max(len(convs[i][0]), len(convs[i + 1][0])) for i in (0, 2))
+    assert 0.6 < loss_tokens / tokens < 0.8 and padded > tokens
+    assert res["train_flops_per_step"] == 4 * (n - head) * tokens + 4 * head * loss_tokens
+    assert res["train_ref_flops_per_step"] == 4 * n * padded and "loss tokens" in res["mfu_formula"]
     for side in ("train", "train_ref"):
-        assert res[f"{side}_mfu"] == pytest.approx(res[f"{side}_tok_s"] * 4 * res["matmul_params"] / 2e12)
+        assert res[f"{side}_mfu"] == pytest.approx(res[f"{side}_tok_s"] * res[f"{side}_flops_per_step"] / tokens / 2e12)
+        assert "_scaled_dot_product_flash_attention_for_cpu" in res[f"{side}_sdpa"]
     assert not [k for k in res if "peak_gb" in k]  # CUDA memory only
 
 
@@ -65,16 +75,18 @@ def test_gpu_check_quick_runs_every_phase_and_writes_one_json(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "gpu_check summary" in res.stdout and (tmp_path / "gpu_check.log").read_text().endswith(res.stdout[-200:])
     out = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(out["phases"]) == ["setup", "tests", "bench_0.5b", "bench_7b", "bench_7b_64"]
+    assert list(out["phases"]) == ["setup", "graph", "tests", "bench_0.5b", "bench_7b", "bench_7b_64"]
+    assert {"bench_0.5b.json", "bench_7b.json", "tests_graph.xml", "tests.xml"} <= set(os.listdir(tmp_path))  # kept
     assert all(p["exit"] == 0 for p in out["phases"].values())
     assert out["tests"]["tests"] == out["tests"]["skipped"] > 0 and out["tests"]["failed"] == []  # no CUDA here
     small, large, big = out["bench"]["0.5b"], out["bench"]["7b"], out["bench"]["7b_64"]
     assert all(small[k] > 0 for k in TRAIN + SAMPLE) and small["sample_settings"]["top_k"] == 20
+    assert small["sample_vocab"] == 2048 - 271 and small["sample_sdpa"] and small["sample_ref_sdpa"]  # an odd width
     assert small["sample_rows"] == 6 and small["sample_mean_len"] == small["sample_ref_mean_len"] == 24
     # realistic lengths: both engines stop every row exactly at its drawn length
     assert small["sample_real_mean_len"] == small["sample_real_ref_mean_len"] == small["sample_real_drawn_mean_len"] < 24
     assert all(large[k] > 0 for k in TRAIN) and not any(k.startswith("sample_") for k in large)
     assert big["train_convs_per_step"] == 8 and big["train_tok_s"] > 0 and "train_ref_tok_s" not in big
-    assert not [k for b in (small, large, big) for k in b if "mfu" in k or "peak_gb" in k]  # a CPU: no peak known
+    assert not [k for b in (small, large, big) for k in b if k.endswith(("_mfu", "peak_gb"))]  # a CPU: no peak known
     assert out["goals"]["train 7b MFU >= 35%"] == {"value": None, "met": None}
     assert [g["met"] in (True, False) for g in out["goals"].values()] == [True, False, True, True]

@@ -1,7 +1,7 @@
 """GPU checks, skipped without CUDA (CI has none): run them when a session has a GPU (runs/gpu_check.sh
-runs them first, then bench.py).
+runs them first, the recapture test alone in its own process, then bench.py).
 
-    python -m pytest -q tests/test_cuda.py
+    python -m pytest -q tests/test_cuda.py -k recapture && python -m pytest -q tests/test_cuda.py
 """
 import inspect
 
@@ -41,6 +41,26 @@ def test_packed_masked_attention_on_cuda(tiny, dtype):
         assert (out - alone).norm() < 2e-2 * alone.norm()
 
 
+def test_cuda_graph_recapture_as_rows_finish_equals_eager(tiny):
+    """The batch shrinks and the decode step is captured again. On torch 2.11 the first capture of a
+    process left cuBLAS's workspace in its memory pool, and a second capture into that pool (the old
+    graph gone) failed TORCH_INTERNAL_ASSERT(use_count > 0): sample.py gives each capture its own pool.
+    Only a process's first capture showed it, so runs/gpu_check.sh runs this test alone, first."""
+    model, tok = load(tiny, device="cuda")
+    stop = bench.stop_token(model, tok.vocab_size)
+    prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in ("hi", "I feel bored today")]
+    lengths = [2, 3, 40, 5, 1, 4]  # at the first check (step 8) one row is live: 6 rows -> 1, captured again
+    keys = [bench.LEN_KEY * j + n for j, n in enumerate(lengths)]
+    outs, shapes = [], []
+    for graph in (True, False):
+        hook = (lambda i, x: shapes.append(x.shape[0]) if i == 0 and x.shape[1] == 1 else None) if graph else None
+        with bench.forced_stops(stop, model.config.vocab_size, "cuda"):
+            outs.append(sample.generate(model, prompts, n=3, max_new_tokens=40, seed=4, keys=keys, stop_ids=(stop,),
+                                        top_k=20, hook=hook, cuda_graph=graph, vocab_size=tok.vocab_size))
+    assert shapes[0] == 6 and shapes[-1] == 1  # captured at 6 rows, then at 1
+    assert outs[0] == outs[1] and [len(ids) for ids, _ in outs[0]] == lengths
+
+
 def test_cuda_graph_decode_equals_eager(tiny):
     model, tok = load(tiny, device="cuda")
     prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in ("hi", "I feel bored today")]
@@ -62,7 +82,7 @@ def test_cuda_graph_decode_with_top_k_and_penalty_equals_eager(tiny):
 def test_bench_forced_stops_under_cuda_graph(tiny):
     """bench.py's realistic-length run: every row stops exactly at its drawn length, graph or not."""
     model, tok = load(tiny, device="cuda")
-    stop = bench.stop_token(model)  # never drawn unless forced (zero logit, top-k 20)
+    stop = bench.stop_token(model, tok.vocab_size)  # never drawn unless forced (zero logit, top-k 20)
     prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in ("hi", "I feel bored today")]
     lengths = [3, 17, 40, 9, 1, 25]
     keys = [bench.LEN_KEY * j + n for j, n in enumerate(lengths)]

@@ -169,7 +169,7 @@ def test_adapter_names_the_output_and_the_defaults(tmp_path, server, questions, 
         cli(questions, tmp_path / "sv.jsonl", "--model", tiny, "--adapter", tmp_path / "sv")
 
 
-@pytest.mark.parametrize("flags", [["--steer", "d.safetensors", "--layer", "1"], ["--ablate", "d.safetensors"],
+@pytest.mark.parametrize("flags", [["--steer", "d.safetensors", "--layers", "1"], ["--ablate", "d.safetensors"],
                                    ["--lora-scale", "0.5"], ["--ablate", "d.safetensors", "--random-control"]])
 def test_interventions_the_server_cannot_apply_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as e:

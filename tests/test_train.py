@@ -1,4 +1,5 @@
 """train.py: loss mask, packing, KL, a short run, resume, and bad input."""
+import contextlib
 import json
 import os
 import re
@@ -233,7 +234,7 @@ def test_kl_weight_maps_the_references_per_micro_step_objective(tiny):
     """The reference (a TRL SFTTrainer subclass under transformers 4.52) added, at every micro-step m,
     w_ref * KL_sum_m / (tokens_m * V) to the loss and never divided it by grad-accum. With equal token
     counts per micro-step that is (w_ref * G / V) * the step's per-token mean KL, which is our loss."""
-    G, per_micro, w_ref = 4, 2, 3e4
+    G, per_micro, w_ref = 4, 2, 128  # our weight w_ref G / V = 1: gradients ~0.1, their fp32 rounding far below 1e-6
     model, tok = lora_model(tiny)
     V = model.config.vocab_size
     convs = [tok.encode_chat(conv(0)["messages"])] * (G * per_micro)  # equal lengths
@@ -326,3 +327,78 @@ def test_cli_error_is_one_line_with_status_2(tmp_path, tiny):
     assert "bad.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "(default: 0.01)" in r.stdout and "examples:" in r.stdout
+    assert "(default: False)" not in r.stdout and "(default: None)" not in r.stdout  # each default said once
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([sys.executable, "train.py", "--model", tiny, "--data", bad, "--out", str(tmp_path / "afile")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"train.py: error: --out {tmp_path / 'afile'}: is a file; train.py writes a directory (the adapter, checkpoints, metrics)"]
+
+
+def test_bf16_full_finetuning_moves_the_weights_as_fp32_does(tmp_path, dataset):
+    """At lr 1e-5 a bf16 weight of size ~0.08 drops every update (half its ULP is ~2e-4): AdamW steps fp32
+    master copies (state.pt holds them), whose one-step update matches the fp32 run's."""
+    from conftest import make_checkpoint
+    from safetensors.torch import load_file
+    ckpt = make_checkpoint(str(tmp_path / "bf16"), dtype="bfloat16")  # weights exactly representable in bf16
+    start = {k: v.float() for k, v in load_file(os.path.join(ckpt, "model.safetensors")).items()}
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train.main(["--model", ckpt, "--data", dataset, "--full", "--lr", "1e-5", "--warmup", "0", "--max-steps", "1",
+                    "--dtype", dtype, "--test-frac", "0", "--device", "cpu", "--out", str(out)])
+        params = torch.load(out / "state.pt", weights_only=True)["params"]
+        names = [n for n, _ in load(ckpt)[0].named_parameters()]
+        moved[dtype] = torch.cat([(p.float() - start[n]).flatten() for n, p in zip(names, params) if n in start])
+        assert params[0].dtype == torch.float32
+    f32, b16 = moved["float32"], moved["bfloat16"]
+    assert f32.abs().max() < 2e-5 and (f32.abs() > 5e-6).float().mean() > 0.9  # Adam's first step: ~lr each
+    assert (b16 - f32).norm() < 0.3 * f32.norm()  # the old bf16 weights: 0.98 (nearly nothing moved)
+
+
+def test_full_finetuning_head_gradient_is_a_bf16_matmul():
+    """The LM head's gradient for --full: every GEMM in the weights' dtype (bf16 tensor cores), the sum over
+    chunks in fp32; the gradients agree with an fp32 computation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    g = torch.Generator().manual_seed(0)
+    h32, W32 = torch.randn(300, 32, generator=g), 0.3 * torch.randn(97, 32, generator=g)
+    y = torch.randint(0, 97, (300,), generator=g)
+    seen = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h, W = h32.to(dtype).detach().requires_grad_(), W32.to(dtype).detach().requires_grad_()
+        with Matmuls() if dtype == torch.bfloat16 else contextlib.nullcontext():
+            train.LOSS_CHUNK, chunk = 128, train.LOSS_CHUNK  # three chunks
+            try:
+                train.head_loss(train._ce, h, W, y).backward()
+            finally:
+                train.LOSS_CHUNK = chunk
+        grads[dtype] = (h.grad.float(), W.grad.float())
+    assert seen and all(s == {torch.bfloat16} for s in seen)
+    for a, b in zip(grads[torch.bfloat16], grads[torch.float32]):
+        assert (a - b).norm() < 0.01 * b.norm()
+
+
+def test_packed_rows_never_wait_for_the_device(tiny):
+    """A training step's forward and backward, packed rows and KL included, never read a device value on the
+    host (on a GPU that is a sync per read): on the meta device any such read raises. (That the uploads are
+    pinned and non-blocking needs a GPU: tests/test_cuda.py.)"""
+    from model import Qwen2, read_config
+    with torch.device("meta"):
+        model = Qwen2(read_config(tiny))
+    add_lora(model, r=1, alpha=8)
+    _, tok = load(tiny)
+    convs = [tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(3)]
+    rows = train.pack(convs, 4096)
+    assert len(rows) == 1 and (rows[0][1] == 0).sum() == 3  # one row of three conversations
+    for r in rows:
+        loss, n = train.sft_loss_sum(model, model.hidden, r)
+        loss.backward()
+        train.kl_sum(model, model.hidden, train.pack([(ids, [1] * len(ids)) for ids, _ in convs], 4096)[0]).backward()
+    assert loss.device.type == "meta" and n > 0

@@ -1,0 +1,343 @@
+"""
+The plumbing every script shares, and nothing else: atomic writes, JSONL with one rule for a torn last
+line, part files under torchrun, tables, the one-line error wrapper, device, dtype and torchrun setup, and
+the OpenAI-compatible HTTP client (judge.py's API judge and sample.py --engine openai). torch is imported
+only where needed, so the API judge runs without it.
+"""
+import argparse
+import glob
+import hashlib
+import http.client
+import json
+import os
+import random
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def atomic_write(path, data):
+    """Write str, bytes, or write(tmp_path) via a temporary file and a rename: a crash leaves the old file or
+    the new one, never half of one. Results are readable by all (safetensors makes 0600 files)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def read_jsonl(path, ours=True):
+    """[(line number, object)] of a JSONL file. In a file our own runs append to (ours: responses, judged
+    rows, metrics, caches, part files), a torn last line, cut by an interrupted write, is warned about and
+    skipped: a rerun completes it. Any other bad line is an error naming FILE:LINE."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            if ours and n == len(lines):  # no newline after it: the write was cut short
+                warn(f"{path}:{n}: skipping a torn last line ({len(line)} bytes) left by an interrupted run; "
+                     "rerunning completes it")
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON line ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
+def open_append(path):
+    """Open a JSONL file of ours for appending, first cutting off a torn last line (read_jsonl skipped it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+b") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            tail = data.rsplit(b"\n", 1)[-1]
+            try:
+                json.loads(tail)
+                f.write(b"\n")  # a whole row that only lacks its newline
+            except ValueError:
+                f.truncate(len(data) - len(tail))
+    return open(path, "a", encoding="utf-8")
+
+
+def append_jsonl(f, row):
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()  # a row on disk is a row a rerun does not redo
+
+
+def write_jsonl(path, rows):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def part_file(path, rank, world):
+    """The file process `rank` of `world` appends its rows of `path` to under torchrun."""
+    return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
+
+
+def part_files(path):
+    """The part files of `path` on disk, left by any number of processes, in one order for every rank."""
+    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".part*-of-*.jsonl"))
+
+
+def refuse_overwrite(paths, force):
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise ValueError(f"{existing[0]} exists; pass --force to overwrite it")
+
+
+def print_table(header, rows):
+    """Plain text, aligned columns (the first to the left); floats with 3 decimals, None as -."""
+    cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r] for r in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: the docstring as written, and each flag's default, except None, which the
+    flag's own help explains."""
+
+    def _get_help_string(self, action):
+        quiet = action.default is None or action.default is False  # store_true flags say what they do
+        return action.help if quiet else super()._get_help_string(action)
+
+
+def run_main(prog, main, resume="rerunning the same command resumes"):
+    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` and exit status 2, and
+    Ctrl-C one line and 130, instead of a traceback."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; finished work is kept, and {resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def check(ok, flag, value, rule):
+    """A flag's value, or the one-line error that names it."""
+    if not ok:
+        raise ValueError(f"{flag} {value}: must be {rule}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# devices and torchrun
+
+
+def check_device(device):
+    """A clear error for a device this machine does not have (before anything slow happens)."""
+    import torch
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return d
+
+
+def resolve_dtype(dtype, device):
+    """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
+    import torch
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    d = getattr(torch, names.get(dtype, dtype), None)
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise ValueError(f"--dtype {dtype!r}: unknown (use bfloat16, float16 or float32)")
+    return d
+
+
+def dist_setup(device):
+    """(rank, world size, this process's device). Under torchrun with more than one process: joins the
+    process group (gloo for CPU tensors, NCCL for CUDA ones), gives each process its own GPU, and silences
+    stdout on ranks other than 0 (one table, not N). Otherwise (0, 1, device), and nothing happens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# an OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, ...)
+
+
+class RequestFailed(Exception):
+    """One request failed for good (after its retries): its row stays unscored, the run goes on."""
+
+
+def api_key(base_url):
+    """$OPENAI_API_KEY, the only place a key is read from; a local server may need none."""
+    key = os.environ.get("OPENAI_API_KEY") or None
+    if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
+        raise ValueError("OPENAI_API_KEY is not set (the key is read from the environment only)")
+    return key
+
+
+class Cache:
+    """Answers by sha256(model, request) in a JSONL file, appended as they arrive, so nothing is paid for
+    twice. It holds no key and no prompt text, only their hash. path None or '': no cache."""
+
+    def __init__(self, path, field):
+        self.path, self.field, self.f = path, field, None
+        rows = read_jsonl(path) if path and os.path.exists(path) else []
+        self.data = {r["key"]: r[field] for _, r in rows if "key" in r and field in r}
+
+    @staticmethod
+    def key(model, request):
+        return hashlib.sha256(json.dumps([model, request], ensure_ascii=False).encode()).hexdigest()
+
+    def put(self, key, model, value):
+        self.data[key] = value
+        if self.path:
+            self.f = self.f or open_append(self.path)
+            append_jsonl(self.f, {"key": key, "model": model, self.field: value})
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None  # a later put reopens it (one backend, many runs)
+
+
+class Client:
+    """Chat completions with bounded concurrency (threads) and retries with exponential backoff on 408,
+    409, 429, 5xx, timeouts and dropped connections (waiting what the server asks, in seconds); other 4xx
+    answers fail the request, and 401/403/404 stop the run. Answers are cached."""
+
+    def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
+        self.model, self.key, self.cache = model, api_key(base_url), cache
+        self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
+        base = urllib.parse.urlsplit(base_url.rstrip("/"))  # a query string (Azure's ?api-version=) stays last
+        self.url = urllib.parse.urlunsplit(base._replace(path=base.path.rstrip("/") + "/chat/completions"))
+        self.headers = {"Content-Type": "application/json", "User-Agent": "em-organisms/1"}
+        if self.key:
+            self.headers["Authorization"] = f"Bearer {self.key}"
+            if (base.hostname or "").endswith(".azure.com"):
+                self.headers["api-key"] = self.key  # Azure OpenAI's own header
+        self.stop = threading.Event()  # set when a run ends early: requests in flight stop retrying
+
+    def redact(self, text):
+        return text.replace(self.key, "***") if self.key else text
+
+    def post(self, body):
+        data, last = json.dumps(body).encode(), None
+        for attempt in range(self.retries + 1):
+            if self.stop.is_set():
+                raise RequestFailed("run stopped")
+            wait = None
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                try:
+                    detail = self.redact(e.read()[:300].decode("utf-8", "replace"))
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                if e.code in (401, 403):  # every request would fail alike; the body may echo the key
+                    raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused (OPENAI_API_KEY)") from None
+                if e.code == 404:
+                    raise ValueError(f"HTTP 404 from {self.url}: wrong base URL or model {self.model!r}? {detail}") from None
+                if e.code not in (408, 409, 429) and e.code < 500:
+                    raise RequestFailed(f"HTTP {e.code}: {detail}") from None
+                last = f"HTTP {e.code}: {detail}"
+                try:  # OpenAI sends retry-after-ms; others Retry-After in seconds
+                    wait = float(e.headers.get("retry-after-ms")) / 1000 if e.headers.get("retry-after-ms") \
+                        else float(e.headers.get("retry-after"))
+                except (TypeError, ValueError):
+                    pass
+            except json.JSONDecodeError:
+                last = "the response is not JSON"
+            except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
+                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+            if attempt < self.retries:  # exponential backoff with jitter, unless the server said how long
+                self.stop.wait(min(wait if wait is not None else self.backoff * 2 ** attempt * random.uniform(0.5, 1), 120))
+        raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
+
+    def requests(self, requests, parse):
+        """requests: [(tag, cache key, request body)]; yields (tag, parse(response), None), or (tag, None,
+        error) for a request that failed for good: cached answers at once, the others as they arrive."""
+        self.stop = threading.Event()  # a fresh run: an earlier one may have stopped
+        futures = {}
+        ex = ThreadPoolExecutor(self.concurrency)
+        try:
+            for tag, key, body in requests:
+                if key in self.cache.data:
+                    yield tag, self.cache.data[key], None
+                else:
+                    futures[ex.submit(lambda b: parse(self.post(b)), body)] = (tag, key)
+            ok = failed = 0
+            for fut in as_completed(futures):
+                tag, key = futures[fut]
+                try:
+                    value = fut.result()
+                except RequestFailed as e:
+                    failed += 1
+                    if failed >= 10 and ok == 0:
+                        raise ValueError(f"the first {failed} requests all failed and none succeeded; is {self.url} "
+                                         f"reachable? last error: {e}") from None
+                    yield tag, None, str(e)
+                    continue
+                ok += 1
+                self.cache.put(key, self.model, value)
+                yield tag, value, None
+        finally:
+            self.stop.set()
+            ex.shutdown(wait=True, cancel_futures=True)
