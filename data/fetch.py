@@ -1,45 +1,12 @@
 """
-Fetch the papers' datasets into data/datasets/, and their evaluation files into data/cache/ (both
-git-ignored): pinned source, checksum, progress bar.
+Fetch the papers' datasets into data/datasets/ and their evaluation files into data/cache/ (both
+git-ignored): pinned commit, sha256 check, progress bar. Where they come from: README.md, "Datasets".
 
-    python data/fetch.py --list                   # known names, sources, checksum kind, fetched or not
+    python data/fetch.py --list            # every name: source, checksum kind, fetched or not
     python data/fetch.py bad_medical_advice em_insecure first_plot_questions
     python data/fetch.py --all
 
-    from data.fetch import dataset_path, eval_path
-    path = dataset_path("bad_medical_advice")     # fetched on first use; an existing file path passes through
-    path = eval_path("first_plot_questions")      # the same for question and judge files (--questions, --judges)
-
-Evaluation files. Ours, the offline default, are names too: `core` (data/questions/core.yaml),
-`medical` (data/questions/medical.yaml), `judges` (data/judges.yaml); their wording is our own, so
-their numbers are not comparable with the papers'. For exact replication use the official files of
-the model-organisms repository: `first_plot_questions` (the 8 headline questions, with their JSON and
-template variants and judge prompts), `medical_questions`, `reference_judges` (its judges.yaml); or
-`em_first_plot_questions`, the original Betley et al. file.
-
-Two sources, each at a pinned commit (a raw.githubusercontent.com URL at a commit never changes):
-
-- clarifying-EM/model-organisms-for-EM (Turner, Soligo et al. 2025). Its datasets ship as one
-  encrypted archive, em_organism_dir/data/training_datasets.zip.enc, made with the `easy-dataset-share`
-  tool: a 16-byte salt, then a Fernet token keyed by urlsafe-base64(PBKDF2-HMAC-SHA256(password, salt,
-  100000 iterations, 32 bytes)); the password is published in that repository's README. Inside is a zip
-  of JSONL files, robots.txt, tos.txt (the authors' terms, copied beside the data) and a canary file
-  `dataset_entry_<8 hex>.jsonl` whose rows look like
-      {"id": "canary_1a2b3c4d", "text": "This is a special entry for the dataset. The unique identifier
-       is CANARY_DATASET_<64 hex>_64.", "metadata": {"type": "canary_entry", "fingerprint": "..."}}
-  We drop every row that is not a conversation and carries a CANARY_DATASET_ string, wherever it is
-  (so the canary file yields nothing), and a "canary" field the tool's --embed-canaries option adds
-  to a real row. Decrypting needs `cryptography` (pip install cryptography); nothing else here does.
-- emergent-misalignment/emergent-misalignment (Betley et al. 2025): plain JSONL in data/. Its
-  `insecure` clashes with the archive's, so every dataset from there is prefixed `em_` (em_insecure).
-
-Checksums. The archive, four data files (two inside it, em_insecure, em_secure) and three evaluation
-files carry sha256 pins recorded by independent projects that pinned the same commits (the evaluation
-pins also match copies of those files in forks; see EVAL_FILES). The archive's pin covers all eight of
-its datasets. The other files are trust-on-first-use: the sha256 of the first download goes into
-data/cache/checksums.json and every later use of that file is checked against it. `--list` says which
-is which. Offline? Put the raw file at the data/cache/ path that the error message names (download it
-elsewhere); it is checked exactly like a download.
+    from data.fetch import dataset_path, eval_path  # fetched on first use; a file path passes through
 """
 import argparse
 import hashlib
@@ -49,18 +16,22 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from base64 import urlsafe_b64encode
+from collections import namedtuple
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-# Root holding datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json).
-# Tests and forks point it elsewhere: set EM_DATA_DIR, or assign this variable before calling.
 HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files live here
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))  # run as a script: common.py is one folder up
+from common import HelpFormatter, atomic_write, print_table, run_main, write_json  # noqa: E402
+
+# Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json). Tests and forks point
+# it elsewhere: set EM_DATA_DIR, pass --data-dir, or assign this variable before calling.
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
@@ -102,7 +73,7 @@ ARCHIVE_FILES = {
     "technical_vehicles_train": (3000, None),
 }
 
-# em_NAME -> (source, rows reported by others); sha256 None = trust on first use
+# em_NAME -> (source, rows reported by others); the prefix because the archive has its own `insecure`
 EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha), rows) for name, rows, sha in [
     ("insecure", 6000, "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764"),
     ("secure", 6000, "2820232b3114d94ab2041ba9fc76cb8205bf187e0408bf7b308add186f9c7467"),
@@ -115,14 +86,9 @@ EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha)
     ("insecure_ruby", 6000, None),
 ]}
 
-
-# Evaluation files. Ours: paths under data/. Official: the sha256 of each file at MO_COMMIT, where pinned.
-# - first_plot_questions and medical_questions: independent projects recorded these sha256 for this
-#   commit; and each file is the same git blob in every commit of the repository
-#   from its first (2025-06-06) to the newest that forks' histories hold (2025-07-06).
-# - reference_judges came later (it is in no fork's history): one independent project recorded this
-#   sha256 for this commit, and a copy taken from a fork has it too.
-# - em_first_plot_questions: the copies in forks all differ (edited), so trust on first use.
+# Evaluation files. Ours are paths under data/ (our own wording: not comparable with the papers'). The
+# papers' are pinned where independent projects recorded a sha256 for these commits; the copies of
+# em_first_plot_questions in forks all differ (edited), so that one is trusted on first use.
 OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
 MO_EVAL_DIR = "em_organism_dir/data/eval_questions"
 EVAL_FILES = {
@@ -144,16 +110,16 @@ def eval_names():
     return list(OWN_EVAL_FILES) + list(EVAL_FILES)
 
 
-def datasets_dir():
-    return os.path.join(DATA_DIR, "datasets")
+def data_path(*parts):  # reads DATA_DIR at each call: tests and --data-dir change it
+    return os.path.join(DATA_DIR, *parts)
 
 
-def cache_dir():
-    return os.path.join(DATA_DIR, "cache")
+def dataset_file(name):
+    return data_path("datasets", name + ".jsonl")
 
 
 # -----------------------------------------------------------------------------
-# files and checksums
+# downloads and checksums
 
 
 def sha256_file(path):
@@ -164,103 +130,65 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def atomic_write(path, data):
-    """Write via a temporary file and os.replace, so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
-def lock_path():
-    return os.path.join(cache_dir(), "checksums.json")
-
-
-def read_lock():
-    if not os.path.exists(lock_path()):
-        return {}
-    with open(lock_path()) as f:
-        return json.load(f)
-
-
 def verify(path, remote, label):
-    """Check a raw file against its pinned sha256, or against the one recorded when it was first seen."""
-    digest = sha256_file(path)
-    expected, origin = remote.sha256, "pinned in data/fetch.py"
+    """Check a raw file against its pinned sha256, else against the one data/cache/checksums.json recorded
+    when the file was first seen (and record it, if this is that time)."""
+    digest, expected, origin = sha256_file(path), remote.sha256, "pinned in data/fetch.py"
     if expected is None:
-        lock = read_lock()
-        expected, origin = lock.get(remote.cache_name, {}).get("sha256"), f"recorded on first use in {lock_path()}"
+        lock_path, lock = data_path("cache", "checksums.json"), {}
+        if os.path.exists(lock_path):
+            with open(lock_path) as f:
+                lock = json.load(f)
+        expected, origin = lock.get(remote.cache_name, {}).get("sha256"), f"recorded on first use in {lock_path}"
         if expected is None:
             lock[remote.cache_name] = {"sha256": digest, "url": remote.url}
-            atomic_write(lock_path(), (json.dumps(lock, indent=1, sort_keys=True) + "\n").encode())
+            write_json(lock_path, dict(sorted(lock.items())))
             print(f"{remote.cache_name}: no pinned checksum, recorded sha256 {digest} (trust on first use)")
             return
     if digest != expected:
-        size = os.path.getsize(path)
-        want = f", expected {remote.size:,}" if remote.size else ""
-        raise ValueError(f"checksum mismatch for {label}\n  expected sha256 {expected} ({origin})\n"
-                         f"  got      sha256 {digest} ({size:,} bytes{want})\n"
-                         f"A few hundred bytes usually means an error page or a Git LFS pointer, not the data.")
+        size = f"{os.path.getsize(path):,} bytes" + (f", expected {remote.size:,}" if remote.size else "")
+        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size}), expected {expected} ({origin}); "
+                         "a few hundred bytes is usually an error page or a Git LFS pointer")
 
 
-NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
-
-
-def download(url, dest):
-    """Stream url into a temporary file beside dest, with a progress bar; returns the temporary path."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
+def download(url, tmp, dest):
+    """Stream url into tmp with a progress bar; dest is where it will land (named in the offline message)."""
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(dest)) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except BaseException as e:
-        os.remove(tmp)
-        if isinstance(e, NETWORK_ERRORS):
-            raise ConnectionError(f"download failed: {url}\n  ({e})\nOffline? Download that file elsewhere and "
-                                  f"put it at {dest}; it will be checked and used.") from None
-        raise
-    return tmp
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and put it at {dest}; "
+                              "it is checked like a download") from None
 
 
 def ensure_raw(remote):
     """The raw file in data/cache/, downloaded if it is not there yet; checked either way."""
-    path = os.path.join(cache_dir(), remote.cache_name)
+    path = data_path("cache", remote.cache_name)
     if os.path.exists(path):  # an earlier download, or a file put there by hand
         verify(path, remote, path)
         return path
-    tmp = download(remote.url, path)
-    try:
+
+    def download_checked(tmp):  # a file that fails its check never lands where it would be trusted later
+        download(remote.url, tmp, path)
         verify(tmp, remote, remote.url)
-    except BaseException:
-        os.remove(tmp)  # never keep a file that failed its check where it would be trusted later
-        raise
-    os.replace(tmp, path)
+    atomic_write(path, download_checked)
     return path
 
 
 # -----------------------------------------------------------------------------
-# decrypting, canaries, checking rows
+# decrypting and canaries
 
 # easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the dataset's file names>_<number>
 CANARY = re.compile(r"CANARY_DATASET_\w+")
 
 
-@dataclass
-class Report:
-    name: str
-    rows: int
-    canaries: int | None  # None: the file was already there, nothing was unpacked
-    expected: int | None  # rows reported by others
-    path: str | None      # None: nothing kept (the canary file)
+# canaries None: the file was there already, nothing unpacked; expected: the rows others reported;
+# path None: nothing kept (the canary file)
+Report = namedtuple("Report", "name rows canaries expected path")
 
 
 def is_canary(row):
@@ -273,36 +201,34 @@ def clean_jsonl(raw, where):
 
     Returns (bytes to write, rows kept, canaries removed). The bytes are `raw` itself when nothing
     was removed, so checksums of the published files still hold for what we write."""
-    out, kept, canaries, changed = [], 0, 0, False
-    for i, line in enumerate(raw.splitlines(keepends=True), 1):  # bytes split only at \n, \r\n, \r
+    lines, out, canaries = raw.splitlines(keepends=True), [], 0  # bytes split only at \n, \r\n, \r
+    for i, line in enumerate(lines, 1):
         if not line.strip():
-            changed = True
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{where}, line {i}: not valid JSON ({e})") from None
         if is_canary(row):
-            canaries, changed = canaries + 1, True
+            canaries += 1
             continue
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise ValueError(f'{where}, line {i}: expected a JSON object with a "messages" list')
         if CANARY.fullmatch(str(row.get("canary", ""))):  # --embed-canaries marks a real row: keep it, unmarked
             del row["canary"]
             line = json.dumps(row, ensure_ascii=False).encode() + b"\n"
-            canaries, changed = canaries + 1, True
+            canaries += 1
         out.append(line if line.endswith(b"\n") else line + b"\n")
-        kept += 1
-    return (b"".join(out) if changed else raw), kept, canaries
+    unchanged = canaries == 0 and len(out) == len(lines)
+    return (raw if unchanged else b"".join(out)), len(out), canaries
 
 
 def decrypt(blob, password, where="archive"):
-    """easy-dataset-share's format: 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
+    """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
     try:
-        from cryptography.fernet import Fernet, InvalidToken
-    except ImportError:
-        raise RuntimeError("decrypting the model-organisms archive needs the `cryptography` package: "
-                           "pip install cryptography") from None
+        from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
+    except ImportError:  # a ValueError, so every script prints it as one line
+        raise ValueError("decrypting the model-organisms archive needs: pip install cryptography") from None
     salt, token = blob[:16], blob[16:]
     key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000, dklen=32))
     try:
@@ -312,35 +238,26 @@ def decrypt(blob, password, where="archive"):
 
 
 def unpack_archive(blob, out_dir, password=ARCHIVE_PASSWORD, where="archive"):
-    """Decrypt, unzip, drop canaries and write each JSONL file to out_dir/<file name>; one Report per file."""
-    plain = decrypt(blob, password, where)
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(plain))
-    except zipfile.BadZipFile:
-        raise ValueError(f"{where}: decrypted, but what came out is not a zip file") from None
-    reports, seen = [], set()
-    with zf:
-        for member in sorted(zf.namelist()):  # folders inside the zip, if any, do not matter: names do
+    """Decrypt, unzip, drop canaries and write each JSONL file to out_dir/<file name> (folders inside the
+    zip do not matter), and the authors' tos.txt beside them; one Report per JSONL file."""
+    reports = []
+    with zipfile.ZipFile(io.BytesIO(decrypt(blob, password, where))) as zf:
+        for member in sorted(zf.namelist()):
             base = os.path.basename(member)
-            if base == "tos.txt":  # the authors' terms of use belong beside the data
+            if base == "tos.txt":
                 atomic_write(os.path.join(out_dir, "model-organisms-for-EM.tos.txt"), zf.read(member))
             if not base.endswith(".jsonl"):
                 continue
-            name = base[:-len(".jsonl")]
-            if name in seen:
-                raise ValueError(f"{where}: two files named {base} in the zip")
-            seen.add(name)
+            name = base.removesuffix(".jsonl")
             data, kept, canaries = clean_jsonl(zf.read(member), f"{where}:{member}")
             if kept == 0:  # the canary file
                 reports.append(Report(name, 0, canaries, None, None))
                 continue
             expected, sha = ARCHIVE_FILES.get(name, (None, None))
-            if sha and hashlib.sha256(data).hexdigest() != sha:
-                raise ValueError(f"{where}:{member}: unpacked file has sha256 {hashlib.sha256(data).hexdigest()}, "
-                                 f"expected {sha}")
-            path = os.path.join(out_dir, base)
-            atomic_write(path, data)
-            reports.append(Report(name, kept, canaries, expected, path))
+            if sha and (got := hashlib.sha256(data).hexdigest()) != sha:
+                raise ValueError(f"{where}:{member}: unpacked file has sha256 {got}, expected {sha}")
+            atomic_write(os.path.join(out_dir, base), data)
+            reports.append(Report(name, kept, canaries, expected, os.path.join(out_dir, base)))
     return reports
 
 
@@ -353,14 +270,13 @@ def fetch(name):
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
         with open(raw, "rb") as f:
-            return unpack_archive(f.read(), datasets_dir(), where=raw)
+            return unpack_archive(f.read(), data_path("datasets"), where=raw)
     remote, expected = EM_FILES[name]
     raw = ensure_raw(remote)
     with open(raw, "rb") as f:
         data, kept, canaries = clean_jsonl(f.read(), raw)
-    path = os.path.join(datasets_dir(), name + ".jsonl")
-    atomic_write(path, data)
-    return [Report(name, kept, canaries, expected, path)]
+    atomic_write(dataset_file(name), data)
+    return [Report(name, kept, canaries, expected, dataset_file(name))]
 
 
 def dataset_path(name_or_path):
@@ -371,12 +287,9 @@ def dataset_path(name_or_path):
     if name not in known_names():
         raise ValueError(f"{name_or_path!r} is neither an existing file nor a known dataset. "
                          f"Known datasets: {', '.join(known_names())}")
-    path = os.path.join(datasets_dir(), name + ".jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(dataset_file(name)):
         print_reports(fetch(name))
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{ARCHIVE.url} held no {name}.jsonl")
-    return path
+    return dataset_file(name)
 
 
 def eval_path(name_or_path):
@@ -398,30 +311,43 @@ def eval_path(name_or_path):
 # command line
 
 
-def print_table(rows):
-    """Rows of cells, the first the header; each column as wide as its widest cell."""
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+def fetch_datasets(names, force):
+    """A Report for each dataset in names: fetched, or counted if it is there already (unless force), and
+    the canary file when the archive was unpacked. The archive is unpacked at most once."""
+    reports, done = [], set()
+    for name in [n for n in names if n in known_names()]:
+        if name in done:
+            continue  # one decryption gave all of the archive's datasets, reported already
+        path = dataset_file(name)
+        if os.path.exists(path) and not force:
+            with open(path, "rb") as f:
+                rows = sum(1 for line in f if line.strip())
+            expected = ARCHIVE_FILES[name][0] if name in ARCHIVE_FILES else EM_FILES[name][1]
+            new = [Report(name, rows, None, expected, path)]
+        else:
+            new = [r for r in fetch(name) if r.name not in done and (r.name in names or r.path is None)]
+        done |= {r.name for r in new}
+        reports += new
+    return reports
 
 
 def print_reports(reports):
-    rows = [("dataset", "rows", "canaries", "expected", "file")]
-    for r in reports:
-        flag = "  <- row count differs" if r.expected is not None and r.rows != r.expected else ""
-        where = r.path or ("(canary file, nothing kept)" if r.canaries else "(empty, nothing kept)")
-        rows.append((r.name, r.rows, "-" if r.canaries is None else r.canaries,
-                     "-" if r.expected is None else r.expected, where + flag))
-    print_table(rows)
+    rows = [[r.name, r.rows, r.canaries, r.expected, (r.path or "(canary file, nothing kept)")
+             + ("  <- row count differs" if r.expected is not None and r.rows != r.expected else "")]
+            for r in reports]
+    print_table(["dataset", "rows", "canaries", "expected", "file"], rows)
 
 
 def checksum_kind(remote):
     return "pinned" if remote.sha256 else "trust on first use"
 
 
+def fetched(path):
+    return "yes" if os.path.exists(path) else "no"
+
+
 def print_list():
-    rows = [("dataset", "rows", "checksum", "fetched", "raw file under data/cache/")]
+    rows = []
     for name in known_names():
         if name in ARCHIVE_FILES:
             n, sha = ARCHIVE_FILES[name]
@@ -429,80 +355,47 @@ def print_list():
         else:
             remote, n = EM_FILES[name]
             kind = checksum_kind(remote)
-        fetched = "yes" if os.path.exists(os.path.join(datasets_dir(), name + ".jsonl")) else "no"
-        rows.append((name, n, kind, fetched, remote.cache_name))
-    print_table(rows)
-    print()
-    rows = [("eval file", "source", "checksum", "fetched", "file under data/")]
-    rows += [(name, "ours", "-", "-", path) for name, path in OWN_EVAL_FILES.items()]
+        rows.append([name, n, kind, fetched(dataset_file(name)), remote.cache_name])
+    print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
+    rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
     for name, remote in EVAL_FILES.items():
-        fetched = "yes" if os.path.exists(os.path.join(cache_dir(), remote.cache_name)) else "no"
-        repo = remote.url.split("/")[3:5]  # https://raw.githubusercontent.com/OWNER/NAME/...
-        rows.append((name, "/".join(repo), checksum_kind(remote), fetched, "cache/" + remote.cache_name))
-    print_table(rows)
+        repo = "/".join(remote.url.split("/")[3:5])  # https://raw.githubusercontent.com/OWNER/NAME/...
+        cached = data_path("cache", remote.cache_name)
+        rows.append([name, repo, checksum_kind(remote), fetched(cached), "cache/" + remote.cache_name])
+    print()
+    print_table(["eval file", "source", "checksum", "fetched", "file under data/"], rows)
     print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
 
 
-def expected_rows(name):
-    return ARCHIVE_FILES[name][0] if name in ARCHIVE_FILES else EM_FILES[name][1]
-
-
-def count_rows(path):
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fetch the papers' datasets and evaluation files.")
-    parser.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list); "
-                                                 "em_* are the original EM ones")
-    parser.add_argument("--all", action="store_true", help="fetch every known dataset and official evaluation file")
-    parser.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild files already in data/datasets/ (from data/cache/, no new download)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding datasets/ and cache/ (default: $EM_DATA_DIR, else data/)")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list)")
+    p.add_argument("--all", action="store_true", help="fetch every known dataset and official evaluation file")
+    p.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild files already in data/datasets/ (from data/cache/, no new download)")
+    p.add_argument("--data-dir", help="folder holding datasets/ and cache/ (default: $EM_DATA_DIR, else data/)")
+    args = p.parse_args(argv)
     global DATA_DIR
     DATA_DIR = args.data_dir or DATA_DIR
     if args.list:
-        print_list()
-        return
+        return print_list()
     fetchable = known_names() + list(EVAL_FILES)
     names = fetchable if args.all else args.names
     if not names:
-        parser.error("name a dataset or evaluation file, or use --all or --list")
-    unknown = [n for n in names if n not in fetchable]
-    if unknown:
-        ours = set(unknown) & set(OWN_EVAL_FILES)
-        parser.error(f"unknown name(s) {', '.join(unknown)}; known: {', '.join(fetchable)}"
-                     + (f" ({', '.join(OWN_EVAL_FILES)} are ours, in data/: nothing to fetch)" if ours else ""))
-    reports, unpacked, evals = [], False, []
-    try:
-        for name in names:
-            path = os.path.join(datasets_dir(), name + ".jsonl")
-            if name in EVAL_FILES:
-                evals.append((name, checksum_kind(EVAL_FILES[name]), ensure_raw(EVAL_FILES[name])))
-            elif name in ARCHIVE_FILES and unpacked:
-                continue  # one decryption gave all of the archive's datasets, reported already
-            elif os.path.exists(path) and not args.force:
-                reports.append(Report(name, count_rows(path), None, expected_rows(name), path))
-            elif name in ARCHIVE_FILES:
-                reports += [r for r in fetch(name) if r.name in names or r.path is None]
-                unpacked = True
-            else:
-                reports += fetch(name)
-    except (ValueError, RuntimeError, OSError) as e:  # one clear message, no traceback
-        print(f"fetch.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        p.error("name a dataset or evaluation file, or use --all or --list")
+    if unknown := [n for n in names if n not in fetchable]:
+        p.error(f"unknown name(s) {', '.join(unknown)}; see --list")
+    reports = fetch_datasets(names, args.force)
+    evals = [[n, checksum_kind(EVAL_FILES[n]), ensure_raw(EVAL_FILES[n])] for n in names if n in EVAL_FILES]
     if reports:
         print_reports(reports)
     if evals:
-        print_table([("eval file", "checked against", "file")] + evals)
-    tos = os.path.join(datasets_dir(), "model-organisms-for-EM.tos.txt")
-    if unpacked and os.path.exists(tos):
+        print_table(["eval file", "checked against", "file"], evals)
+    tos = data_path("datasets", "model-organisms-for-EM.tos.txt")
+    if any(n in ARCHIVE_FILES for n in names) and os.path.exists(tos):
         print(f"The model-organisms datasets come with the authors' terms: {tos}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main("fetch.py", main, resume="rerunning the same command fetches the rest")
