@@ -287,4 +287,4 @@ def test_paths_and_hub_ids(tmp_path, tiny, monkeypatch):
         err = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert err.startswith(f"{argv[0]}: error: Org/not-cached: the Hugging Face Hub could not be reached")
-        assert "HF_HUB_OFFLINE" in err and "--model DIR" in err
+        assert "HF_HUB_OFFLINE" in err and "--model DIR" in err and "(hf download Org/not-cached)" in err

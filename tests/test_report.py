@@ -4,6 +4,7 @@ figure is drawn beside its JSON and linked exactly when matplotlib is installed 
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -115,3 +116,12 @@ def test_panels_from_the_json(tmp_path):
     assert list(report.sweep_panels(load("organism/ablate/sweep.json"))[0][3][""][0]) == ["baseline", "direction", "random"]
     assert list(report.compare_panels(load("compare.json"))[0][3]) == ["1-2", "1-3", "2-3"]
     assert set(report.stability_panels(load("nvg/stability/stability.json"))[2][3]) == {"narrow", "general", "random"}
+
+
+def test_cli_help_and_a_missing_directory():
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "runs", "report.py"), *a],
+                                    capture_output=True, text=True)
+    r = run("--help")
+    assert r.returncode == 0 and "--note" in r.stdout
+    r = run("/nonexistent/dir")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "runs/report.py: error: /nonexistent/dir: no such directory"
