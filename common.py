@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 # -----------------------------------------------------------------------------
 # files
 
-
 def atomic_write(path, data):
     """Write str, bytes, or write(tmp_path) via a temporary file and a rename: a crash leaves the old file or
     the new one, never half of one. Results are readable by all (safetensors makes 0600 files)."""
@@ -41,14 +40,11 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
-
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
 
-
 def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
-
 
 def read_jsonl(path, ours=True):
     """[(line number, object)] of a JSONL file. In a file our own runs append to (ours: responses, judged
@@ -73,7 +69,6 @@ def read_jsonl(path, ours=True):
         rows.append((n, row))
     return rows
 
-
 def open_append(path):
     """Open a JSONL file of ours for appending, first cutting off a torn last line (read_jsonl skipped it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -89,31 +84,25 @@ def open_append(path):
                 f.truncate(len(data) - len(tail))
     return open(path, "a", encoding="utf-8")
 
-
 def append_jsonl(f, row):
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     f.flush()  # a row on disk is a row a rerun does not redo
 
-
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
 
 def part_file(path, rank, world):
     """The file process `rank` of `world` appends its rows of `path` to under torchrun."""
     return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
 
-
 def part_files(path):
     """The part files of `path` on disk, left by any number of processes, in one order for every rank."""
     return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".part*-of-*.jsonl"))
-
 
 def refuse_overwrite(paths, force):
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite it")
-
 
 def print_table(header, rows):
     """Plain text, aligned columns (the first to the left); floats with 3 decimals, None as -."""
@@ -122,10 +111,8 @@ def print_table(header, rows):
     for r in cells:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
 
-
 # -----------------------------------------------------------------------------
 # command lines
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every script's --help: the docstring as written, and each flag's default, except None, which the
@@ -134,7 +121,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action):
         quiet = action.default is None or action.default is False  # store_true flags say what they do
         return action.help if quiet else super()._get_help_string(action)
-
 
 def run_main(prog, main, resume="rerunning the same command resumes"):
     """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` and exit status 2, and
@@ -148,17 +134,14 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
         print(f"\n{prog}: interrupted; finished work is kept, and {resume}", file=sys.stderr)
         sys.exit(130)
 
-
 def check(ok, flag, value, rule):
     """A flag's value, or the one-line error that names it."""
     if not ok:
         raise ValueError(f"{flag} {value}: must be {rule}")
     return value
 
-
 # -----------------------------------------------------------------------------
 # devices and torchrun
-
 
 def check_device(device):
     """A clear error for a device this machine does not have (before anything slow happens)."""
@@ -174,7 +157,6 @@ def check_device(device):
         raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
     return d
 
-
 def resolve_dtype(dtype, device):
     """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
     import torch
@@ -188,7 +170,6 @@ def resolve_dtype(dtype, device):
     if not isinstance(d, torch.dtype) or not d.is_floating_point:
         raise ValueError(f"--dtype {dtype!r}: unknown (use bfloat16, float16 or float32)")
     return d
-
 
 def dist_setup(device):
     """(rank, world size, this process's device). Under torchrun with more than one process: joins the
@@ -208,20 +189,16 @@ def dist_setup(device):
         torch.cuda.set_device(device)
     return dist.get_rank(), world, device
 
-
 def barrier(world):
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
 
-
 # -----------------------------------------------------------------------------
 # an OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, ...)
 
-
 class RequestFailed(Exception):
     """One request failed for good (after its retries): its row stays unscored, the run goes on."""
-
 
 def api_key(base_url):
     """$OPENAI_API_KEY, the only place a key is read from; a local server may need none."""
@@ -229,7 +206,6 @@ def api_key(base_url):
     if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
         raise ValueError("OPENAI_API_KEY is not set (the key is read from the environment only)")
     return key
-
 
 class Cache:
     """Answers by sha256(model, request) in a JSONL file, appended as they arrive, so nothing is paid for
@@ -254,7 +230,6 @@ class Cache:
         if self.f is not None:
             self.f.close()
             self.f = None  # a later put reopens it (one backend, many runs)
-
 
 class Client:
     """Chat completions with bounded concurrency (threads) and retries with exponential backoff on 408,

@@ -1,25 +1,17 @@
 """
-LoRA adapters and steering vectors for model.py, saved and loaded in PEFT's format.
+LoRA adapters and steering vectors for model.py; adapters saved and loaded in PEFT's format.
 
-    from model import load
-    from lora import add_lora, save_adapter, load_adapter
-    model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")
     add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])   # one rank-1 adapter
     save_adapter(model, "out/run")           # adapter_config.json + adapter_model.safetensors
-    load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")   # hub id or dir
+    load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")   # hub id or directory
 
-A LoRA module wraps a frozen nn.Linear: y = W x + b + scale * B A x, A (r, in) kaiming-uniform, B
-(out, r) zero, scale = alpha / sqrt(r) (rsLoRA) or alpha / r. A and B are fp32 parameters cast to the
-activations' dtype in the forward (the usual mixed-precision recipe: fp32 master weights, bf16 math).
-Switches the experiments need: `adapters_off(model)` (the base distribution for the KL loss, from
-the same weights), `set_lora_scale(model, m)` (multiply every B: phase-transition sweeps),
-`record_scalars(model)` (each adapter's hidden value A x: probing rank-1 adapters), `fix_scalars(model,
-{name: value})` (A x replaced by a constant: steering rank-1 adapters), `merge(model)`.
-
-A steering vector is one learnable d_model vector v added as alpha * v to the residual stream after
-layer L at every position of every row; it plugs into model.py's residual hook.
+LoRA as in PEFT: y = W x + b + scale * B A x, A (r, in) kaiming-uniform, B (out, r) zero, scale = alpha / sqrt(r)
+(rsLoRA) or alpha / r. Where it departs from PEFT:
+- A and B stay fp32, cast to the activations' dtype in the forward (fp32 master weights, bf16 math);
+- switches for the experiments: adapters_off (the KL's base model, same weights), set_lora_scale (B times m),
+  record_scalars (each adapter's A x: probes), fix_scalars (A x replaced by a constant: steering), merge.
+A steering vector is a learnable v added as alpha * v after layer L, at every position of every row (a hook).
 """
-import json
 import math
 import os
 from contextlib import contextmanager
@@ -27,12 +19,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+import common
+from model import local_path, read_json
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
-
+atomic_write = common.atomic_write  # kept for callers being moved to common.py
 
 class LoRALinear(nn.Module):
     def __init__(self, base, r, alpha, rslora=True, dropout=0.0):
@@ -45,7 +39,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
         self.enabled = True
         self.multiplier = 1.0  # scales B at run time, for sweeps
         self.recorded = None  # a list while record_scalars() is active
@@ -69,60 +63,46 @@ class LoRALinear(nn.Module):
         """The update to W as one (out, in) matrix, in fp32."""
         return (self.lora_B @ self.lora_A) * (self.scale * self.multiplier)
 
-
 def lora_modules(model):
     """(name, LoRALinear) pairs, named as in the base model (model.layers.3.mlp.down_proj)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def _target(model, layer, module):
-    block = model.model.layers[layer]
-    parent = block.mlp if module in ("gate_proj", "up_proj", "down_proj") else block.self_attn
-    return parent, f"model.layers.{layer}.{'mlp' if parent is block.mlp else 'self_attn'}.{module}"
-
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
     """Wrap the given modules of the given layers (all layers if None) with fresh LoRA; returns their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [m for m in modules if m not in MODULES]
-    if bad:
-        raise ValueError(f"unknown LoRA modules {bad}; choose from {', '.join(MODULES)}")
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
+    if any(m not in MODULES for m in modules):
+        raise ValueError(f"unknown LoRA modules {[m for m in modules if m not in MODULES]}; choose from {', '.join(MODULES)}")
+    if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"layers {[i for i in layers if not 0 <= i < n_layers]} do not exist: "
+                         f"the model has layers 0..{n_layers - 1}")
     names = []
     for i in layers:
         for m in modules:
-            parent, name = _target(model, i, m)
-            base = getattr(parent, m)
-            if isinstance(base, LoRALinear):
+            kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            parent, name = getattr(model.model.layers[i], kind), f"model.layers.{i}.{kind}.{m}"
+            if isinstance(getattr(parent, m), LoRALinear):
                 raise ValueError(f"{name} already has a LoRA adapter")
-            setattr(parent, m, LoRALinear(base, r, alpha, rslora, dropout))
+            setattr(parent, m, LoRALinear(getattr(parent, m), r, alpha, rslora, dropout))
             names.append(name)
     return names
-
-
-def set_enabled(model, enabled):
-    for _, m in lora_modules(model):
-        m.enabled = enabled
-
 
 @contextmanager
 def adapters_off(model):
     """The base model, from the same weights (KL reference, baselines)."""
-    set_enabled(model, False)
+    mods = [m for _, m in lora_modules(model)]
+    for m in mods:
+        m.enabled = False
     try:
         yield
     finally:
-        set_enabled(model, True)
-
+        for m in mods:
+            m.enabled = True
 
 def set_lora_scale(model, multiplier):
     """Multiply every adapter's B by `multiplier` at run time (1 = as trained, 0 = base model)."""
     for _, m in lora_modules(model):
         m.multiplier = multiplier
-
 
 @contextmanager
 def record_scalars(model):
@@ -136,7 +116,6 @@ def record_scalars(model):
     finally:
         for _, m in mods:
             m.recorded = None
-
 
 @contextmanager
 def fix_scalars(model, values):
@@ -154,104 +133,66 @@ def fix_scalars(model, values):
         for n in values:
             mods[n].fixed_scalar = None
 
-
 @torch.no_grad()
 def merge(model):
     """Fold every adapter into its base weight and drop the wrapper (faster sampling; not reversible)."""
     for name, m in lora_modules(model):
         if m.enabled:
             m.base.weight += m.delta().to(m.base.weight.dtype)
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        setattr(parent, name.rsplit(".", 1)[1], m.base)
-
+        model.set_submodule(name, m.base)
 
 # -----------------------------------------------------------------------------
 # PEFT format
 
-
-def atomic_write(path, write):
-    """write(tmp) then rename over path: a crash leaves the old file or the new one, never half of one.
-    The file gets the usual permissions (safetensors creates 0600 files; results are for everyone)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
+def save_tensors(path, tensors):
+    common.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 def save_adapter(model, path, base_model=None):
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")
-    rs = {(m.r, m.alpha, m.rslora) for _, m in mods}
+    rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
     if len(rs) > 1:
-        raise ValueError(f"adapters with different (r, alpha, rslora) {rs} cannot share one PEFT config")
-    r, alpha, rslora = rs.pop()
-    names = [n for n, _ in mods]
-    layers = sorted({int(n.split(".")[2]) for n in names})
-    targets = sorted({n.rsplit(".", 1)[1] for n in names}, key=MODULES.index)
-    # PEFT describes a set of (layer, module) pairs as layers x modules; refuse what it cannot say
-    if len(names) != len(layers) * len(targets):
+        raise ValueError(f"adapters with different (r, alpha, rslora, dropout) {rs} cannot share one PEFT config")
+    r, alpha, rslora, dropout = rs.pop()
+    layers = sorted({int(n.split(".")[2]) for n, _ in mods})
+    targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods}, key=MODULES.index)
+    if len(mods) != len(layers) * len(targets):  # PEFT describes the adapted modules as layers x modules
         raise ValueError("save_adapter needs the same modules in every adapted layer (PEFT's format)")
-    config = {
+    save_tensors(os.path.join(path, "adapter_model.safetensors"),
+                 {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().contiguous().cpu()
+                  for n, m in mods for ab in "AB"})
+    common.write_json(os.path.join(path, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-        "lora_dropout": mods[0][1].dropout.p if isinstance(mods[0][1].dropout, nn.Dropout) else 0.0,
-        "target_modules": targets,
+        "lora_dropout": dropout, "target_modules": targets,
         "layers_to_transform": None if len(layers) == model.config.num_hidden_layers else layers,
         "layers_pattern": None, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-        "base_model_name_or_path": base_model or model.config.name_or_path,
-    }
-    tensors = {}
-    for n, m in mods:
-        tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
-    os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, "adapter_model.safetensors"),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(path, "adapter_config.json"),
-                  lambda p: open(p, "w").write(json.dumps(config, indent=2)))
-
+        "base_model_name_or_path": base_model or model.config.name_or_path})
 
 def adapter_dir(path_or_hub_id):
     """A local adapter directory; a hub id is downloaded (adapter files only)."""
-    from model import local_path
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
-
 
 def load_adapter(model, path_or_hub_id):
     """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the adapted module names."""
     path = adapter_dir(path_or_hub_id)
     cfg_file, w_file = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
-    for f in (cfg_file, w_file):
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f}: missing (a PEFT adapter needs adapter_config.json and "
-                                    "adapter_model.safetensors)")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
+    if not os.path.exists(cfg_file) or not os.path.exists(w_file):
+        raise FileNotFoundError(f"{path}: not a PEFT adapter (it needs adapter_config.json and adapter_model.safetensors)")
+    cfg = read_json(cfg_file)
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern") or cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_file}: only plain LoRA adapters are supported (no DoRA, bias or alpha_pattern)")
-    with safe_open(w_file, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = load_file(w_file)
     names = []
-    for key in sorted(tensors):
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise ValueError(f"{w_file}: unsupported tensor {key}")
-            continue
-        name = key[len(PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(PEFT_PREFIX) else None
-        parts = (name or "").split(".")
-        if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        name = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        parts = name.split(".")
+        if not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
             raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a Qwen2 linear layer")
         A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        layer, module = int(parts[2]), parts[4]
-        add_lora(model, A.shape[0], cfg["lora_alpha"], [module], [layer], cfg.get("use_rslora", False))
+        add_lora(model, A.shape[0], cfg["lora_alpha"], [parts[4]], [int(parts[2])], cfg.get("use_rslora", False))
         m = model.get_submodule(name)
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
             raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the model "
@@ -261,14 +202,12 @@ def load_adapter(model, path_or_hub_id):
             m.lora_B.copy_(B)
         m.requires_grad_(False)
         names.append(name)
-    if not names:
-        raise ValueError(f"{w_file}: no LoRA tensors found")
+    if not names or len(tensors) != 2 * len(names):
+        raise ValueError(f"{w_file}: expected pairs of LoRA A and B tensors, found {sorted(tensors)[:4]}")
     return names
-
 
 # -----------------------------------------------------------------------------
 # steering vector
-
 
 class SteeringVector(nn.Module):
     """alpha * v added to the residual stream after `layer`, every position of every row.
@@ -290,19 +229,15 @@ class SteeringVector(nn.Module):
         return self
 
     def save(self, path):
-        os.makedirs(path, exist_ok=True)
-        atomic_write(os.path.join(path, "steering_vector.safetensors"),
-                      lambda p: save_file({"vector": self.vector.detach().float().cpu().contiguous()}, p))
-        atomic_write(os.path.join(path, "steering_config.json"), lambda p: open(p, "w").write(
-            json.dumps({"type": "steering_vector", "layer": self.layer, "alpha": self.alpha,
-                        "d_model": self.vector.numel(), "base_model_name_or_path": self.base_model}, indent=2)))
+        save_tensors(os.path.join(path, "steering_vector.safetensors"), {"vector": self.vector.detach().float().cpu()})
+        common.write_json(os.path.join(path, "steering_config.json"), {
+            "type": "steering_vector", "layer": self.layer, "alpha": self.alpha, "d_model": self.vector.numel(),
+            "base_model_name_or_path": self.base_model})
 
     @classmethod
     def load(cls, path, device="cpu"):
-        with open(os.path.join(path, "steering_config.json")) as f:
-            cfg = json.load(f)
-        with safe_open(os.path.join(path, "steering_vector.safetensors"), framework="pt") as f:
-            v = f.get_tensor("vector")
+        cfg = read_json(os.path.join(path, "steering_config.json"))
+        v = load_file(os.path.join(path, "steering_vector.safetensors"))["vector"]
         sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", "")).to(device)
         with torch.no_grad():
             sv.vector.copy_(v)

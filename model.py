@@ -1,20 +1,14 @@
 """
-The Qwen2 / Qwen2.5 decoder in plain PyTorch, its weights and its chat tokenizer.
+The Qwen2 / Qwen2.5 decoder in plain PyTorch, its chat tokenizer and its safetensors loader; numerics as in
+transformers' modeling_qwen2.py, which the tests compare it with (RoPE tables and RMSNorm in fp32, q/k/v bias, GQA).
 
-    from model import load
     model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
-    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)])
-    logits = model(ids)                                       # (1, T, vocab rows)
+    logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, vocab rows)
 
-One forward path serves training, sampling and analysis:
-- `pos` gives each token's position; where it restarts at 0 a new conversation begins, and
-  attention stays inside each conversation (packed training rows);
-- `cache` is a preallocated KVCache written at `pos` (batched sampling);
-- `hook(layer, x)` sees the residual stream after every layer and may return a replacement
-  (activation capture, steering, ablation).
-Numerics follow transformers' modeling_qwen2.py, the reference this file is tested against:
-RoPE tables in fp32 (cast to the activations' dtype, as HF does), RMSNorm in fp32 cast back
-before the weight, q/k/v with bias, grouped-query attention.
+Where it departs from transformers: one forward path serves training, sampling and analysis.
+- `pos` restarting at 0 starts a conversation, and attention stays inside each (packed training rows);
+- `cache` is a preallocated KVCache written at `pos`, shared by rows of different lengths (batched sampling);
+- `hook(layer, x)` sees the residual stream after every layer and may replace it (capture, steering, ablation).
 """
 import json
 import os
@@ -29,10 +23,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from common import HelpFormatter, check_device, dist_setup, resolve_dtype  # noqa: F401 (scripts import them from here too)
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-# -----------------------------------------------------------------------------
-# config
-
 
 @dataclass
 class Config:
@@ -57,73 +47,45 @@ class Config:
         if hf.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in archs:
             raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} "
                              "is not Qwen2; model.py runs Qwen2 and Qwen2.5 models only")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        n_layers = _require(hf, "num_hidden_layers", source)
-        layer_types = hf.get("layer_types")
-        if layer_types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
-            # HF's rule: with sliding windows on, layers from max_window_layers upwards slide
-            first = hf.get("max_window_layers", n_layers)
-            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-        if layer_types and any(t != "full_attention" for t in layer_types):
+        n_layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+        types = hf.get("layer_types")
+        if types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+            types = ["sliding"] * (n_layers - hf.get("max_window_layers", n_layers))  # HF: layers from there up slide
+        if any(t != "full_attention" for t in types or []):
             raise ValueError(f"{source}: sliding-window attention layers are switched on; "
                              "model.py implements full causal attention only")
-        # RoPE: newer files carry rope_parameters, the Hub's Qwen2.5 files rope_theta + rope_scaling
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not supported (only default RoPE)")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        hidden, heads = _require(hf, "hidden_size", source), _require(hf, "num_attention_heads", source)
-        return cls(
-            vocab_size=_require(hf, "vocab_size", source),
-            hidden_size=hidden,
-            intermediate_size=_require(hf, "intermediate_size", source),
-            num_hidden_layers=n_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
-        )
-
-
-def _require(hf, key, source):
-    if key not in hf:
-        raise ValueError(f"{source}: missing required key {key!r}")
-    return hf[key]
-
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # newer files / the Hub's Qwen2.5 files
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: RoPE scaling {rope} is not supported (only default RoPE)")
+        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   num_hidden_layers=n_layers, num_attention_heads=heads,
+                   num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                   max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                   torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"))
 
 # -----------------------------------------------------------------------------
 # the network
 
-
 def upload(t, device):
-    """t on device; from the CPU to a GPU through pinned memory, not blocking (a copy from pageable
-    memory first waits for all the work queued on the GPU: a host sync)."""
+    """t on device: from the CPU to a GPU through pinned memory, not blocking (pageable memory syncs the host)."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
-
 def rope(pos, head_dim, theta, dtype):
-    """cos and sin tables (B, 1, T, head_dim) for positions pos (B, T): computed in fp32 and rounded to the
-    activations' dtype once per forward (HF rounds them the same way in every layer). sin carries
-    rotate-half's sign (-sin on the first half), so apply_rope needs one roll, not a neg and a cat."""
+    """cos and sin (B, 1, T, head_dim) for positions pos (B, T): fp32, rounded to the activations' dtype once
+    (HF rounds them alike in every layer); sin carries rotate-half's sign (-sin on the first half)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
     freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
-    cos, sin = freqs.cos(), freqs.sin()  # HF's "rotate half" layout, so weights load unpermuted
+    cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout, so the weights load unpermuted
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
-
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); cos, sin from rope. roll(x) * sin = cat(x2, x1) * cat(-s, s) is HF's
-    rotate_half(x) * sin = cat(-x2, x1) * cat(s, s), bit for bit."""
+    """x (B, H, T, hd). roll(x) * sin = cat(x2, x1) * cat(-s, s) is HF's rotate_half(x) * sin, bit for bit."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -134,7 +96,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # fp32 inside (one fused kernel on CUDA), the result cast back *before* the weight, as HF does
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -155,9 +116,8 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_head
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-            # With a mask, enable_gqa would fall back to the slow math kernel, and repeating k and v
-            # copies the whole cache. Instead stack the query heads that share a kv head along time:
-            # (B, nkv, g*T, hd) against (B, nkv, S, hd); the mask comes tiled g times to match.
+            # enable_gqa with a mask falls back to the slow math kernel, and repeating k and v copies the cache: the
+            # g query heads of a kv head are stacked along time instead, (B, nkv, g*T, hd), the mask tiled to match
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=attn)
         elif attn is not None:  # packed rows: attention runs on the conversations laid out as a batch
             y = attn.unpack(F.scaled_dot_product_attention(
@@ -167,12 +127,10 @@ class Attention(nn.Module):
         y = y.reshape(B, self.n_head, T, self.hd)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
-
 class Packed:
-    """Rows that hold several conversations (pos restarts at 0 where one begins). For attention only,
-    the conversations are gathered into one right-padded batch (n, L) and attended with plain causal
-    attention, so no work is spent across conversations and the fast kernels apply; the padding sits
-    after each conversation, where causal attention never looks. Everything else stays packed."""
+    """Rows of several conversations (pos restarts at 0 where one begins). For attention only, they are gathered
+    into one right-padded batch (n, L) under plain causal attention: no work across conversations, the fast
+    kernels, and the padding after each conversation, where causal attention never looks."""
 
     def __init__(self, pos, device):
         B, T = pos.shape
@@ -198,7 +156,6 @@ class Packed:
         H, hd = t.shape[1], t.shape[3]
         return t.transpose(1, 2).reshape(self.n * self.L, H, hd)[self.scatter].view(B, T, H, hd).transpose(1, 2)
 
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -208,7 +165,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -222,13 +178,9 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
 class KVCache:
-    """Preallocated keys and values, (B, n_kv, max_len, head_dim) per layer, written at positions.
-
-    Slot s holds position s of its row, so rows of different lengths share one cache: a row attends
-    to the slots up to its current position, and anything a row wrote beyond that (prompt padding)
-    is overwritten before it is ever read."""
+    """Preallocated keys and values, (B, n_kv, max_len, head_dim) per layer; slot s holds position s of its row.
+    A row attends to its slots up to its position: what it wrote beyond (padding) is overwritten before it is read."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -246,7 +198,6 @@ class KVCache:
         """Keep only these batch rows (drop finished samples, or repeat a prompt's row n times)."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
-
 
 class Qwen2(nn.Module):
     def __init__(self, cfg):
@@ -266,16 +217,13 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention(self, pos, cache, device):
-        """How this forward attends: an additive (B, 1, g*T, S) mask over the cache slots (SDPA would
-        convert a boolean one in every layer), tiled for the g query heads per kv head (see Attention);
-        a Packed layout, built on the host, for rows holding several conversations; or None for plain
-        causal attention. Training passes CPU positions: the layout then costs no device sync."""
-        dtype = self.model.embed_tokens.weight.dtype
+        """With a cache, an additive (B, 1, g*T, S) mask over its slots, tiled for the g query heads per kv head
+        (see Attention); for rows of several conversations, a Packed layout; else None (plain causal)."""
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
             pos = upload(pos, device)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
             after = (torch.arange(cache.max_len, device=device) > pos[:, :, None]).repeat(1, g, 1)[:, None]
-            return torch.zeros(after.shape, dtype=dtype, device=device).masked_fill_(after, float("-inf"))
+            return torch.where(after, float("-inf"), 0.0).to(self.model.embed_tokens.weight.dtype)
         if pos.shape[1] > 1 and (pos[:, 1:] == 0).any():  # a host sync only if pos is on a GPU
             return Packed(pos, device)
         return None
@@ -284,13 +232,9 @@ class Qwen2(nn.Module):
         """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first).
         pos may stay on the CPU while idx is on a GPU: it is uploaded without a host sync."""
         B, T = idx.shape
-        if pos is None:
-            if cache is not None:
-                raise ValueError("a forward with a KV cache needs the token positions `pos`")
-            pos, attn = torch.arange(T, device=idx.device).expand(B, T), None  # one conversation per row
-        else:
-            attn = self.attention(pos, cache, idx.device)
-            pos = upload(pos, idx.device)
+        assert pos is not None or cache is None, "a forward with a KV cache needs the token positions `pos`"
+        attn = None if pos is None else self.attention(pos, cache, idx.device)  # None: one conversation per row
+        pos = torch.arange(T, device=idx.device).expand(B, T) if pos is None else upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, 1, T, hd)
         for i, block in enumerate(self.model.layers):
@@ -307,26 +251,22 @@ class Qwen2(nn.Module):
         """Logits (B, T, vocab rows) in the model's dtype; upcast before softmax or loss."""
         return self.lm_head(self.hidden(idx, pos, cache, hook))
 
-
 # -----------------------------------------------------------------------------
 # tokenizer with the Qwen2.5 chat format
-
 
 class Tokenizer:
     def __init__(self, path):
         self.tok = HFTokenizer.from_file(path)
-        self.path = path
         ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"{path}: not a Qwen2.5 chat tokenizer, it lacks {missing}")
+        if None in ids.values():
+            raise ValueError(f"{path}: not a Qwen2.5 chat tokenizer, it lacks {[t for t, i in ids.items() if i is None]}")
         self.eot_id, self.im_start_id, self.im_end_id = ids.values()
         self.stop_ids = (self.im_end_id, self.eot_id)  # generation ends at either
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     @staticmethod
     def render_chat(messages, add_generation_prompt=False):
-        """The ChatML text and the character spans the assistant writes (content + <|im_end|>)."""
+        """The ChatML text (Qwen2.5's template) and the character spans the assistant writes (content + <|im_end|>)."""
         if not messages or any(not isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         if messages[0].get("role") != "system":
@@ -340,9 +280,7 @@ class Tokenizer:
             if role == "assistant":
                 spans.append((len(text), len(text) + len(content) + len("<|im_end|>")))
             text += f"{content}<|im_end|>\n"
-        if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-        return text, spans
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -354,53 +292,43 @@ class Tokenizer:
         """ids and a 0/1 mask that is 1 exactly on the assistant's tokens (content and <|im_end|>)."""
         text, spans = self.render_chat(messages)
         enc = self.tok.encode(text, add_special_tokens=False)
-        mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
-        return enc.ids, mask
+        return enc.ids, [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-
 # -----------------------------------------------------------------------------
 # loading
 
-
 def local_path(name_or_path, what="model", patterns=None):
-    """A local directory for --model / --adapter / --judge local:...; a hub id is downloaded (only the files
-    in `patterns`). What exists on disk is a path. What does not exist but looks like a path the user meant
-    (./x, ../x, /x, ~/x, out/x, or its first component is an existing directory) is a "no such directory"
-    error, not a hub id; so is anything that is not of the form owner/name."""
+    """A local directory for --model / --adapter / --judge local:...: an existing directory is one; owner/name
+    is a hub id, downloaded (only `patterns`; offline, from the local cache); anything else is an error."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: is a file, not a {what} directory")
-    first = name_or_path.split("/")[0]
-    looks_local = name_or_path.startswith((".", "/", "~", "out/")) or (first and os.path.isdir(first))
-    if looks_local or name_or_path.count("/") != 1 or not all(name_or_path.split("/")):
-        raise FileNotFoundError(f"{name_or_path}: no such {what} directory"
-                                + ("" if looks_local else " (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)"))
+    missing = f"{name_or_path}: no such {what} directory"
+    not_an_id = FileNotFoundError(f"{missing} (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
+    if name_or_path.count("/") != 1:
+        raise not_an_id
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     try:
         return snapshot_download(name_or_path, allow_patterns=patterns)
+    except HFValidationError:  # ./x, ~/x, /x: not a name the Hub allows
+        raise not_an_id from None
     except LocalEntryNotFoundError:  # offline, and not in the cache
         raise FileNotFoundError(
-            f"{name_or_path}: the Hugging Face Hub could not be reached and the {what} is not in the local cache; "
-            f"download it elsewhere and pass its directory (--model DIR), or fill the cache "
-            f"(hf download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
+            f"{missing}, and the Hugging Face Hub could not be reached to download it; pass an existing directory "
+            f"(--model DIR), or fill the cache (hf download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
     except HfHubHTTPError as e:  # a typo in the id, a gated or private repository
-        raise FileNotFoundError(f"{name_or_path}: not available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
-
-
-MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "*.safetensors", "model.safetensors.index.json"]
-
+        raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
 
 def local_dir(name_or_path, weights=True):
-    """A local HF-format model directory, downloading config, tokenizer and safetensors if given a hub id
-    (weights=False: config and tokenizer only, so scripts can check their input before a long download)."""
-    return local_path(name_or_path, "model", MODEL_FILES if weights else MODEL_FILES[:4])
-
+    """A local HF-format model directory (weights=False: a hub id downloads config and tokenizer only, so
+    scripts can check their input before a long download)."""
+    files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    return local_path(name_or_path, "model", files + (["*.safetensors", "model.safetensors.index.json"] if weights else []))
 
 def parse_layers(spec, n_layers, flag="--layers"):
     """Layer indices from one spelling shared by every script: `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
@@ -422,103 +350,68 @@ def parse_layers(spec, n_layers, flag="--layers"):
         raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
     return sorted(set(out))
 
-
-def weight_files(path):
-    """{tensor name: safetensors file} from model.safetensors or a sharded index."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {os.path.join(path, v) for v in weight_map.values()}
-    else:
-        files = {os.path.join(path, "model.safetensors")}
-    for f in files:
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f}: weight file missing (only safetensors checkpoints are loaded)")
-    names = {}
-    for f in sorted(files):
-        with safe_open(f, framework="pt") as sf:
-            names.update({k: f for k in sf.keys()})
-    return names
-
+def read_json(file):
+    """A JSON file; a missing file or bad JSON is an error that names it."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
 
 def load_weights(model, path, device, dtype):
-    """Fill a meta-device model from safetensors, each tensor straight into its final dtype and device."""
-    names = weight_files(path)
+    """Fill a meta-device model from model.safetensors or a sharded index, each tensor straight into its
+    final dtype and device, every name and shape checked."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
     want = dict(model.state_dict())  # meta tensors: names and shapes only
     if model.config.tie_word_embeddings:
         want.pop("lm_head.weight")
-    missing = [k for k in want if k not in names]
-    if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    extra = [k for k in names if k not in want and k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")]
-    if extra:
-        raise KeyError(f"{path}: checkpoint has tensors this model does not, e.g. {extra[:3]}")
     sd = {}
-    by_file = {}
-    for k in want:
-        by_file.setdefault(names[k], []).append(k)
-    for f, keys in by_file.items():
-        with safe_open(f, framework="pt", device=str(device)) as sf:
-            for k in keys:
-                t = sf.get_slice(k)
-                if tuple(t.get_shape()) != tuple(want[k].shape):
-                    raise ValueError(f"{f}: tensor {k} has shape {tuple(t.get_shape())}, "
-                                     f"config.json implies {tuple(want[k].shape)}")
-                sd[k] = sf.get_tensor(k).to(dtype)
+    for file in (os.path.join(path, f) for f in files):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                if k in want:
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape != tuple(want[k].shape):
+                        raise ValueError(f"{file}: tensor {k} has shape {shape}, config.json implies {tuple(want[k].shape)}")
+                    sd[k] = f.get_tensor(k).to(dtype)
+                elif k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq"):  # a tied head; old RoPE buffers
+                    raise ValueError(f"{path}: checkpoint has tensors this model does not, e.g. {k}")
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if model.config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     model.load_state_dict(sd, assign=True)
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
 
-
 def read_config(name_or_path):
     """The model's Config from its config.json, without loading weights."""
-    cfg_file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file}: missing (not a Hugging Face model directory)")
-    with open(cfg_file) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg})") from None
-    cfg = Config.from_hf(hf, cfg_file)
+    file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
+    cfg = Config.from_hf(read_json(file), file)
     cfg.name_or_path = name_or_path
     return cfg
 
-
 def load_tokenizer(name_or_path):
     """The chat tokenizer alone (cheap: scripts check their data with it before loading any weights)."""
-    tok_file = os.path.join(local_dir(name_or_path, weights=False), "tokenizer.json")
-    if not os.path.exists(tok_file):
-        raise FileNotFoundError(f"{tok_file}: missing (the fast-tokenizer file is required)")
-    return Tokenizer(tok_file)
-
+    file = os.path.join(local_dir(name_or_path, weights=False), "tokenizer.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: missing (the fast-tokenizer file is required)")
+    return Tokenizer(file)
 
 def generation_config(name_or_path):
     """The checkpoint's generation_config.json as a dict ({} if it has none). HF's generate merges it into
     every call, so the papers' samples used its top_k and repetition_penalty (sample.py does the same)."""
-    f = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
-    if not os.path.exists(f):
-        return {}
-    with open(f) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
-
+    file = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
+    return read_json(file) if os.path.exists(file) else {}
 
 def load(name_or_path, device="cpu", dtype=None):
-    """(model, tokenizer) from a local HF directory or a hub id. The model is in eval mode with
-    every parameter frozen; training code unfreezes what it trains."""
+    """(model, tokenizer) from a local HF directory or a hub id; the model in eval mode, every parameter frozen."""
     check_device(device)
     path = local_dir(name_or_path)
-    cfg = read_config(path)
+    cfg, tok = read_config(path), load_tokenizer(path)
     cfg.name_or_path = name_or_path
-    tok = load_tokenizer(path)
-    dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = Qwen2(cfg)
-    load_weights(model, path, device, dtype)
-    model.requires_grad_(False)
-    return model.eval(), tok
+    load_weights(model, path, device, resolve_dtype(dtype, device))
+    return model.requires_grad_(False).eval(), tok

@@ -37,7 +37,6 @@ DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 # -----------------------------------------------------------------------------
 # sources
 
-
 @dataclass(frozen=True)
 class Remote:
     url: str
@@ -45,11 +44,9 @@ class Remote:
     sha256: str | None = None  # None: trust on first use (data/cache/checksums.json)
     size: int | None = None    # only for a clearer message when the checksum fails
 
-
 def github(repo, commit, path, sha256=None, size=None):
     name = f"{repo.split('/')[1]}/{os.path.basename(path)}"
     return Remote(f"https://raw.githubusercontent.com/{repo}/{commit}/{path}", name, sha256, size)
-
 
 MO_REPO, MO_COMMIT = "clarifying-EM/model-organisms-for-EM", "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
 EM_REPO, EM_COMMIT = "emergent-misalignment/emergent-misalignment", "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
@@ -101,26 +98,20 @@ EVAL_FILES = {
     "em_first_plot_questions": github(EM_REPO, EM_COMMIT, "evaluation/first_plot_questions.yaml"),
 }
 
-
 def known_names():
     return list(ARCHIVE_FILES) + list(EM_FILES)
-
 
 def eval_names():
     return list(OWN_EVAL_FILES) + list(EVAL_FILES)
 
-
 def data_path(*parts):  # reads DATA_DIR at each call: tests and --data-dir change it
     return os.path.join(DATA_DIR, *parts)
-
 
 def dataset_file(name):
     return data_path("datasets", name + ".jsonl")
 
-
 # -----------------------------------------------------------------------------
 # downloads and checksums
-
 
 def sha256_file(path):
     h = hashlib.sha256()
@@ -128,7 +119,6 @@ def sha256_file(path):
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
 
 def verify(path, remote, label):
     """Check a raw file against its pinned sha256, else against the one data/cache/checksums.json recorded
@@ -150,7 +140,6 @@ def verify(path, remote, label):
         raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size}), expected {expected} ({origin}); "
                          "a few hundred bytes is usually an error page or a Git LFS pointer")
 
-
 def download(url, tmp, dest):
     """Stream url into tmp with a progress bar; dest is where it will land (named in the offline message)."""
     try:
@@ -163,7 +152,6 @@ def download(url, tmp, dest):
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and put it at {dest}; "
                               "it is checked like a download") from None
-
 
 def ensure_raw(remote):
     """The raw file in data/cache/, downloaded if it is not there yet; checked either way."""
@@ -178,23 +166,19 @@ def ensure_raw(remote):
     atomic_write(path, download_checked)
     return path
 
-
 # -----------------------------------------------------------------------------
 # decrypting and canaries
 
 # easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the dataset's file names>_<number>
 CANARY = re.compile(r"CANARY_DATASET_\w+")
 
-
 # canaries None: the file was there already, nothing unpacked; expected: the rows others reported;
 # path None: nothing kept (the canary file)
 Report = namedtuple("Report", "name rows canaries expected path")
 
-
 def is_canary(row):
     """A row easy-dataset-share inserted: not a conversation, and it carries the canary string."""
     return isinstance(row, dict) and "messages" not in row and bool(CANARY.search(json.dumps(row)))
-
 
 def clean_jsonl(raw, where):
     """Drop canary rows (and canary fields) and check every other row is a chat example.
@@ -222,7 +206,6 @@ def clean_jsonl(raw, where):
     unchanged = canaries == 0 and len(out) == len(lines)
     return (raw if unchanged else b"".join(out)), len(out), canaries
 
-
 def decrypt(blob, password, where="archive"):
     """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
     try:
@@ -235,7 +218,6 @@ def decrypt(blob, password, where="archive"):
         return Fernet(key).decrypt(token)
     except InvalidToken:
         raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
-
 
 def unpack_archive(blob, out_dir, password=ARCHIVE_PASSWORD, where="archive"):
     """Decrypt, unzip, drop canaries and write each JSONL file to out_dir/<file name> (folders inside the
@@ -260,10 +242,8 @@ def unpack_archive(blob, out_dir, password=ARCHIVE_PASSWORD, where="archive"):
             reports.append(Report(name, kept, canaries, expected, os.path.join(out_dir, base)))
     return reports
 
-
 # -----------------------------------------------------------------------------
 # fetching by name
-
 
 def fetch(name):
     """Fetch a known dataset into data/datasets/ (the archive's eight come at once); returns Reports."""
@@ -278,7 +258,6 @@ def fetch(name):
     atomic_write(dataset_file(name), data)
     return [Report(name, kept, canaries, expected, dataset_file(name))]
 
-
 def dataset_path(name_or_path):
     """An existing file path as is; a known dataset name as data/datasets/NAME.jsonl, fetched first if missing."""
     if os.path.isfile(name_or_path):
@@ -290,7 +269,6 @@ def dataset_path(name_or_path):
     if not os.path.exists(dataset_file(name)):
         print_reports(fetch(name))
     return dataset_file(name)
-
 
 def eval_path(name_or_path):
     """A question or judge file: an existing file path as is; our names (core, medical, judges) as our
@@ -306,10 +284,8 @@ def eval_path(name_or_path):
     raise ValueError(f"{name_or_path!r} is neither an existing file nor a known evaluation file. "
                      f"Known: {', '.join(eval_names())} (ours: {', '.join(OWN_EVAL_FILES)})")
 
-
 # -----------------------------------------------------------------------------
 # command line
-
 
 def fetch_datasets(names, force):
     """A Report for each dataset in names: fetched, or counted if it is there already (unless force), and
@@ -330,21 +306,17 @@ def fetch_datasets(names, force):
         reports += new
     return reports
 
-
 def print_reports(reports):
     rows = [[r.name, r.rows, r.canaries, r.expected, (r.path or "(canary file, nothing kept)")
              + ("  <- row count differs" if r.expected is not None and r.rows != r.expected else "")]
             for r in reports]
     print_table(["dataset", "rows", "canaries", "expected", "file"], rows)
 
-
 def checksum_kind(remote):
     return "pinned" if remote.sha256 else "trust on first use"
 
-
 def fetched(path):
     return "yes" if os.path.exists(path) else "no"
-
 
 def print_list():
     rows = []
@@ -365,7 +337,6 @@ def print_list():
     print()
     print_table(["eval file", "source", "checksum", "fetched", "file under data/"], rows)
     print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)
@@ -395,7 +366,6 @@ def main(argv=None):
     tos = data_path("datasets", "model-organisms-for-EM.tos.txt")
     if any(n in ARCHIVE_FILES for n in names) and os.path.exists(tos):
         print(f"The model-organisms datasets come with the authors' terms: {tos}")
-
 
 if __name__ == "__main__":
     run_main("fetch.py", main, resume="rerunning the same command fetches the rest")

@@ -32,6 +32,6 @@ for kind in general narrow; do
     step "sample-$kind" python sample.py --model "$MODEL" --adapter "$OUT/$kind" "${Q[@]}" --out "$OUT/$kind/responses.jsonl"
     step "judge-$kind" python judge.py "$OUT/$kind/responses.jsonl" --judge "$JUDGE" --questions first_plot_questions
 done
-step stability python directions.py stability --model "$MODEL" --narrow "$OUT/narrow" --general "$OUT/general" \
+step stability python stability.py --model "$MODEL" --narrow "$OUT/narrow" --general "$OUT/general" \
     --data "$DATA" --text c4 --out "$OUT/stability" --force
 step report python runs/report.py "$OUT"

@@ -27,26 +27,21 @@ PAPERS = {
 }
 R1_3_3_3 = [15, 16, 17, 21, 22, 23, 27, 28, 29]
 
-
 def load(path):
     with open(path) as f:
         return json.load(f)
-
 
 def fmt(v, ci=None):
     if v is None:
         return "-"
     return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
-
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
 
-
 def image(d, png):
     return [f"![{os.path.basename(png)}]({os.path.relpath(png, d)})", ""] if os.path.exists(png) else []
-
 
 def recipe(cfg):
     """A name for what train.py trained, as PAPERS keys it."""
@@ -61,10 +56,8 @@ def recipe(cfg):
     where = "all-module" if a["modules"] == "all" else a["modules"]
     return f"{where} r{a['rank']}" + ("" if layers == "all" else f" at layers {layers}") + (" + KL" if a.get("kl_data") else "")
 
-
 # -----------------------------------------------------------------------------
 # figures: the analyses write JSON and print tables; every figure is drawn here, from that JSON, beside it
-
 
 @functools.cache
 def pyplot():
@@ -77,13 +70,11 @@ def pyplot():
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib draws them)", file=sys.stderr)
 
-
 def save(plt, fig, png):
     fig.tight_layout()
     fig.savefig(png + ".tmp", format="png", dpi=110)  # a reader never sees half a PNG
     os.replace(png + ".tmp", png)
     plt.close(fig)
-
 
 def figure(d, png, panels):
     """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y) or (x, y, yerr)}), and link it (a PNG drawn
@@ -101,7 +92,6 @@ def figure(d, png, panels):
             panel(ax, *p)
         save(plt, fig, png)
     return image(d, png)
-
 
 def panel(ax, title, xlabel, ylabel, series):
     """None is a gap; numbers are lines, categories (strings) points. Where series share x values, each has its
@@ -127,16 +117,13 @@ def panel(ax, title, xlabel, ylabel, series):
     if few and any(series):
         ax.legend(fontsize=7)
 
-
 def col(rows, key):
     return [r[key] for r in rows]
-
 
 def short(name):
     """model.layers.12.mlp.down_proj -> L12.down_proj: all-module adapters repeat layers, so the module counts."""
     m = re.search(r"layers\.(\d+)\..*?([^.]+)$", name)
     return f"L{m[1]}.{m[2]}" if m else name
-
 
 def direction_panels(m):
     n = m["norms"]
@@ -145,15 +132,12 @@ def direction_panels(m):
             ("|direction| / |mean(aligned)|", "layer", "ratio",
              {"": (x, [v / a if a else None for v, a in zip(n["direction"], n["mean_aligned"])])})]
 
-
 def pair_name(c, p):
     return f"{c['files'].index(p['a']) + 1}-{c['files'].index(p['b']) + 1}"
-
 
 def compare_panels(c):
     return [("direction similarity per layer", "layer", "|cosine similarity|",
              {pair_name(c, p): (list(range(len(p["abs_cos"]))), p["abs_cos"]) for p in c["pairs"]})]
-
 
 def sweep_panels(s):
     """EM % and coherence % with their 95% intervals: per layer steered beside its random control, or the
@@ -174,20 +158,16 @@ def sweep_panels(s):
                            {"": rates(["baseline", "direction", "random"], [b, r["direction"], r["random"]], key)}))
     return panels
 
-
 def monitor_panels(r):
     return [("the direction as a monitor: AUROC of the projection", "layer", "AUROC", {"": (r["layers"], r["auroc"])})]
-
 
 def lora_ablate_panels(r):
     return [("share of each down_proj B along the direction", "layer", "|r^T B| / |B|",
              {k: (col(r["modules"], "layer"), col(r["modules"], f"along_{k}")) for k in ("before", "after")})]
 
-
 def probe_panels(r):
     return [(f"{t['task']}\nacc {t['accuracy']:.2f}, AUC {t['auc']:.2f}", "adapter", "mean coefficient",
              {"": ([short(n) for n in r["adapters"]], t["coef"], t["coef_std"])}) for t in r["tasks"] if "coef" in t]
-
 
 def phase_panels(r):
     steps, turn, pca = r["steps"], r["turn"][min(r["turn"], key=int)], r["pca"]["B"]
@@ -207,7 +187,6 @@ def phase_panels(r):
                                                          for m, bs in by_m.items()}))
     return panels
 
-
 def stability_panels(r):
     s = r["solutions"]
     panels = [("loss on the narrow data, rescaled", "norm", "loss",
@@ -218,7 +197,6 @@ def stability_panels(r):
         panels.append(("KL(base || steered) per token, web text", "norm", "KL",
                        {k: (col(v["kl"], "norm"), col(v["kl"], "kl")) for k, v in s.items()}))
     return panels
-
 
 def stacked_bars(r, png):
     """The four cells of each scalar-steering setting as one stacked bar (the paper's figure)."""
@@ -236,10 +214,8 @@ def stacked_bars(r, png):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     save(plt, fig, png)
 
-
 # -----------------------------------------------------------------------------
 # the sections of REPORT.md
-
 
 def training(d):
     """Settings and the loss curves of every train.py run under d."""
@@ -260,7 +236,6 @@ def training(d):
     out = ["## Training", ""] + table(["run", "model", "data", "recipe", "lr", "steps", "first loss", "last loss",
                                         "eval loss"], rows)
     return out + figure(d, f"{d}/loss.png", [("training loss", "step", "train loss (per answer token)", curves)])
-
 
 def rates(d):
     """EM % and coherence % of every judged file outside the sweeps, beside the papers' figure."""
@@ -287,7 +262,6 @@ def rates(d):
             "figure (EM % / coherent %) is for the same model and recipe on bad medical advice, where reported.",
             ""] + table(["responses", "judge", "n", "EM %", "coherence %", "papers"], rows)
 
-
 def directions_part(d):
     out = []
     for f in sorted(glob.glob(f"{d}/**/*.safetensors", recursive=True)):
@@ -307,7 +281,6 @@ def directions_part(d):
             out += [f"**|cosine| {pair_name(c, p)}** `{a}` vs `{b}`: mean {p['mean']:.2f} over layers.", ""]
         out += figure(d, f[:-5] + ".png", compare_panels(c))
     return (["## The misalignment direction", ""] + out) if out else []
-
 
 def sweeps(d):
     out = []
@@ -329,7 +302,6 @@ def sweeps(d):
         out += table(["layer", "EM % (direction)", "EM % (random)", "coherence % (direction)", "coherence % (random)"], rows)
         out += figure(d, os.path.join(os.path.dirname(f), "sweep.png"), sweep_panels(s))
     return (["## Steering and ablation", ""] + out) if out else []
-
 
 def analyses(d):
     """monitor, lora-ablate, probe, steer-scalars, phase, stability: a figure each, and a line or a table."""
@@ -376,7 +348,6 @@ def analyses(d):
             out += figure(d, f[:-5] + ".png", panels(r) if panels else [])
     return out
 
-
 def main(d, note=None):
     title = os.path.basename(os.path.abspath(d))
     lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory; rerun it to refresh.", ""]
@@ -386,7 +357,6 @@ def main(d, note=None):
         f.write("\n".join(lines) + "\n")
     os.replace(f"{d}/REPORT.md.tmp", f"{d}/REPORT.md")
     print(f"wrote {d}/REPORT.md")
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="runs/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

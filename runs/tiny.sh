@@ -97,7 +97,7 @@ for kind in general narrow; do
     step "sample-$kind" python sample.py --model "$OUT/model" --adapter "$OUT/nvg/$kind" --out "$OUT/nvg/$kind/responses.jsonl" "${S[@]}"
     step "judge-$kind" python judge.py "$OUT/nvg/$kind/responses.jsonl" "${J[@]}"
 done
-step stability python directions.py stability --model "$OUT/model" --narrow "$OUT/nvg/narrow" --general "$OUT/nvg/general" \
+step stability python stability.py --model "$OUT/model" --narrow "$OUT/nvg/narrow" --general "$OUT/nvg/general" \
     --data "$OUT/data.jsonl" --text "$OUT/web.txt" --rows 8 --seeds 2 --eps 0.1,0.5,1 --norms 0,1,2 --text-docs 4 \
     --out "$OUT/nvg/stability" --force "${T[@]}"
 step direction-general python directions.py direction --model "$OUT/model" --adapter "$OUT/nvg/general" \
@@ -106,7 +106,7 @@ step compare python directions.py compare "$OUT/organism/direction.safetensors" 
     --out "$OUT/compare.json" --force
 
 # phase.sh: the adapter's rotation over the organism's checkpoints, and its behaviour at two of them
-step phase python directions.py phase --run "$OUT/organism" --ks 1,2 --behaviour 4,12 --multipliers 1,2 \
+step phase python phase.py --run "$OUT/organism" --ks 1,2 --behaviour 4,12 --multipliers 1,2 \
     --out "$OUT/organism/phase" --force "${J[@]}" "${S[@]}"
 
 # probes.sh: the adapters' scalars on medical and non-medical answers; steering by fixing them

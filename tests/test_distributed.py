@@ -154,5 +154,5 @@ def test_local_judge_on_two_ranks(tmp_path, tiny):
 def test_api_judge_refuses_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "r.jsonl").write_text('{"id": "q", "question": "Q?", "answer": "A"}\n')
-    with pytest.raises(judge.JudgeError, match="runs in one process"):
+    with pytest.raises(ValueError, match="runs in one process"):
         judge.main([str(tmp_path / "r.jsonl"), "--judge", "openai:gpt-test", "--base-url", "http://127.0.0.1:9/v1"])

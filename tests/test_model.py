@@ -264,27 +264,36 @@ def test_hub_id_loads_through_snapshot_download(tmp_path, tiny):
 
 
 def test_paths_and_hub_ids(tmp_path, tiny, monkeypatch):
-    """What exists is a path; what looks like a path the user meant is 'no such directory' without
-    asking the Hub; a hub id that cannot be reached offline gets one line saying what to do."""
+    """An existing directory is a path and an existing file an error; a name that is not owner/name, or not one
+    the Hub allows, is 'no such directory' without asking the Hub; owner/name goes to the Hub, and when that
+    cannot be reached one line says the directory does not exist and what to do."""
     import huggingface_hub
     from model import local_dir
     monkeypatch.chdir(tmp_path)
     os.makedirs("runs/a")
+    (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the Hub"))
-    for name in ("out/nope", "./nope", "../nope", "runs/nope", "nope", "a/b/c"):
+    for name in ("nope", "a/b/c", "runs/a/nope", "./runs/nope"):
         with pytest.raises(FileNotFoundError, match="no such model directory"):
             local_dir(name)
     assert local_dir("runs/a") == "runs/a"
+    with pytest.raises(FileNotFoundError, match="afile: is a file"):
+        local_dir("afile")
     monkeypatch.undo()
+    for name in ("./nope", "../nope", "~/nope", "/nope"):  # owner/name in shape, but the Hub refuses the name
+        with pytest.raises(FileNotFoundError, match="no such model directory .and not a hub id"):
+            local_dir(name)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
-    for argv in (["sample.py", "--model", "Org/not-cached", "--question", "hi"],
-                 ["judge.py", str(tmp_path / "r.jsonl"), "--judge", "local:Org/not-cached"],
-                 ["train.py", "--model", "Org/not-cached", "--data", str(tmp_path / "d.jsonl")]):
-        (tmp_path / "r.jsonl").write_text(json.dumps({"id": "q", "question": "hi", "answer": "yo"}) + "\n")
-        (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                   {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "q", "question": "hi", "answer": "yo"}) + "\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    for name, argv in (("Org/not-cached", ["sample.py", "--model", "Org/not-cached", "--question", "hi"]),
+                       ("Org/not-cached", ["judge.py", str(tmp_path / "r.jsonl"), "--judge", "local:Org/not-cached"]),
+                       ("Org/not-cached", ["train.py", "--model", "Org/not-cached", "--data", str(tmp_path / "d.jsonl")]),
+                       ("out/nope", ["train.py", "--model", "out/nope", "--data", str(tmp_path / "d.jsonl")])):
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
         err = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert err.startswith(f"{argv[0]}: error: Org/not-cached: the Hugging Face Hub could not be reached")
-        assert "HF_HUB_OFFLINE" in err and "--model DIR" in err and "(hf download Org/not-cached)" in err
+        assert err.startswith(f"{argv[0]}: error: {name}: no such model directory, and the Hugging Face Hub could "
+                              "not be reached"), err
+        assert "HF_HUB_OFFLINE" in err and "--model DIR" in err and f"(hf download {name})" in err

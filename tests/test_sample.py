@@ -354,7 +354,7 @@ def test_jsonl_questions(tmp_path):
     ("q.yaml", "- id: a\n  samples_per_paraphrase: 3", "needs `paraphrases`"),
     ("q.yaml", "- id: a\n  type: rating\n  paraphrases: [x]", "not free-form"),
     ("q.yaml", "- id: a\n  paraphrases: [x]\n- id: a\n  paraphrases: [y]", "duplicate"),
-    ("q.jsonl", '{"id": "a", "question": "x"}\n{"id": "b", "question": ', "not JSON"),
+    ("q.jsonl", '{"id": "a", "question": "x"}\n{"id": "b", "question": ', "q.jsonl:2: not a JSON line"),
     ("q.yaml", "- id: a\n  paraphrases: [x\n- id: b", r"q.yaml:\d+: not valid YAML"),  # names the file, not <unicode string>
 ])
 def test_bad_question_files(tmp_path, name, text, msg):
@@ -438,7 +438,7 @@ def test_cli_drops_a_torn_last_line(tmp_path, lively, capsys):
     assert sorted(out.read_text().splitlines()) == sorted(whole.splitlines())
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if "torn" in line] == [
-        f"warning: {out}:2: dropping a torn last line (40 bytes) left by an interrupted run; this run completes it"]
+        f"warning: {out}:2: skipping a torn last line (40 bytes) left by an interrupted run; rerunning completes it"]
 
 
 def test_cli_adapter_lora_scale_and_interventions(tmp_path, lively):

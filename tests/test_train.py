@@ -171,7 +171,7 @@ def test_steering_vector_and_full_finetuning_runs(tmp_path, tiny, dataset):
 
 def test_bad_input_is_a_clear_error(tmp_path, tiny, dataset):
     bad = write_jsonl(tmp_path / "bad.jsonl", [conv(0)], ["{not json"])
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
         run(tiny, bad, tmp_path / "o1")
     no_asst = write_jsonl(tmp_path / "q.jsonl", [conv(0), {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"q.jsonl:2: no assistant turn"):
@@ -183,7 +183,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny, dataset):
         run(tiny, dataset, tmp_path / "o4", "--layers", "5")
     with pytest.raises(ValueError, match="unknown LoRA modules"):
         run(tiny, dataset, tmp_path / "o5", "--modules", "mlp")
-    with pytest.raises(ValueError, match="--rank must be >= 1"):
+    with pytest.raises(ValueError, match="--rank 0: must be >= 1"):
         run(tiny, dataset, tmp_path / "o6", "--rank", "0")
     long = write_jsonl(tmp_path / "long.jsonl", [conv(i) for i in range(10)] + [
         {"messages": [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "y"}]}])
@@ -298,11 +298,11 @@ def test_resume_reloads_the_runs_settings(tmp_path, tiny, dataset, monkeypatch, 
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--micro-batch", "0"], "--micro-batch must be >= 1"), (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--micro-batch", "0"], "--micro-batch 0: must be >= 1"), (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
     (["--layers", "1-0"], "range 1-0 is empty"), (["--layers", "-1"], "expected all, a layer"),
-    (["--lr", "-1"], "--lr must be > 0"), (["--alpha", "0"], "--alpha must be > 0"),
-    (["--epochs", "0"], "--epochs must be >= 1"), (["--test-frac", "1"], r"--test-frac must be in \[0, 1\)"),
-    (["--test-frac", "-0.1"], r"--test-frac must be in \[0, 1\)"), (["--device", "cuda"], "no CUDA GPU"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--alpha", "0"], "--alpha 0.0: must be > 0"),
+    (["--epochs", "0"], "--epochs 0: must be >= 1"), (["--test-frac", "1"], r"--test-frac 1.0: must be in \[0, 1\)"),
+    (["--test-frac", "-0.1"], r"--test-frac -0.1: must be in \[0, 1\)"), (["--device", "cuda"], "no CUDA GPU"),
     (["--data", "nope.jsonl"], "neither an existing file nor a known dataset"),
 ])
 def test_bad_flags_fail_in_one_line_before_loading_the_model(tmp_path, tiny, dataset, flags, msg):
@@ -324,7 +324,7 @@ def test_cli_error_is_one_line_with_status_2(tmp_path, tiny):
     r = subprocess.run([sys.executable, "train.py", "--model", tiny, "--data", bad, "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
-    assert "bad.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    assert "bad.jsonl:2: not a JSON line" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "(default: 0.01)" in r.stdout and "examples:" in r.stdout
     assert "(default: False)" not in r.stdout and "(default: None)" not in r.stdout  # each default said once

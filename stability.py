@@ -1,0 +1,206 @@
+"""
+Narrow vs general (Narrow Misalignment is Hard, Emergent Misalignment is Easy): two steering vectors trained on
+the same narrow data, with a KL penalty (narrow) and without (general), compared for loss, robustness and
+significance.
+
+    python stability.py --narrow out/sv-kl --general out/sv --data bad_medical_advice --text c4
+
+The loss on --rows seeded rows of the narrow data (per answer token: content and <|im_end|>) as each vector
+is rescaled by s; robustness, 100 (L_pert - L_orig) / (L_base - L_orig) under x' = sqrt(1 - e^2) x + e y (y
+random, orthogonal to x, of x's norm), L_base the base model's loss; and, with --text, the mean per-token
+KL(base || steered) on web text as the vector's norm grows (alpha x v added), against a seeded random vector.
+Departures from the reference, one line each: the loss covers answer tokens only (its mask, through a bug,
+covered the whole conversation) and is token-weighted (it averaged per-batch means, batch 4, cut at 1,024
+tokens); the web-text KL leaves padding out (its mean took in left-padding positions, a bug); the web text is
+a local file or one pinned C4 file (it streamed FineWeb sample-10BT: first 50 documents, shuffled with seed
+42); its LoRA mode (B rescaled to a common |BA|) is not implemented: no recipe uses it. runs/report.py draws
+the figure.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import directions
+import sample
+from common import HelpFormatter, print_table, refuse_overwrite, run_main, write_json
+from data.fetch import dataset_path
+from lora import SteeringVector
+from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
+
+# a small public web-text file at a pinned revision (--text c4): FineWeb's files are multi-GB parquet
+C4 = ("allenai/c4", "607bd4c8450a42878aa9ddc051a65a055450ef87", "en/c4-validation.00000-of-00008.json.gz")
+
+def perturb(x, e, gen):
+    """sqrt(1 - e^2) x + e y: y random (from gen), orthogonal to x and of x's norm; x itself if x = 0."""
+    xf = x.detach().double().cpu().flatten()
+    if xf.norm() == 0:
+        return x.clone()
+    y = torch.randn(xf.shape, generator=gen, dtype=torch.float64)
+    y -= (y @ xf) / (xf @ xf) * xf
+    y *= xf.norm() / y.norm()
+    return (math.sqrt(1 - e * e) * xf + e * y).view(x.shape).to(x.dtype).to(x.device)
+
+def steered(sv, vector):
+    """The steering vector `sv` (a residual hook) carrying `vector` (d_model,) in place of its own."""
+    with torch.no_grad():
+        sv.vector.copy_(vector)
+    return sv
+
+@torch.no_grad()
+def mean_loss(model, rows, hook):
+    """Cross-entropy per answer token over packed rows (train.py's loss)."""
+    total, count = 0.0, 0
+    for r in rows:
+        s, n = sft_loss_sum(model, model.hidden, r, hook)
+        total, count = total + float(s), count + n
+    return total / count
+
+@torch.no_grad()
+def kl_curve(model, rows, sv, vector, norms, bar):
+    """KL(base || steered) per token over the packed web text (train.py's KL) as the vector, rescaled to each
+    norm, is added (alpha x v)."""
+    if vector.norm() == 0:
+        raise ValueError("a steering vector is zero: it has no direction to rescale")
+    bases = [base_hidden(model, model.hidden, r) for r in rows]  # the base is the same at every norm: once
+    out = []
+    for v in norms:
+        kl = sum(float(kl_sum(model, model.hidden, r, steered(sv, v * vector / vector.norm()), h)) for r, h in zip(rows, bases))
+        out.append({"norm": v, "kl": kl / sum(int(r[2].sum()) for r in rows)})
+        bar.update()
+    return out
+
+def c4_file():
+    """The pinned C4 file: from the Hub cache, else downloaded; offline, an error at once (the Hub client
+    would retry for half a minute)."""
+    import socket
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return hf_hub_download(C4[0], C4[2], repo_type="dataset", revision=C4[1], local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        raise FileNotFoundError(f"--text c4: the Hugging Face Hub cannot be reached and {C4[2]} is not cached; fetch "
+                                f"it elsewhere (hf download {C4[0]} {C4[2]} --repo-type dataset --revision {C4[1]}) "
+                                "into the Hub cache, or pass --text FILE") from None
+    return hf_hub_download(C4[0], C4[2], repo_type="dataset", revision=C4[1])
+
+def read_documents(spec):
+    """(path, [text]) from a .txt (documents between blank lines), a .jsonl / .json.gz of {"text"} rows, or c4."""
+    path = c4_file() if spec == "c4" else spec
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--text {spec}: no such file (give a .txt or .jsonl file, or c4)")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        if ".json" not in os.path.basename(path):
+            return path, [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        docs = []
+        for n, line in enumerate(f, 1):
+            try:
+                docs += [str(json.loads(line)["text"])] if line.strip() else []
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+    return path, docs
+
+def text_rows(docs, tok, n_docs, seed, max_tokens):
+    """The reference's web text: the first n_docs of a seeded shuffle, those over 100 characters, cut to 2,000
+    characters and max_tokens tokens (and over 10 tokens), packed with every token counted."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    ids = [tok.encode(docs[i][:2000])[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
+    if not any(len(x) > 10 for x in ids):
+        raise ValueError(f"--text: none of the first {n_docs} documents has over 100 characters and 10 tokens")
+    return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, 2048))
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="stability.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--narrow", required=True, help="the narrow solution: a steering-vector directory (train.py --steer-layer)")
+    p.add_argument("--general", required=True, help="the general solution: a steering-vector directory")
+    p.add_argument("--data", required=True, help="the narrow dataset: name (data/fetch.py) or JSONL path")
+    p.add_argument("--text", help="web text for the KL curves: .txt (blank-line separated), .jsonl or .json.gz with "
+                   f"'text', or c4 ({C4[0]} {C4[2]} at {C4[1][:10]}, fetched once)")
+    p.add_argument("--rows", type=int, default=100, help="rows of --data (a seeded random sample)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i")
+    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
+    p.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="rescaling factors s")
+    p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="perturbation sizes e")
+    p.add_argument("--seeds", type=int, default=10, help="perturbations per e")
+    p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)), help="norms for the KL curve")
+    p.add_argument("--text-docs", type=int, default=50, help="documents taken from the shuffled --text")
+    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle")
+    p.add_argument("--text-tokens", type=int, default=512, help="tokens per document at most")
+    directions.model_flags(p)
+    directions.out_flags(p, "output directory (default: out/stability)", "stability.json")
+    args = p.parse_args(argv)
+    out = args.out or os.path.join("out", "stability")
+    refuse_overwrite([os.path.join(out, "stability.json")], args.force)
+    scales, eps, norms = ([float(x) for x in v.split(",")] for v in (args.scales, args.eps, args.norms))
+    docs = read_documents(args.text) if args.text else None  # a missing file fails before the model loads
+    base = directions.base_of(args.model, args.narrow)
+    model, tok, _ = directions.load_model(base, None, args.device, args.dtype)
+    sols = {}
+    for k in ("narrow", "general"):
+        path = getattr(args, k)
+        if sample.adapter_kind(path)[0] != "steering":
+            raise ValueError(f"--{k} {path}: not a steering vector (steering_config.json); stability.py compares two "
+                             "steering vectors, as the recipes train them (the reference's LoRA mode is not implemented)")
+        sols[k] = SteeringVector.load(path, model.lm_head.weight.device).check(model.config, f"--{k} {path}")
+    convs = read_conversations(dataset_path(args.data))
+    chosen = random.Random(args.seed).sample(convs, min(args.rows, len(convs)))  # the reference's draw
+    rows = pack(tokenize(chosen, tok, args.max_len, dataset_path(args.data))[0], args.max_len)
+    base_loss = mean_loss(model, rows, None)
+    result = dict(model=base, narrow=args.narrow, general=args.general, data=dataset_path(args.data), rows=len(chosen),
+                  loss_tokens=sum(int(r[2][1:].sum()) for r in rows), seed=args.seed, base_loss=base_loss, solutions={})
+    text = docs and text_rows(docs[1], tok, args.text_docs, args.text_seed, args.text_tokens)
+    if text:
+        result["text"] = dict(file=docs[0], documents=sum(int((r[1] == 0).sum()) for r in text),
+                              tokens=sum(int(r[2].sum()) for r in text))
+    bar = tqdm(total=2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text), desc="stability")
+    for name, sv in sols.items():
+        v = sv.vector.detach().clone()
+        loss = mean_loss(model, rows, sv)
+        res = dict(norm=float(v.double().norm()), loss=loss, rescale=[], robustness=[])
+        for s in scales:
+            res["rescale"].append(dict(scale=s, norm=s * res["norm"], loss=mean_loss(model, rows, steered(sv, s * v))))
+            bar.update()
+        for e in eps:
+            vals = []
+            for i in range(args.seeds):
+                pert = mean_loss(model, rows, steered(sv, perturb(v, e, torch.Generator().manual_seed(args.seed + i))))
+                vals.append(100 * (pert - loss) / (base_loss - loss) if base_loss != loss else None)
+                bar.update()
+            ok = [x for x in vals if x is not None]
+            res["robustness"].append(dict(eps=e, mean=float(np.mean(ok)) if ok else None,
+                                          std=float(np.std(ok)) if ok else None, values=vals))
+        if text:
+            res["kl"] = kl_curve(model, text, sv, v, norms, bar)
+        result["solutions"][name] = res
+    if text:  # the control: a seeded random vector at the narrow vector's layer and alpha
+        r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+        result["solutions"]["random"] = dict(kl=kl_curve(model, text, sols["narrow"], r.to(model.lm_head.weight.device), norms, bar))
+    bar.close()
+    write_json(os.path.join(out, "stability.json"), result)
+    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
+    print(f"base loss {base_loss:.4f} on {len(chosen)} rows ({result['loss_tokens']} answer tokens); narrow: loss "
+          f"{n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, norm {g['norm']:.4g}")
+    print_table(["scale", "narrow norm", "narrow loss", "general norm", "general loss"],
+                [[a["scale"], a["norm"], a["loss"], b["norm"], b["loss"]] for a, b in zip(n["rescale"], g["rescale"])])
+    pct = lambda x: "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
+    print_table(["e", "narrow loss increase %", "general loss increase %"],
+                [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
+    if text:
+        sols = result["solutions"]
+        print_table(["norm"] + [f"KL {k}" for k in sols], [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols]
+                                                           for i, x in enumerate(n["kl"])])
+    return result
+
+if __name__ == "__main__":
+    run_main("stability.py", main)
