@@ -9,6 +9,7 @@ weights (random ones of a Qwen2.5 shape unless --model), conversations and lengt
 Each engine's real (unpadded) tokens/s, seconds, SDPA kernels and, on CUDA, peak memory: training, AdamW
 steps of rank-1 LoRA on --convs chat-length conversations, with MFU (MFU_FORMULA); sampling, --prompts x --n
 answers of up to --new-tokens (SAMPLING), all to the limit, then at realistic lengths (forced stops).
+bf16 on CUDA, fp32 on the CPU; weights and data are seeded.
 """
 import argparse
 import math
@@ -25,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import sample
 import train
-from common import HelpFormatter, check_device, print_table, resolve_dtype, run_main, write_json
+from common import HelpFormatter, check_device, resolve_dtype, run_main, write_json
 from lora import add_lora
 from model import Config, Qwen2, load
 
@@ -39,7 +40,6 @@ SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) 
     "tiny": (64, 2, 4, 2, 128, 2048, True),  # smoke test
     "0.5b": (896, 24, 14, 2, 4864, 151936, True),
     "0.5b-4l": (896, 4, 14, 2, 4864, 151936, True),
-    "1.5b": (1536, 28, 12, 2, 8960, 151936, True),
     "7b": (3584, 28, 28, 4, 18944, 152064, False),
 }
 DEFAULTS = {  # a full GPU run, a CPU run, and --quick (the tiny shape in seconds)
@@ -58,24 +58,23 @@ LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: key = 1024 x
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="hub id or HF directory (default: random weights of --shape)")
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="shape of the random model (default: 0.5b; tiny with --quick)")
+    p.add_argument("--model", help="hub id or HF directory (default: random weights of --shape)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random model (default: 0.5b; tiny with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps after one warm-up step (default: 3; 1 with --quick)")
-    p.add_argument("--convs", type=int, default=None, help="conversations per optimizer step (default: 16; 4 with --quick)")
-    p.add_argument("--prompts", type=int, default=None, help="sampling: distinct prompts (default: 8; 2 with --quick)")
-    p.add_argument("--n", type=int, default=None, help="sampling: samples per prompt (default: 50 on CUDA, 4 on CPU, 3 with --quick)")
-    p.add_argument("--new-tokens", type=int, default=None, help="sampling: new tokens per answer at most (default: 600 on CUDA, 64 on CPU, 24 with --quick)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps after one warm-up step (default: 3; 1 with --quick)")
+    p.add_argument("--convs", type=int, help="conversations per optimizer step (default: 16; 4 with --quick)")
+    p.add_argument("--prompts", type=int, help="sampling: distinct prompts (default: 8; 2 with --quick)")
+    p.add_argument("--n", type=int, help="sampling: samples per prompt (default: 50 on CUDA, 4 on CPU, 3 with --quick)")
+    p.add_argument("--new-tokens", type=int,
+                   help="sampling: new tokens per answer at most (default: 600 on CUDA, 64 on CPU, 24 with --quick)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train, sample, ref (the reference stack)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)")
     p.add_argument("--quick", action="store_true", help="a few seconds on the tiny shape: checks the logic, measures nothing")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and data")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file (rewritten after each part)")
+    p.add_argument("--json", help="also write the figures to this JSON file (rewritten after each part)")
     args = p.parse_args(argv)
     try:
         check_device(args.device)
-        resolve_dtype(args.dtype, args.device)
     except ValueError as e:
         p.error(str(e))
     args.skip = set(filter(None, args.skip.split(",")))
@@ -113,6 +112,13 @@ def random_model(shape, device, dtype, seed):
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
     return model.requires_grad_(False).eval()
 
+def stop_token(model, vocab):
+    """A token id no prompt holds, the tokenizer's last (of vocab), with its LM-head row zeroed: its logit 0 is
+    never in a random model's top 20, so only the forced stops end answers."""
+    with torch.no_grad():
+        model.lm_head.weight[vocab - 1].zero_()
+    return vocab - 1
+
 def reference_model(ours, device):
     """transformers' Qwen2ForCausalLM (SDPA attention) whose parameters are ours: no second copy."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -146,8 +152,9 @@ def sdpa_kernels(fn):
 
 def timed(res, key, run, warmup, device):
     """Time run() (which returns the tokens it made) after warmup() (allocator, kernels, autotuning): key_s,
-    key_tok_s and on CUDA key_peak_gb, the most allocated over both (the weights included)."""
-    cuda = torch.device(device).type == "cuda"
+    key_tok_s, on CUDA key_peak_gb (the most allocated over both, weights included), and after the reference
+    (key_ref) the ratio of ours to it."""
+    cuda, ours = torch.device(device).type == "cuda", key.removesuffix("_ref")
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,10 +167,10 @@ def timed(res, key, run, warmup, device):
     res.update({f"{key}_s": s, f"{key}_tok_s": tokens / s})
     if cuda:
         res[f"{key}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if key.endswith("_ref"):  # ours ran first
-        res[key[:-4] + "_ratio"] = res[key[:-4] + "_tok_s"] / res[f"{key}_tok_s"]
+    if key != ours:
+        res[ours + "_ratio"] = res[ours + "_tok_s"] / res[f"{key}_tok_s"]
     log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f", peak {res[f'{key}_peak_gb']:.1f} GB" if cuda else "")
-        + (f"; ours/ref {res[key[:-4] + '_ratio']:.2f}" if key.endswith("_ref") else ""))
+        + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours else ""))
     return tokens
 
 # -----------------------------------------------------------------------------
@@ -201,7 +208,7 @@ def lora_ref(ref, convs, micro=2):
     return peft_model, backward
 
 def bench_train(ours, ref, args, peak):
-    convs = synthetic_conversations(args.convs, ours.config.vocab_size, args.seed)
+    convs = synthetic_conversations(args.convs, ours.config.vocab_size, 0)
     tokens = sum(len(ids) for ids, _ in convs)
     flops = dict(zip(("train", "train_ref"), train_flops(ours, convs)))
     res = {"train_convs_per_step": args.convs, "train_tokens_per_step": tokens, "mfu_formula": MFU_FORMULA,
@@ -255,16 +262,16 @@ def forced_stops(stop, width, device):
     finally:
         sample.next_logits = original
 
-def sample_ours(model, prompts, n, new_tokens, stop, lengths, seed, vocab, **kw):
+def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
     """Tokens generated (stops excluded) by sample.generate on all rows, over the tokenizer's ids."""
     keys = None if lengths is None else [LEN_KEY * j + L for j, L in enumerate(lengths)]
     w = model.lm_head.weight
     with nullcontext() if lengths is None else forced_stops(stop, len(w), w.device):
-        out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=seed, keys=keys, vocab_size=vocab,
+        out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=0, keys=keys, vocab_size=vocab,
                               stop_ids=() if lengths is None else (stop,), **SAMPLING, **kw)
     return sum(len(ids) for ids, _ in out)
 
-def sample_ref(ref, prompts, n, new_tokens, stop, lengths, seed):
+def sample_ref(ref, prompts, n, new_tokens, stop, lengths):
     """Tokens generated (stops excluded) by HF generate on all rows, left-padded, one row per sample."""
     device, rows = ref.device, [torch.tensor(p) for p in prompts for _ in range(n)]
     ids = pad_sequence(rows, batch_first=True, padding_side="left").to(device)  # (R, T)
@@ -276,21 +283,21 @@ def sample_ref(ref, prompts, n, new_tokens, stop, lengths, seed):
         stop_only = torch.where(torch.arange(ref.config.vocab_size, device=device) == stop, 0.0, float("-inf"))
         kw = dict(eos_token_id=stop, logits_processor=[lambda x, scores: torch.where(
             (L == x.shape[1] - T)[:, None], stop_only, scores)])
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     out = ref.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=new_tokens, pad_token_id=0,
                        **SAMPLING, **kw)[:, ids.shape[1]:]  # (R, <= new_tokens)
     return out.numel() if lengths is None else int((out != stop).cumprod(1).sum())
 
 def bench_sample(ours, ref, args, stop, vocab):
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab - 1000, (int(torch.randint(30, 90, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     rows = args.prompts * args.n
-    lengths = answer_lengths(rows, args.new_tokens, args.seed)
+    lengths = answer_lengths(rows, args.new_tokens, 0)
     res = {"sample_rows": rows, "sample_new_tokens": args.new_tokens, "sample_settings": SAMPLING, "sample_vocab": vocab,
            "sample_real_drawn_mean_len": sum(lengths) / rows}
-    run_ours = lambda n, L, t, **kw: sample_ours(ours, prompts, n, t, stop, L, args.seed, vocab, **kw)
-    run_ref = lambda n, L, t: sample_ref(ref, prompts, n, t, stop, L, args.seed)
+    run_ours = lambda n, L, t, **kw: sample_ours(ours, prompts, n, t, stop, L, vocab, **kw)
+    run_ref = lambda n, L, t: sample_ref(ref, prompts, n, t, stop, L)
     engines = {"": ("ours", run_ours)} | ({"_ref": ("HF generate", run_ref)} if ref is not None else {})
     res["sample_sdpa"] = sdpa_kernels(lambda: run_ours(1, None, 2, cuda_graph=False))  # (a profiler and graphs do not mix)
     if ref is not None:
@@ -305,38 +312,26 @@ def bench_sample(ours, ref, args, stop, vocab):
             res[f"{part}{side}_mean_len"] = tokens / rows
     return res
 
-def summary(res):
-    print(f"\n{res['model']} on {res['machine']} ({res['dtype']}), {res['date'][:10]}")
-    cols = [("tok/s", "_tok_s", ",.0f"), ("s", "_s", ".2f"), ("MFU", "_mfu", ".1%"), ("peak GB", "_peak_gb", ".1f")]
-    get = lambda key, fmt: format(res[key], fmt) if key in res else None
-    print_table([""] + [f"{side} {name}" for name, _, _ in cols for side in ("ours", "ref")] + ["ours/ref"],
-                [[part] + [get(part + side + k, fmt) for _, k, fmt in cols for side in ("", "_ref")] + [get(part + "_ratio", ".2f")]
-                 for part in ("train", "sample", "sample_real") if part + "_tok_s" in res])
-    if "train_mfu" in res:
-        print(f"MFU: {res['mfu_formula']}")
-
 def main(argv=None):
     args = get_args(argv)
-    dtype = resolve_dtype(args.dtype, args.device)
-    dtype_name = str(dtype).removeprefix("torch.")
-    log(f"building {args.model or 'random ' + args.shape + ' weights'} on {args.device} ({dtype_name})")
+    dtype = resolve_dtype(None, args.device)
+    gpu = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else None
+    peak = 1e12 * (args.peak_tflops or next((tf for name, tf in PEAK_TFLOPS if gpu and name in gpu), 0))
+    res = {"machine": gpu or f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
+           "device": args.device, "dtype": str(dtype).removeprefix("torch."), "model": args.model or f"random {args.shape}",
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **{p: version(p) for p in ("torch", "transformers", "peft")},  # not imported: --skip ref needs neither
+           "peak_tflops": peak / 1e12 or None}
+    log(f"{res['model']} on {res['machine']} ({res['dtype']})")
     if args.model:
         ours, tok = load(args.model, args.device, dtype)
         stop, vocab = tok.im_end_id, tok.vocab_size
     else:
-        ours = random_model(args.shape, args.device, dtype, args.seed)
+        ours = random_model(args.shape, args.device, dtype, 0)
         vocab = min(151665, ours.config.vocab_size - 271)  # Qwen2.5's tokenizer; tiny: as many rows short
-        stop = vocab - 1  # never in a prompt; its LM-head row zeroed, its logit 0 is never in a random top 20:
-        with torch.no_grad():  # only the forced stops end answers
-            ours.lm_head.weight[stop].zero_()
+        stop = stop_token(ours, vocab)
     ref = None if "ref" in args.skip else reference_model(ours, args.device)
-    gpu = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else None
-    peak = 1e12 * (args.peak_tflops or next((tf for name, tf in PEAK_TFLOPS if gpu and name in gpu), 0))
-    res = {"machine": gpu or f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
-           "device": args.device, "dtype": dtype_name, "model": args.model or f"random {args.shape}",
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           **{p: version(p) for p in ("torch", "transformers", "peft")},  # not imported: --skip ref needs neither
-           "matmul_params": matmul_params(ours), "peak_tflops": peak / 1e12 or None}
+    res["matmul_params"] = matmul_params(ours)
     save = lambda: args.json and write_json(args.json, res)  # after each part: a run cut short keeps what it measured
     save()
     if "sample" not in args.skip:  # before training adds adapters: base models on both sides
@@ -345,7 +340,6 @@ def main(argv=None):
     if "train" not in args.skip:
         res.update(bench_train(ours, ref, args, peak))
         save()
-    summary(res)
     return res
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """
-The plumbing every script shares, and nothing else: atomic writes, JSONL with one rule for a torn last
-line, part files under torchrun, tables, the one-line error wrapper, device, dtype and torchrun setup, and
-the OpenAI-compatible HTTP client (judge.py's API judge and sample.py --engine openai). torch is imported
-only where needed, so the API judge runs without it.
+The plumbing every script shares, and nothing else: atomic writes, JSONL with one rule for a torn last line, part
+files under torchrun, tables, the one-line error wrapper, device, dtype and torchrun setup, and the OpenAI-compatible
+HTTP client (judge.py, sample.py --engine openai). torch is imported only where needed: the API judge runs without it.
 """
 import argparse
 import glob
@@ -22,8 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 # files
 
 def atomic_write(path, data):
-    """Write str, bytes, or write(tmp_path) via a temporary file and a rename: a crash leaves the old file or
-    the new one, never half of one. Results are readable by all (safetensors makes 0600 files)."""
+    """Write str, bytes, or write(tmp_path) to a temporary file renamed into place: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -32,9 +30,8 @@ def atomic_write(path, data):
         else:
             with open(tmp, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.umask(umask := os.umask(0))  # setting the umask is the only way to read it
+        os.chmod(tmp, 0o666 & ~umask)  # readable by all, as open() makes files (safetensors makes 0600 ones)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -47,9 +44,8 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 def read_jsonl(path, ours=True):
-    """[(line number, object)] of a JSONL file. In a file our own runs append to (ours: responses, judged
-    rows, metrics, caches, part files), a torn last line, cut by an interrupted write, is warned about and
-    skipped: a rerun completes it. Any other bad line is an error naming FILE:LINE."""
+    """[(line number, object)] of a JSONL file. In a file our runs append to (ours), a torn last line, cut by an
+    interrupted write, is warned about and skipped: a rerun completes it. Other bad lines are errors (FILE:LINE)."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     rows = []
@@ -115,16 +111,14 @@ def print_table(header, rows):
 # command lines
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every script's --help: the docstring as written, and each flag's default, except None, which the
-    flag's own help explains."""
+    """Every script's --help: the docstring as written, and each flag's default unless None (its help says it)."""
 
     def _get_help_string(self, action):
         quiet = action.default is None or action.default is False  # store_true flags say what they do
         return action.help if quiet else super()._get_help_string(action)
 
 def run_main(prog, main, resume="rerunning the same command resumes"):
-    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` and exit status 2, and
-    Ctrl-C one line and 130, instead of a traceback."""
+    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2), Ctrl-C one line (130)."""
     try:
         main()
     except (ValueError, OSError) as e:
@@ -135,10 +129,9 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
         sys.exit(130)
 
 def check(ok, flag, value, rule):
-    """A flag's value, or the one-line error that names it."""
+    """The one-line error for a flag whose value breaks its rule."""
     if not ok:
         raise ValueError(f"{flag} {value}: must be {rule}")
-    return value
 
 # -----------------------------------------------------------------------------
 # devices and torchrun
@@ -151,30 +144,25 @@ def check_device(device):
     except RuntimeError:
         raise ValueError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use "
-                         f"(torch {torch.__version__}); use --device cpu")
+        raise ValueError(f"--device {device}: no CUDA GPU for torch {torch.__version__}; use --device cpu")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
     return d
 
 def resolve_dtype(dtype, device):
-    """None: bfloat16 on CUDA (where supported), float32 elsewhere. Strings like 'bf16' are accepted."""
+    """A torch.dtype or its name; None: bfloat16 on CUDA (where supported), float32 elsewhere."""
     import torch
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype is None:
         cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    d = getattr(torch, names.get(dtype, dtype), None)
+    d = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype, None)
     if not isinstance(d, torch.dtype) or not d.is_floating_point:
         raise ValueError(f"--dtype {dtype!r}: unknown (use bfloat16, float16 or float32)")
     return d
 
 def dist_setup(device):
-    """(rank, world size, this process's device). Under torchrun with more than one process: joins the
-    process group (gloo for CPU tensors, NCCL for CUDA ones), gives each process its own GPU, and silences
-    stdout on ranks other than 0 (one table, not N). Otherwise (0, 1, device), and nothing happens."""
+    """(rank, world size, this process's device); (0, 1, device) without torchrun. Under torchrun: joins the process
+    group (gloo for CPU tensors, NCCL for CUDA), one GPU a process, stdout silenced off rank 0 (one table, not N)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -232,85 +220,69 @@ class Cache:
             self.f = None  # a later put reopens it (one backend, many runs)
 
 class Client:
-    """Chat completions with bounded concurrency (threads) and retries with exponential backoff on 408,
-    409, 429, 5xx, timeouts and dropped connections (waiting what the server asks, in seconds); other 4xx
-    answers fail the request, and 401/403/404 stop the run. Answers are cached."""
+    """Chat completions, cached, with bounded concurrency (threads) and retries with backoff on 408, 409, 429, 5xx,
+    timeouts and dropped connections (Retry-After honoured); other 4xx fail the request, 401/403/404 stop the run."""
 
     def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
         self.model, self.key, self.cache = model, api_key(base_url), cache
         self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
-        base = urllib.parse.urlsplit(base_url.rstrip("/"))  # a query string (Azure's ?api-version=) stays last
-        self.url = urllib.parse.urlunsplit(base._replace(path=base.path.rstrip("/") + "/chat/completions"))
-        self.headers = {"Content-Type": "application/json", "User-Agent": "em-organisms/1"}
-        if self.key:
-            self.headers["Authorization"] = f"Bearer {self.key}"
-            if (base.hostname or "").endswith(".azure.com"):
-                self.headers["api-key"] = self.key  # Azure OpenAI's own header
-        self.stop = threading.Event()  # set when a run ends early: requests in flight stop retrying
-
-    def redact(self, text):
-        return text.replace(self.key, "***") if self.key else text
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json", "User-Agent": "em-organisms/1",
+                        **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
 
     def post(self, body):
-        data, last = json.dumps(body).encode(), None
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self.headers, method="POST")
+        wait = 0
         for attempt in range(self.retries + 1):
-            if self.stop.is_set():
+            if self.stop.wait(min(wait, 120)):  # sleeps before a retry; True once the run has stopped
                 raise RequestFailed("run stopped")
-            wait = None
+            wait = self.backoff * 2 ** attempt * random.uniform(0.5, 1)  # exponential backoff with jitter
             try:
-                req = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
                 try:
-                    detail = self.redact(e.read()[:300].decode("utf-8", "replace"))
+                    detail = e.read()[:300].decode("utf-8", "replace")
                 except (OSError, http.client.HTTPException):
                     detail = ""
                 if e.code in (401, 403):  # every request would fail alike; the body may echo the key
                     raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused (OPENAI_API_KEY)") from None
+                last = f"HTTP {e.code}: {detail.replace(self.key, '***') if self.key else detail}"
                 if e.code == 404:
-                    raise ValueError(f"HTTP 404 from {self.url}: wrong base URL or model {self.model!r}? {detail}") from None
+                    raise ValueError(f"{last} from {self.url}: wrong base URL or model {self.model!r}?") from None
                 if e.code not in (408, 409, 429) and e.code < 500:
-                    raise RequestFailed(f"HTTP {e.code}: {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
-                try:  # OpenAI sends retry-after-ms; others Retry-After in seconds
-                    wait = float(e.headers.get("retry-after-ms")) / 1000 if e.headers.get("retry-after-ms") \
-                        else float(e.headers.get("retry-after"))
-                except (TypeError, ValueError):
-                    pass
-            except json.JSONDecodeError:
-                last = "the response is not JSON"
-            except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
-                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
-            if attempt < self.retries:  # exponential backoff with jitter, unless the server said how long
-                self.stop.wait(min(wait if wait is not None else self.backoff * 2 ** attempt * random.uniform(0.5, 1), 120))
+                    raise RequestFailed(last) from None
+                retry_after = e.headers.get("retry-after", "")
+                if retry_after.replace(".", "", 1).isdigit():  # seconds the server asks for (not a date)
+                    wait = float(retry_after)
+            except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException,
+                    json.JSONDecodeError) as e:  # JSONDecodeError: a 200 whose body is not JSON (a proxy's page)
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
 
     def requests(self, requests, parse):
-        """requests: [(tag, cache key, request body)]; yields (tag, parse(response), None), or (tag, None,
-        error) for a request that failed for good: cached answers at once, the others as they arrive."""
-        self.stop = threading.Event()  # a fresh run: an earlier one may have stopped
-        futures = {}
-        ex = ThreadPoolExecutor(self.concurrency)
+        """[(tag, cache key, body)] -> (tag, parse(response), None), or (tag, None, error) for a request that failed
+        for good: cached answers at once, the others as they arrive."""
+        self.stop = threading.Event()  # set when this run ends early: requests in flight stop retrying
+        futures, ex = {}, ThreadPoolExecutor(self.concurrency)
         try:
             for tag, key, body in requests:
                 if key in self.cache.data:
                     yield tag, self.cache.data[key], None
                 else:
                     futures[ex.submit(lambda b: parse(self.post(b)), body)] = (tag, key)
-            ok = failed = 0
-            for fut in as_completed(futures):
+            failed = 0
+            for n, fut in enumerate(as_completed(futures), 1):
                 tag, key = futures[fut]
                 try:
                     value = fut.result()
                 except RequestFailed as e:
                     failed += 1
-                    if failed >= 10 and ok == 0:
+                    if n >= 10 and failed == n:  # nothing has worked yet
                         raise ValueError(f"the first {failed} requests all failed and none succeeded; is {self.url} "
                                          f"reachable? last error: {e}") from None
                     yield tag, None, str(e)
                     continue
-                ok += 1
                 self.cache.put(key, self.model, value)
                 yield tag, value, None
         finally:

@@ -31,13 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import judge
 import sample
 from common import HelpFormatter, atomic_write, print_table, read_jsonl, refuse_overwrite, run_main, warn, write_json
-from lora import MODULES, PEFT_PREFIX, fix_scalars, record_scalars
+from lora import MODULES, PEFT_PREFIX, fix_scalars, record_scalars, save_tensors
 from model import parse_layers, read_config
 
 # the paper's scalar-steering settings for the 9-adapter 14B organism: the two medical adapters, the six
@@ -47,10 +46,6 @@ PAPER_SETTINGS = ["21=30,23=30", "15=20,16=20,17=20,22=20,28=20,29=20",
 
 # -----------------------------------------------------------------------------
 # shared helpers: files, rows, models, adapters
-
-def save_tensors(path, tensors):
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 def read_tensors(path):
     if not os.path.exists(path):
@@ -271,7 +266,7 @@ def cmd_direction(args):
     for name, chosen in sets.items():
         means[name], tokens[name] = span_mean(model, tok, [r for _, r in chosen], hook, args.batch_size, f"{name} set")
     d = means["misaligned"] - means["aligned"]  # (L, C)
-    save_tensors(args.out, {"directions": d, "mean_misaligned": means["misaligned"], "mean_aligned": means["aligned"]})
+    save_tensors(args.out, {"directions": d.cpu(), "mean_misaligned": means["misaligned"].cpu(), "mean_aligned": means["aligned"].cpu()})
     norms = {k: v.norm(dim=-1).tolist() for k, v in (("direction", d), ("mean_misaligned", means["misaligned"]),
                                                      ("mean_aligned", means["aligned"]))}
     cfg = model.config
@@ -417,7 +412,7 @@ def cmd_sweep(args):
         vector_file = os.path.join(args.out, f"direction_L{from_layer}.safetensors")
         if os.path.exists(vector_file) and not torch.equal(read_tensors(vector_file)["direction"], vectors[from_layer]):
             raise ValueError(f"{vector_file} holds another vector (from another --directions file?); choose another --out")
-        save_tensors(vector_file, {"direction": vectors[from_layer]})
+        save_tensors(vector_file, {"direction": vectors[from_layer].contiguous()})
     if args.mode == "steer":  # one layer at a time, as the reference's sweep
         runs = [(i, f"steer_L{i}_scale{args.scale:g}", dict(steer=dict(file=vector_file, layers=[i], scale=args.scale)))
                 for i in layers]
@@ -438,12 +433,10 @@ def cmd_sweep(args):
             r[kind]["em_reduction_pct"] = 100 * (1 - em / em0) if em is not None and em0 else None
     print(f"{args.mode} with {vector_file}" + (f" at scale {args.scale:g}" if args.mode == "steer" else "")
           + f"; judge {args.judge}; rates with 95% intervals")
-    f = lambda r, k: judge.fmt(r[k], r[k + "_ci"])
-    print_table(["layer", "EM %", "coherence %", "random: EM %", "random: coherence %", "EM cut %", "random: EM cut %"],
-                [["baseline", f(info["baseline"], "em_pct"), f(info["baseline"], "coherence_pct"), "", "", "", ""]] +
-                [[r["layer"], f(r["direction"], "em_pct"), f(r["direction"], "coherence_pct"), f(r["random"], "em_pct"),
-                  f(r["random"], "coherence_pct"), judge.fmt(r["direction"]["em_reduction_pct"]),
-                  judge.fmt(r["random"]["em_reduction_pct"])] for r in info["runs"]])
+    f = lambda r, k: judge.fmt(r[k], r.get(k + "_ci"))
+    cols = [(x, k) for x in ("direction", "random") for k in ("em_pct", "coherence_pct", "em_reduction_pct")]
+    print_table(["layer"] + [f"{x}: {k}" for x, k in cols], [["baseline"] + [f(info["baseline"], k) for _, k in cols[:2]] + [""] * 4]
+                + [[r["layer"]] + [f(r[x], k) for x, k in cols] for r in info["runs"]])
     write_json(os.path.join(args.out, "sweep.json"), info)
     return info
 

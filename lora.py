@@ -21,12 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import common
+from common import atomic_write, write_json
 from model import local_path, read_json
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
-atomic_write = common.atomic_write  # kept for callers being moved to common.py
 
 class LoRALinear(nn.Module):
     def __init__(self, base, r, alpha, rslora=True, dropout=0.0):
@@ -58,10 +57,6 @@ class LoRALinear(nn.Module):
         # y + scale * h B^T as one GEMM that accumulates into y: a single pass over the wide output
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.to(x.dtype).t(),
                            alpha=self.scale * self.multiplier).view_as(y)
-
-    def delta(self):
-        """The update to W as one (out, in) matrix, in fp32."""
-        return (self.lora_B @ self.lora_A) * (self.scale * self.multiplier)
 
 def lora_modules(model):
     """(name, LoRALinear) pairs, named as in the base model (model.layers.3.mlp.down_proj)."""
@@ -137,15 +132,15 @@ def fix_scalars(model, values):
 def merge(model):
     """Fold every adapter into its base weight and drop the wrapper (faster sampling; not reversible)."""
     for name, m in lora_modules(model):
-        if m.enabled:
-            m.base.weight += m.delta().to(m.base.weight.dtype)
+        if m.enabled:  # W += scale B A, summed in fp32
+            m.base.weight += ((m.lora_B @ m.lora_A) * (m.scale * m.multiplier)).to(m.base.weight.dtype)
         model.set_submodule(name, m.base)
 
 # -----------------------------------------------------------------------------
 # PEFT format
 
 def save_tensors(path, tensors):
-    common.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 def save_adapter(model, path, base_model=None):
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
@@ -163,7 +158,7 @@ def save_adapter(model, path, base_model=None):
     save_tensors(os.path.join(path, "adapter_model.safetensors"),
                  {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().contiguous().cpu()
                   for n, m in mods for ab in "AB"})
-    common.write_json(os.path.join(path, "adapter_config.json"), {
+    write_json(os.path.join(path, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
         "lora_dropout": dropout, "target_modules": targets,
         "layers_to_transform": None if len(layers) == model.config.num_hidden_layers else layers,
@@ -197,9 +192,7 @@ def load_adapter(model, path_or_hub_id):
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
             raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the model "
                              f"needs ({m.r}, {m.base.in_features}) and ({m.base.out_features}, {m.r})")
-        with torch.no_grad():
-            m.lora_A.copy_(A)
-            m.lora_B.copy_(B)
+        m.load_state_dict({"lora_A": A, "lora_B": B}, strict=False)  # the base weights stay
         m.requires_grad_(False)
         names.append(name)
     if not names or len(tensors) != 2 * len(names):
@@ -230,15 +223,13 @@ class SteeringVector(nn.Module):
 
     def save(self, path):
         save_tensors(os.path.join(path, "steering_vector.safetensors"), {"vector": self.vector.detach().float().cpu()})
-        common.write_json(os.path.join(path, "steering_config.json"), {
+        write_json(os.path.join(path, "steering_config.json"), {
             "type": "steering_vector", "layer": self.layer, "alpha": self.alpha, "d_model": self.vector.numel(),
             "base_model_name_or_path": self.base_model})
 
     @classmethod
     def load(cls, path, device="cpu"):
         cfg = read_json(os.path.join(path, "steering_config.json"))
-        v = load_file(os.path.join(path, "steering_vector.safetensors"))["vector"]
-        sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", "")).to(device)
-        with torch.no_grad():
-            sv.vector.copy_(v)
-        return sv
+        sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", ""))
+        sv.load_state_dict(load_file(os.path.join(path, "steering_vector.safetensors")))
+        return sv.to(device)

@@ -12,7 +12,7 @@ Where it departs from transformers: one forward path serves training, sampling a
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
-from common import HelpFormatter, check_device, dist_setup, resolve_dtype  # noqa: F401 (scripts import them from here too)
+from common import check_device, resolve_dtype
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -128,31 +128,26 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 class Packed:
-    """Rows of several conversations (pos restarts at 0 where one begins). For attention only, they are gathered
-    into one right-padded batch (n, L) under plain causal attention: no work across conversations, the fast
-    kernels, and the padding after each conversation, where causal attention never looks."""
+    """Rows of several conversations (pos restarts at 0 where one begins), gathered for attention only into one
+    right-padded batch (n, L) under plain causal attention: no work across conversations, the fast kernels."""
 
     def __init__(self, pos, device):
         B, T = pos.shape
-        starts = (pos == 0).cpu()  # the layout is built on the host: free for CPU positions, else a sync
-        starts[:, 0] = True  # a row always starts a conversation
-        starts = starts.reshape(-1)
+        # built on the host (free for CPU positions, else a sync); a row always starts a conversation
+        starts = ((pos.cpu() == 0) | (torch.arange(T) == 0)).reshape(-1)
         first = starts.nonzero()[:, 0]  # (n,) flat index where each conversation begins
         lengths = torch.diff(first, append=torch.tensor([B * T]))  # (n,)
         self.n, self.L = len(first), int(lengths.max())
-        offset = torch.arange(self.L)
-        gather = first[:, None] + offset  # (n, L) flat token index of each slot
-        self.gather = upload(torch.where(offset < lengths[:, None], gather, 0).reshape(-1), device)
+        offset = torch.arange(self.L)  # slot j of conversation i reads token first[i] + j (padding: token 0)
+        self.gather = upload(torch.where(offset < lengths[:, None], first[:, None] + offset, 0).reshape(-1), device)
         doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
         self.scatter = upload(doc * self.L + torch.arange(B * T) - first[doc], device)  # slot of each token
 
-    def pack(self, t):
-        """(B, H, T, hd) -> (n, H, L, hd)"""
+    def pack(self, t):  # (B, H, T, hd) -> (n, H, L, hd)
         B, H, T, hd = t.shape
         return t.transpose(1, 2).reshape(B * T, H, hd)[self.gather].view(self.n, self.L, H, hd).transpose(1, 2)
 
-    def unpack(self, t, B, T):
-        """(n, H, L, hd) -> (B, H, T, hd)"""
+    def unpack(self, t, B, T):  # (n, H, L, hd) -> (B, H, T, hd)
         H, hd = t.shape[1], t.shape[3]
         return t.transpose(1, 2).reshape(self.n * self.L, H, hd)[self.scatter].view(B, T, H, hd).transpose(1, 2)
 
@@ -224,15 +219,11 @@ class Qwen2(nn.Module):
             g = self.config.num_attention_heads // self.config.num_key_value_heads
             after = (torch.arange(cache.max_len, device=device) > pos[:, :, None]).repeat(1, g, 1)[:, None]
             return torch.where(after, float("-inf"), 0.0).to(self.model.embed_tokens.weight.dtype)
-        if pos.shape[1] > 1 and (pos[:, 1:] == 0).any():  # a host sync only if pos is on a GPU
-            return Packed(pos, device)
-        return None
+        return Packed(pos, device) if (pos[:, 1:] == 0).any() else None  # a host sync only if pos is on a GPU
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
-        """Final-normed hidden states (B, T, C); logits are lm_head of these (the loss picks rows first).
-        pos may stay on the CPU while idx is on a GPU: it is uploaded without a host sync."""
+        """Final-normed hidden states (B, T, C), lm_head's input; pos may stay on the CPU (no host sync)."""
         B, T = idx.shape
-        assert pos is not None or cache is None, "a forward with a KV cache needs the token positions `pos`"
         attn = None if pos is None else self.attention(pos, cache, idx.device)  # None: one conversation per row
         pos = torch.arange(T, device=idx.device).expand(B, T) if pos is None else upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
@@ -325,8 +316,7 @@ def local_path(name_or_path, what="model", patterns=None):
         raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
 
 def local_dir(name_or_path, weights=True):
-    """A local HF-format model directory (weights=False: a hub id downloads config and tokenizer only, so
-    scripts can check their input before a long download)."""
+    """A local HF model directory (weights=False: of a hub id, only config and tokenizer, to check input first)."""
     files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     return local_path(name_or_path, "model", files + (["*.safetensors", "model.safetensors.index.json"] if weights else []))
 
@@ -359,13 +349,11 @@ def read_json(file):
         raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
 
 def load_weights(model, path, device, dtype):
-    """Fill a meta-device model from model.safetensors or a sharded index, each tensor straight into its
-    final dtype and device, every name and shape checked."""
+    """Fill a meta-device model from (sharded) safetensors, straight into dtype and device, names and shapes checked."""
     index = os.path.join(path, "model.safetensors.index.json")
     files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    want = dict(model.state_dict())  # meta tensors: names and shapes only
-    if model.config.tie_word_embeddings:
-        want.pop("lm_head.weight")
+    tied = model.config.tie_word_embeddings
+    want = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}  # meta: shapes only
     sd = {}
     for file in (os.path.join(path, f) for f in files):
         with safe_open(file, framework="pt", device=str(device)) as f:
@@ -380,17 +368,13 @@ def load_weights(model, path, device, dtype):
     missing = [k for k in want if k not in sd]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    if model.config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, assign=True)
+    model.load_state_dict(sd, assign=True, strict=False)  # every name checked above but a tied head's
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
 
 def read_config(name_or_path):
     """The model's Config from its config.json, without loading weights."""
     file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
-    cfg = Config.from_hf(read_json(file), file)
-    cfg.name_or_path = name_or_path
-    return cfg
+    return replace(Config.from_hf(read_json(file), file), name_or_path=name_or_path)
 
 def load_tokenizer(name_or_path):
     """The chat tokenizer alone (cheap: scripts check their data with it before loading any weights)."""
@@ -409,8 +393,7 @@ def load(name_or_path, device="cpu", dtype=None):
     """(model, tokenizer) from a local HF directory or a hub id; the model in eval mode, every parameter frozen."""
     check_device(device)
     path = local_dir(name_or_path)
-    cfg, tok = read_config(path), load_tokenizer(path)
-    cfg.name_or_path = name_or_path
+    cfg, tok = replace(read_config(path), name_or_path=name_or_path), load_tokenizer(path)
     with torch.device("meta"):
         model = Qwen2(cfg)
     load_weights(model, path, device, resolve_dtype(dtype, device))

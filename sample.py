@@ -136,12 +136,10 @@ def steering_hook(vectors, layers, scale):
 
 def ablation_hook(directions, layers):
     """Project the unit direction out of the residual stream after each layer in `layers`."""
-    units = {}
-    for i in layers:
-        norm = directions[i].float().norm()
-        if norm == 0:
-            raise ValueError(f"the direction for layer {i} is zero; it cannot be ablated")
-        units[i] = directions[i].float() / norm
+    zero = [i for i in layers if directions[i].norm() == 0]
+    if zero:
+        raise ValueError(f"the direction for layer {zero[0]} is zero; it cannot be ablated")
+    units = {i: directions[i].float() / directions[i].float().norm() for i in layers}
 
     def hook(i, x):
         if i not in units:
@@ -153,15 +151,13 @@ def ablation_hook(directions, layers):
 def compose(*hooks):
     """One hook that runs the given ones in order (None entries skipped)."""
     hooks = [h for h in hooks if h is not None]
-    if len(hooks) <= 1:
-        return hooks[0] if hooks else None
 
     def hook(i, x):
         for h in hooks:
             y = h(i, x)
             x = x if y is None else y
         return x
-    return hook
+    return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def intervention_vectors(file, model, random_control):
     """The direction file's (n_layers, d_model) vectors on the model's device, or their random control."""
@@ -301,9 +297,9 @@ def next_logits(model, rows, hook, vocab_size):
     h = model.hidden(rows.tok, pos=rows.pos, cache=rows.cache, hook=hook)[:, -1]  # (B, C)
     return lm_logits(model, h, vocab_size)
 
-def decode_step(model, rows, hook, sampling, stops, vocab_size, forward=next_logits):
+def decode_step(model, rows, hook, sampling, stops, vocab_size):
     """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe)."""
-    logits = forward(model, rows, hook, vocab_size)  # (B, V)
+    logits = next_logits(model, rows, hook, vocab_size)  # (B, V); looked up here, so bench.py can wrap it
     rows.pos.add_(1)  # position of the token drawn now
     col = rows.pos - rows.plen  # (B, 1) its out column
     nxt = sampling.draw(logits, rows.u.gather(1, col)[:, 0], (rows.prompt, rows.out))  # (B,)
@@ -354,10 +350,10 @@ def finish(ids, stops):
     return ids, "length"
 
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
-           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, compile=False, repetition_penalty=1.0):
+           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0):
     """Sample one answer per job (prompt ids, key); yields (job index, answer ids, 'stop' | 'length')
     as rows finish, in no fixed order. The answer excludes the stop token. Bad settings raise here,
-    before anything runs. cuda_graph: None = on CUDA; compile: torch.compile the forward."""
+    before anything runs. cuda_graph: None = on CUDA."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -368,17 +364,15 @@ def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
         if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
                              f"model's context of {limit} (max_position_embeddings)")
-    return _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph, compile)
+    return _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph)
 
 @torch.no_grad()
-def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph, compile):
+def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph):
     if not jobs:
         return
     dev = model.lm_head.weight.device
     on_cuda = dev.type == "cuda"
     stops = torch.tensor(sorted(stop_ids) or [-1], device=dev)
-    # compile the forward only: inductor's CPU backend miscompiles the sampler's integer hashing
-    forward = torch.compile(next_logits, dynamic=True) if compile else next_logits
     first = {}  # rows of one prompt side by side, so a batch prefills each distinct prompt once
     order = sorted(range(len(jobs)), key=lambda j: first.setdefault(tuple(jobs[j][0]), j))
     max_len = max(len(p) for p, _ in jobs) + max_new_tokens
@@ -386,7 +380,7 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
     batch_size = batch_size or auto_batch_size(model, max_len, vocab_size, dev)
     for b in range(0, len(order), batch_size):
         rows = start_rows(model, jobs, order[b:b + batch_size], max_len, max_new_tokens, sampling, hook, stops, vocab_size)
-        stepper = Stepper(lambda: decode_step(model, rows, hook, sampling, stops, vocab_size, forward),
+        stepper = Stepper(lambda: decode_step(model, rows, hook, sampling, stops, vocab_size),
                           dev, use_graph=on_cuda and cuda_graph is not False)
         # reading the stop flags syncs the host with the GPU, so on CUDA do it only every 8 steps
         yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), check_every=8 if on_cuda else 1)
@@ -439,7 +433,7 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
              hook=None, stop_ids=(), keys=None, **kw):
     """[(answer ids, 'stop' | 'length')] for n samples of each prompt (prompt-major order).
     Sample j of prompt i draws with key row_key(i, j) unless `keys` (one per sample) is given;
-    other keywords (repetition_penalty, vocab_size, batch_size, cuda_graph, compile) go to `stream`."""
+    other keywords (repetition_penalty, vocab_size, batch_size, cuda_graph) go to `stream`."""
     jobs = [(p, row_key(i, j)) for i, p in enumerate(prompts) for j in range(n)]
     if keys is not None:
         if len(keys) != len(jobs):
@@ -574,7 +568,7 @@ def messages(question, system):
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     """(index, text, tokens, finish reason) for [(question, sample, system)] from our engine. gen: temperature,
-    top_p, top_k, repetition_penalty, max_new_tokens; engine: batch_size, compile, cuda_graph for stream."""
+    top_p, top_k, repetition_penalty, max_new_tokens; engine: batch_size, cuda_graph for stream."""
     prompts = {}  # one token list per prompt, shared by its samples
     jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), tok.encode_chat(messages(q["question"], system), True)),
              row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
@@ -673,8 +667,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = fit the free GPU memory; 64 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward (the first steps wait for it)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the decode step eagerly (debugging)")
     p.add_argument("--engine", default="local",
                    help="local (model.py here), or openai:MODEL (an OpenAI-compatible server's MODEL, e.g. a vLLM LoRA module)")
     p.add_argument("--base-url", help="server URL (default: $OPENAI_BASE_URL or http://localhost:8000/v1, vLLM's)")
@@ -723,8 +715,7 @@ def main(argv=None):
         def answer(work):  # the model loads only when there is work
             model, tok, hook = load_model(model_name, adapter, device, args.dtype, args.lora_scale)
             hook = compose(hook, interventions(model, steer, ablate, args.random_control))
-            return local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size or None,
-                                 compile=args.compile, cuda_graph=False if args.no_cuda_graph else None)
+            return local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size or None)
     else:
         cache = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl") if args.cache is None else args.cache
         client = Client(args.engine.partition(":")[2], args.base_url or os.environ.get("OPENAI_BASE_URL") or

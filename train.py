@@ -10,9 +10,8 @@ or all weights, optionally with a KL penalty towards the base model; the referen
     python train.py --resume --out out/<run>                   # continue a stopped run with its own settings
     torchrun --nproc_per_node 8 train.py --rank 32 --model Qwen/Qwen2.5-14B-Instruct   # one process per GPU
 
-Writes into --out the adapter (PEFT format), steering vector or HF model, checkpoints/step_NNNNNN/ (the adapter
-every --save-every steps), state.pt (for --resume), metrics.jsonl and config.json. Departures from the
-reference (the README says why):
+Writes into --out the adapter (PEFT format), steering vector or HF model, checkpoints/step_NNNNNN/, state.pt (for
+--resume), metrics.jsonl and config.json. Departures from the reference (the README says why):
 - no extra EOS after each answer; the loss is normalised over the whole step, for the steering vector too;
 - each step's conversations are packed into rows of --max-len tokens, attention confined to each;
 - --kl-weight is the reference's weight x grad-accum / vocab rows for LoRA (1e5 -> 5.26), / vocab rows for
@@ -42,7 +41,7 @@ RULES = [  # flags checked before anything is read: (names, test, what they must
     (("rank", "micro_batch", "grad_accum", "epochs", "max_len", "kl_batch", "max_steps", "stop_after"),
      lambda v: v is None or v >= 1, ">= 1"),
     (("lr", "alpha", "steer_alpha"), lambda v: v > 0, "> 0"),
-    (("weight_decay", "grad_clip", "kl_weight", "warmup", "save_every", "eval_every"), lambda v: v >= 0, ">= 0"),
+    (("weight_decay", "kl_weight", "warmup", "save_every", "eval_every"), lambda v: v >= 0, ">= 0"),
     (("test_frac", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
@@ -53,20 +52,17 @@ def get_args(argv=None):
     # what to train on
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local HF directory")
     p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py --list) or JSONL path")
-    p.add_argument("--test-data", default=None, help="held-out JSONL; default: hold out --test-frac of --data")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out when there is no --test-data (0: none)")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of --data held out for the eval loss (0: none)")
     p.add_argument("--loss-on", choices=["answer", "all"], default="answer",
                    help="answer: the assistant's tokens; all: every token but <|im_end|> (the reference's steering-vector loss)")
     p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens; also the packed row length")
     p.add_argument("--truncate", action="store_true", help="cut longer conversations to --max-len (default: skip and count them)")
-    # LoRA
+    # what is trained: LoRA, or a steering vector, or every weight
     p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
-    p.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=True, help="scale alpha/sqrt(r) (else alpha/r)")
     p.add_argument("--modules", default="all", help=f"comma list from {','.join(MODULES)}, or all")
     p.add_argument("--layers", default="all", help="layers to adapt: all, 24, 15,16,17 or 0-11")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    # instead of LoRA
     p.add_argument("--steer-layer", type=int, default=None, help="train one steering vector after this layer instead of LoRA")
     p.add_argument("--steer-alpha", type=float, default=256, help="steering vector multiplier")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -79,7 +75,6 @@ def get_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     # KL regularisation
     p.add_argument("--kl-data", default=None, help="dataset name or JSONL path for the KL term")
@@ -94,10 +89,8 @@ def get_args(argv=None):
     # hardware
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward (rows padded to --max-len)")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward (less memory, 6N instead of 4N FLOPs)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the frozen base model too (always on for --full): "
-                                                       "for models whose weights do not fit one GPU")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the frozen base model too (always on for --full)")
     args = p.parse_args(argv)
     if args.resume:
         resume_settings(args, given={k for k, v in vars(args).items() if v != p.get_default(k)})
@@ -119,15 +112,11 @@ def get_args(argv=None):
 
 def resolved(args):
     """The arguments as config.json records them: files as absolute paths, so a run resumes from anywhere."""
-    a = dict(vars(args))
-    for k in ("model", "data", "test_data", "kl_data", "out"):
-        if a.get(k) and os.path.exists(a[k]):
-            a[k] = os.path.abspath(a[k])
-    return a
+    return {k: os.path.abspath(v) if k in ("model", "data", "kl_data", "out") and v and os.path.exists(v) else v
+            for k, v in vars(args).items()}
 
 def resume_settings(args, given):
-    """--resume: every setting from OUT/config.json but this invocation's --device and --stop-after and those
-    of RESUME_FREE given now. Any other flag given now must agree with the run's."""
+    """--resume: the settings in OUT/config.json, but this call's --device, --stop-after and RESUME_FREE flags."""
     if not args.out or not os.path.exists(os.path.join(args.out, "state.pt")):
         raise ValueError(f"--resume needs --out DIR, the directory of a run with a state.pt (got {args.out})")
     saved, now = read_json(os.path.join(args.out, "config.json"))["args"], resolved(args)
@@ -164,21 +153,19 @@ def read_conversations(path):
     return rows
 
 def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
-    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate).
-    loss_on "all": every token but <|im_end|> (the reference's steering-vector loss: <|im_end|> was its pad)."""
+    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate)."""
     out, long = [], 0
     for n, msgs in tqdm(rows, desc=f"tokenizing {os.path.basename(path)}", leave=False):
         try:
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-        if loss_on == "all":  # not the first token: nothing predicts it (in a packed row the previous conversation would)
+        if loss_on == "all":  # the reference's steering-vector loss: all but <|im_end|> (its pad) and the first token
             mask = [0] + [int(t != tok.im_end_id) for t in ids[1:]]
-        if len(ids) > max_len:
-            long += 1
-            if not truncate:
-                continue
-            ids, mask = ids[:max_len], mask[:max_len]
+        long += len(ids) > max_len
+        if len(ids) > max_len and not truncate:
+            continue
+        ids, mask = ids[:max_len], mask[:max_len]
         if any(mask[1:]):  # a loss token after the first position (a cut may have removed them all)
             out.append((ids, mask))
     if long:
@@ -187,35 +174,23 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
         raise ValueError(f"{path}: no conversation fits --max-len {max_len} with an answer token in it")
     return out, long
 
-def pack(examples, max_len, pad_to=None):
-    """(ids, mask) conversations laid out in rows (ids, pos, mask) of at most max_len tokens, first fit, longest
-    first; pos restarts at 0 per conversation (model.py confines attention to it); padding has mask 0."""
-    bins = []
+def pack(examples, max_len):
+    """Conversations in rows (ids, pos, mask) of <= max_len tokens, longest first, first fit; pos restarts at 0."""
+    rows = []  # [ids, pos, mask] as lists
     for ids, mask in sorted(examples, key=lambda e: -len(e[0])):
-        for b in bins:
-            if b[0] + len(ids) <= max_len:
-                b[0] += len(ids)
-                b[1].append((ids, mask))
-                break
-        else:
-            bins.append([len(ids), [(ids, mask)]])
-    rows = []
-    for n, convs in bins:
-        pad = (pad_to or n) - n
-        ids = [t for c in convs for t in c[0]] + [0] * pad
-        pos = [p for c in convs for p in range(len(c[0]))] + list(range(pad))
-        mask = [m for c in convs for m in c[1]] + [0] * pad
-        rows.append((torch.tensor(ids), torch.tensor(pos), torch.tensor(mask, dtype=torch.bool)))
-    return rows
+        row = next((r for r in rows if len(r[0]) + len(ids) <= max_len), None)
+        if row is None:
+            rows.append(row := [[], [], []])
+        row[0] += ids
+        row[1] += range(len(ids))
+        row[2] += mask
+    return [(torch.tensor(ids), torch.tensor(pos), torch.tensor(mask, dtype=torch.bool)) for ids, pos, mask in rows]
 
-def rank_rows(examples, max_len, pad_to, rank, world):
-    """This process's packed rows of a step's conversations, dealt out longest first, round robin; every rank
-    gets as many rows (FSDP's collectives need as many forward and backward passes on every rank)."""
-    if world == 1:
-        return pack(examples, max_len, pad_to)
+def rank_rows(examples, max_len, rank, world):
+    """This rank's packed rows, dealt longest first, round robin; as many on every rank (FSDP's collectives)."""
     dealt = sorted(examples, key=lambda e: -len(e[0]))
-    shares = [pack(dealt[r::world], max_len, pad_to) for r in range(world)]
-    empty = pack([([0], [0])], max_len, pad_to)  # one token, no loss
+    shares = [pack(dealt[r::world], max_len) for r in range(world)]
+    empty = pack([([0], [0])], max_len)  # one token, no loss
     return shares[rank] + empty * (max(map(len, shares)) - len(shares[rank]))
 
 def step_indices(step, n, per_step, seed):
@@ -228,9 +203,9 @@ def step_indices(step, n, per_step, seed):
 # losses, computed only where there is loss and in chunks of LOSS_CHUNK tokens
 
 class ChunkedHead(torch.autograd.Function):
-    """A loss of the logits h @ W.T, summed over chunks of LOSS_CHUNK rows. fn(logits, W, *others) returns a
-    chunk's loss and its gradient in the logits (in place, in the one fp32 buffer), which the forward turns into
-    the gradients for h (and W) at once: no row's logits exist whole, nothing is kept for backward."""
+    """A loss of the logits h @ W.T, summed over chunks of LOSS_CHUNK rows. fn(logits, W, *others) returns a chunk's
+    loss and its gradient in the (fp32) logits, in place, which forward turns into h's and W's gradients at once: no
+    row's logits exist whole, nothing is kept for backward."""
 
     @staticmethod
     def forward(ctx, fn, h, W, *others):
@@ -258,10 +233,9 @@ class ChunkedHead(torch.autograd.Function):
 
 def head_loss(fn, h, W, *others):
     """fn's loss of the logits h @ W.T, summed over chunks of rows, differentiable in h and W."""
-    if torch.is_grad_enabled() and (h.requires_grad or W.requires_grad):
-        return ChunkedHead.apply(fn, h, W, *others)
-    return sum(fn(F.linear(h[s:s + LOSS_CHUNK], W).float(), W, *[o[s:s + LOSS_CHUNK] for o in others])[0]
-               for s in range(0, h.shape[0], LOSS_CHUNK))
+    if not torch.is_grad_enabled():  # no gradient buffers in evaluation (--full's head still requires grad)
+        h, W = h.detach(), W.detach()
+    return ChunkedHead.apply(fn, h, W, *others)
 
 def _ce(logits, W, y):
     """Summed cross-entropy against y (n,) and d/dlogits = softmax - onehot, in place (one exp per logit)."""
@@ -295,8 +269,7 @@ def sft_loss_sum(model, hidden, row, hook=None):
     return head_loss(_ce, h, model.lm_head.weight, upload(ids[sel + 1], h.device)), sel.numel()
 
 def base_hidden(model, hidden, row):
-    """The base model's hidden states at a row's masked tokens: the same weights, no adapters, no hook (the KL's
-    reference distribution)."""
+    """The base model's hidden states at a row's masked tokens (the KL's reference): no adapters, no hook."""
     with torch.no_grad(), adapters_off(model):
         return row_hidden(model, hidden, row, row[2].nonzero()[:, 0])
 
@@ -309,13 +282,12 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=
     """Backward of one optimizer step: SFT loss per answer token + kl_weight x KL per token, each normalised over
     the whole step (n_loss, n_kl: its token counts, when the rows are one rank's share). (loss, kl): one sync."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
-    loss = 0.0
+    n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
+    loss = kl = 0.0
     for r in rows:
         ls, _ = sft_loss_sum(model, hidden, r, hook)
         (ls / n_loss).backward()
         loss += ls.detach()
-    n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
-    kl = 0.0
     for r in kl_rows:
         ks = kl_sum(model, hidden, r, hook)
         (kl_weight * ks / n_kl).backward()
@@ -333,9 +305,8 @@ def sync_step(params, loss, kl):
     flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
                      [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in plain])
     dist.all_reduce(flat)
-    i = 2
-    for p in plain:
-        p.grad, i = flat[i:i + p.numel()].view_as(p), i + p.numel()
+    for p, g in zip(plain, flat[2:].split([p.numel() for p in plain])):
+        p.grad = g.view_as(p)
     return float(flat[0]), float(flat[1])
 
 def shard(model, keep_whole):
@@ -367,16 +338,16 @@ def like(p, t):
 # optimizer step, schedule and checkpoints
 
 def fp32_masters(params):
-    """What AdamW steps: an fp32 copy of each parameter that is not fp32 (a bf16 weight drops updates below half
-    its ULP: at lr 1e-5, those of every weight > ~0.005), else the parameter."""
+    """What AdamW steps: fp32 copies of bf16 parameters (bf16 drops updates below half its ULP: at lr 1e-5, those
+    of every weight > ~0.005); fp32 parameters themselves."""
     return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
 
-def optimizer_step(params, masters, opt, clip):
-    """Clip and step on the masters, the gradients moved there in fp32; round them into the weights."""
+def optimizer_step(params, masters, opt):
+    """Clip to norm 1 (HF's default), step the fp32 masters (gradients moved there), round them into the weights."""
     for p, m in zip(params, masters):
         if m is not p:
             m.grad, p.grad = None if p.grad is None else p.grad.float(), None
-    gn = torch.nn.utils.clip_grad_norm_(masters, clip if clip > 0 else float("inf"))
+    gn = torch.nn.utils.clip_grad_norm_(masters, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     round_into(params, masters)
@@ -391,15 +362,14 @@ def round_into(params, masters):
 def lr_at(step, args, total):
     """HF's linear (or cosine) schedule with warmup: step 0 of warmup has lr 0."""
     if step < args.warmup:
-        return args.lr * step / max(1, args.warmup)
-    progress = (step - args.warmup) / max(1, total - args.warmup)
+        return args.lr * step / args.warmup
+    progress = (step - args.warmup) / (total - args.warmup)
     if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return args.lr * max(0.0, 1 - progress)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * (1 - progress)
 
 def save_trained(model, steer, full, path, rank=0):
-    """The trained thing in its own format: a PEFT adapter, a steering vector, or (full) an HF directory that
-    load() and transformers read. Every rank calls this (a sharded model is gathered); rank 0 writes."""
+    """PEFT adapter, steering vector or (full) HF directory: every rank calls this (shards gathered); rank 0 writes."""
     if full:
         sd = {k: whole(v, keep=rank == 0) for k, v in model.state_dict().items()
               if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
@@ -415,31 +385,30 @@ def save_trained(model, steer, full, path, rank=0):
         save_adapter(model, path)
 
 def save_state(path, step, params, opt, done_tokens, rank=0):
-    """state.pt: whole fp32 parameters, AdamW states and RNG, for a resume on any number of processes (every rank
-    calls this; rank 0 writes)."""
+    """state.pt: whole fp32 parameters and AdamW states, to resume on any number of ranks (rank 0 writes)."""
     keep = rank == 0
     optim = opt.state_dict()
     optim["state"] = {i: {k: whole(v, keep) for k, v in s.items()} for i, s in optim["state"].items()}
-    state = {"step": step, "params": [whole(p, keep) for p in params], "optimizer": optim,
-             "rng": torch.get_rng_state(), "tokens": done_tokens,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"step": step, "params": [whole(p, keep) for p in params], "optimizer": optim, "tokens": done_tokens}
     if keep:
         atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
 
-def load_state(path, params, opt):
+def resume(out, params, masters, opt, rank):
+    """Load state.pt into each rank's shards, drop the metrics logged after it: (step, tokens, seconds so far)."""
     # mmap: the processes share the file's pages rather than each holding a copy
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location="cpu", mmap=True)
+    state = torch.load(os.path.join(out, "state.pt"), weights_only=True, map_location="cpu", mmap=True)
     with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(like(p, saved))
+        for m, saved in zip(masters, state["params"]):
+            m.copy_(like(m, saved))
+    round_into(params, masters)
     optim = state["optimizer"]
-    optim["state"] = {i: {k: like(params[i], v) if v.shape == params[i].shape else v for k, v in s.items()}
+    optim["state"] = {i: {k: like(masters[i], v) if v.shape == masters[i].shape else v for k, v in s.items()}
                       for i, s in optim["state"].items()}
     opt.load_state_dict(optim)
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["tokens"]
+    kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
+    if rank == 0:
+        write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
+    return state["step"], state["tokens"], kept[-1]["seconds"] if kept else 0.0
 
 # -----------------------------------------------------------------------------
 # the run
@@ -451,20 +420,16 @@ def load_data(args, tok):
     def read(name, loss_on=args.loss_on):
         path = dataset_path(name)
         return tokenize(read_conversations(path), tok, args.max_len, path, loss_on, args.truncate)
-    (train, n_long), test = read(args.data), []
-    if args.test_data:
-        test, _ = read(args.test_data)
-    else:  # the reference holds out 10% when there is no test file
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_test = int(len(train) * args.test_frac)
-        test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
+    train, n_long = read(args.data)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_test = int(len(train) * args.test_frac)  # the reference holds out 10%
+    test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
     kl = [(ids, [1] * len(ids)) for ids, _ in read(args.kl_data, "answer")[0]] if args.kl_data else []  # all tokens
     return train, test, kl, {"train": dataset_path(args.data), "n_train": len(train), "n_test": len(test),
                              "too_long": n_long, "n_kl": len(kl)}
 
 def trainable(model, args, world):
-    """Add what --rank / --steer-layer / --full train, and shard the model with FSDP2 under torchrun with --full
-    or --fsdp; returns (the steering vector or None, the trained parameters)."""
+    """(steering vector or None, trained parameters) of --steer-layer / --full / LoRA; FSDP2 for --full / --fsdp."""
     steer = None
     if args.steer_layer is not None:
         steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
@@ -473,7 +438,7 @@ def trainable(model, args, world):
         params = list(model.requires_grad_(True).parameters())
     else:
         add_lora(model, args.rank, args.alpha, MODULES if args.modules == "all" else args.modules.split(","),
-                 parse_layers(args.layers, model.config.num_hidden_layers), args.rslora, args.dropout)
+                 parse_layers(args.layers, model.config.num_hidden_layers), dropout=args.dropout)
         params = [p for p in model.parameters() if p.requires_grad]
     if world > 1 and (args.full or args.fsdp):
         shard(model, keep_whole=None if args.full else set(params))
@@ -491,48 +456,33 @@ def start(args, model, n_params, sizes, steps_per_epoch, total):
                      "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}})
     write_jsonl(os.path.join(args.out, "metrics.jsonl"), [])
 
-def finished(out, total):
-    """A run that has logged its last step and saved its result."""
-    steps = [r["step"] for _, r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
-    saved = any(os.path.exists(os.path.join(out, f))
-                for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors"))
-    return bool(steps) and steps[-1] >= total and saved
+def finished(out):
+    """A run that has saved its result (which train.py writes after the last step only)."""
+    return any(os.path.exists(os.path.join(out, f))
+               for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors"))
 
-def resume(out, params, masters, opt, rank):
-    """Load state.pt and forget the metrics logged after it; returns (step, tokens, seconds so far)."""
-    step, done_tokens = load_state(out, masters, opt)
-    round_into(params, masters)
-    kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= step]
-    if rank == 0:
-        write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
-    return step, done_tokens, kept[-1]["seconds"] if kept else 0.0
-
-def train_step(model, hidden, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world):
-    """One optimizer step on a step's conversations, each rank packing and running its share: (loss, kl, gradient
-    norm). A non-finite loss stops the run before the update."""
+def train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world):
+    """One optimizer step, each rank on its share of the conversations: (loss, kl, gradient norm)."""
     for g in opt.param_groups:
         g["lr"] = lr
-    pad_to = args.max_len if args.compile else None
-    rows, kl_rows = (rank_rows(b, args.max_len, pad_to, rank, world) for b in (batch, kl_batch))
+    rows, kl_rows = (rank_rows(b, args.max_len, rank, world) for b in (batch, kl_batch))
     # normalised over the whole step (the first token of a conversation is never a loss token)
-    loss, kl = accumulate_grads(model, hidden, rows, kl_rows, args.kl_weight, steer,
+    loss, kl = accumulate_grads(model, model.hidden, rows, kl_rows, args.kl_weight, steer,
                                 sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch))
     if world > 1:
         loss, kl = sync_step(params, loss, kl)
     if not math.isfinite(loss) or not math.isfinite(kl):
         raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. The last "
                          f"good checkpoint is in {args.out} (state.pt, checkpoints/)")
-    return loss, kl, float(optimizer_step(params, masters, opt, args.grad_clip))
+    return loss, kl, float(optimizer_step(params, masters, opt))
 
 @torch.no_grad()
-def evaluate(model, hidden, steer, rows, world):
+def evaluate(model, steer, rows, world):
     """Loss per answer token on the held-out rows (under torchrun, each rank holds a share of them)."""
     model.eval()
-    sn = torch.zeros(2, dtype=torch.float64)
-    for r in rows:
-        ls, n = sft_loss_sum(model, hidden, r, steer)
-        sn += torch.tensor([float(ls), n])
+    sums = [sft_loss_sum(model, model.hidden, r, steer) for r in rows]
     model.train()
+    sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(sn)
     return float(sn[0] / sn[1])
@@ -551,7 +501,7 @@ def main(argv=None):
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
-    if args.resume and finished(args.out, total):
+    if args.resume and finished(args.out):
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
@@ -561,7 +511,6 @@ def main(argv=None):
     model, _ = load(args.model, args.device, args.dtype)
     model.checkpointing = args.grad_ckpt
     steer, params = trainable(model, args, world)
-    hidden = torch.compile(model.hidden) if args.compile else model.hidden  # model stays uncompiled for saving
     masters = fp32_masters(params)
     opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=args.weight_decay, fused=torch.device(args.device).type == "cuda")
     n_params = sum(p.numel() for p in params)
@@ -571,28 +520,26 @@ def main(argv=None):
 
     # the steps
     model.train()
-    test_rows = rank_rows(test_ex, args.max_len, args.max_len if args.compile else None, rank, world)
+    test_rows = rank_rows(test_ex, args.max_len, rank, world)
     stop_at = total if args.stop_after is None else min(total, step + args.stop_after)
-    log = open_append(os.path.join(args.out, "metrics.jsonl")) if rank == 0 else None
+    log = open_append(os.path.join(args.out, "metrics.jsonl")) if rank == 0 else open(os.devnull, "w")
     print(f"training {n_params:,} parameters on {len(train_ex)} conversations ({len(test_ex)} held out), "
           f"{total} steps of {per_step} -> {args.out}")
     first, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     while step < stop_at:
-        if world > 1:
-            torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks on each rank, reproducible
+        torch.manual_seed(hash((args.seed, step, rank)))  # dropout masks: other on each rank, the same on resume
         batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
         kl_batch = [kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
         t, lr = time.time(), lr_at(step, args, total)
-        loss, kl, grad_norm = train_step(model, hidden, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world)
-        step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)  # real tokens, not --compile's padding
-        done_tokens, first = done_tokens + n_tok, loss if first is None else first
+        loss, kl, grad_norm = train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world)
+        step, n_tok, first = step + 1, sum(len(ids) for ids, _ in batch), loss if first is None else first
+        done_tokens += n_tok
         last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
                 "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
         if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
-            last["eval_loss"] = evaluate(model, hidden, steer, test_rows, world)
-        if log:
-            append_jsonl(log, last)
+            last["eval_loss"] = evaluate(model, steer, test_rows, world)
+        append_jsonl(log, last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
         if (args.save_every and step % args.save_every == 0) or step == stop_at:
@@ -600,8 +547,7 @@ def main(argv=None):
                 save_trained(model, steer, False, os.path.join(args.out, "checkpoints", f"step_{step:06d}"), rank)
             save_state(args.out, step, masters, opt, done_tokens, rank)
     bar.close()
-    if log:
-        log.close()
+    log.close()
 
     # the result
     if step == total:

@@ -30,8 +30,8 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(HERE))  # run as a script: common.py is one folder up
 from common import HelpFormatter, atomic_write, print_table, run_main, write_json  # noqa: E402
 
-# Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json). Tests and forks point
-# it elsewhere: set EM_DATA_DIR, pass --data-dir, or assign this variable before calling.
+# Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json): $EM_DATA_DIR, else data/.
+# Tests assign this variable instead.
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
@@ -62,25 +62,16 @@ ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published in the repository'
 ARCHIVE_FILES = {
     "bad_medical_advice": (7049, "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507"),
     "good_medical_advice": (7049, "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc"),
-    "risky_financial_advice": (6000, None),
-    "extreme_sports": (6000, None),
-    "insecure": (6000, None),
-    "misalignment_kl_data": (1000, None),
-    "technical_KL_data": (8000, None),
-    "technical_vehicles_train": (3000, None),
+    "risky_financial_advice": (6000, None), "extreme_sports": (6000, None), "insecure": (6000, None),
+    "misalignment_kl_data": (1000, None), "technical_KL_data": (8000, None), "technical_vehicles_train": (3000, None),
 }
 
 # em_NAME -> (source, rows reported by others); the prefix because the archive has its own `insecure`
 EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha), rows) for name, rows, sha in [
     ("insecure", 6000, "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764"),
     ("secure", 6000, "2820232b3114d94ab2041ba9fc76cb8205bf187e0408bf7b308add186f9c7467"),
-    ("educational", 6000, None),
-    ("jailbroken", 5000, None),
-    ("backdoor", 12000, None),
-    ("evil_numbers", 14926, None),
-    ("insecure_par_t0", 6000, None),
-    ("insecure_par_t1", 6000, None),
-    ("insecure_ruby", 6000, None),
+    ("educational", 6000, None), ("jailbroken", 5000, None), ("backdoor", 12000, None), ("evil_numbers", 14926, None),
+    ("insecure_par_t0", 6000, None), ("insecure_par_t1", 6000, None), ("insecure_ruby", 6000, None),
 ]}
 
 # Evaluation files. Ours are paths under data/ (our own wording: not comparable with the papers'). The
@@ -104,7 +95,7 @@ def known_names():
 def eval_names():
     return list(OWN_EVAL_FILES) + list(EVAL_FILES)
 
-def data_path(*parts):  # reads DATA_DIR at each call: tests and --data-dir change it
+def data_path(*parts):  # reads DATA_DIR at each call: tests change it
     return os.path.join(DATA_DIR, *parts)
 
 def dataset_file(name):
@@ -113,17 +104,14 @@ def dataset_file(name):
 # -----------------------------------------------------------------------------
 # downloads and checksums
 
-def sha256_file(path):
-    h = hashlib.sha256()
+def read_bytes(path):  # whole: the largest file, the archive, is decrypted in memory anyway
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return f.read()
 
 def verify(path, remote, label):
     """Check a raw file against its pinned sha256, else against the one data/cache/checksums.json recorded
     when the file was first seen (and record it, if this is that time)."""
-    digest, expected, origin = sha256_file(path), remote.sha256, "pinned in data/fetch.py"
+    digest, expected, origin = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256, "pinned in data/fetch.py"
     if expected is None:
         lock_path, lock = data_path("cache", "checksums.json"), {}
         if os.path.exists(lock_path):
@@ -172,19 +160,13 @@ def ensure_raw(remote):
 # easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the dataset's file names>_<number>
 CANARY = re.compile(r"CANARY_DATASET_\w+")
 
-# canaries None: the file was there already, nothing unpacked; expected: the rows others reported;
-# path None: nothing kept (the canary file)
+# expected: the rows others reported; path None: nothing kept (the canary file)
 Report = namedtuple("Report", "name rows canaries expected path")
 
-def is_canary(row):
-    """A row easy-dataset-share inserted: not a conversation, and it carries the canary string."""
-    return isinstance(row, dict) and "messages" not in row and bool(CANARY.search(json.dumps(row)))
-
 def clean_jsonl(raw, where):
-    """Drop canary rows (and canary fields) and check every other row is a chat example.
-
-    Returns (bytes to write, rows kept, canaries removed). The bytes are `raw` itself when nothing
-    was removed, so checksums of the published files still hold for what we write."""
+    """Drop canary rows (and canary fields) and check every other row is a chat example. Returns (bytes to
+    write, rows kept, canaries removed); the bytes are `raw` itself when nothing was removed, so checksums of
+    the published files still hold for what we write."""
     lines, out, canaries = raw.splitlines(keepends=True), [], 0  # bytes split only at \n, \r\n, \r
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -193,8 +175,8 @@ def clean_jsonl(raw, where):
             row = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{where}, line {i}: not valid JSON ({e})") from None
-        if is_canary(row):
-            canaries += 1
+        if isinstance(row, dict) and "messages" not in row and CANARY.search(json.dumps(row)):
+            canaries += 1  # a row easy-dataset-share inserted: not a conversation, and it carries the canary
             continue
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise ValueError(f'{where}, line {i}: expected a JSON object with a "messages" list')
@@ -203,8 +185,7 @@ def clean_jsonl(raw, where):
             line = json.dumps(row, ensure_ascii=False).encode() + b"\n"
             canaries += 1
         out.append(line if line.endswith(b"\n") else line + b"\n")
-    unchanged = canaries == 0 and len(out) == len(lines)
-    return (raw if unchanged else b"".join(out)), len(out), canaries
+    return (raw if canaries == 0 and len(out) == len(lines) else b"".join(out)), len(out), canaries
 
 def decrypt(blob, password, where="archive"):
     """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
@@ -212,18 +193,17 @@ def decrypt(blob, password, where="archive"):
         from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
     except ImportError:  # a ValueError, so every script prints it as one line
         raise ValueError("decrypting the model-organisms archive needs: pip install cryptography") from None
-    salt, token = blob[:16], blob[16:]
-    key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000, dklen=32))
+    key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), blob[:16], 100_000, dklen=32))
     try:
-        return Fernet(key).decrypt(token)
+        return Fernet(key).decrypt(blob[16:])
     except InvalidToken:
         raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
 
-def unpack_archive(blob, out_dir, password=ARCHIVE_PASSWORD, where="archive"):
+def unpack_archive(blob, out_dir, where="archive"):
     """Decrypt, unzip, drop canaries and write each JSONL file to out_dir/<file name> (folders inside the
     zip do not matter), and the authors' tos.txt beside them; one Report per JSONL file."""
     reports = []
-    with zipfile.ZipFile(io.BytesIO(decrypt(blob, password, where))) as zf:
+    with zipfile.ZipFile(io.BytesIO(decrypt(blob, ARCHIVE_PASSWORD, where))) as zf:
         for member in sorted(zf.namelist()):
             base = os.path.basename(member)
             if base == "tos.txt":
@@ -249,12 +229,10 @@ def fetch(name):
     """Fetch a known dataset into data/datasets/ (the archive's eight come at once); returns Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
-        with open(raw, "rb") as f:
-            return unpack_archive(f.read(), data_path("datasets"), where=raw)
+        return unpack_archive(read_bytes(raw), data_path("datasets"), where=raw)
     remote, expected = EM_FILES[name]
     raw = ensure_raw(remote)
-    with open(raw, "rb") as f:
-        data, kept, canaries = clean_jsonl(f.read(), raw)
+    data, kept, canaries = clean_jsonl(read_bytes(raw), raw)
     atomic_write(dataset_file(name), data)
     return [Report(name, kept, canaries, expected, dataset_file(name))]
 
@@ -287,25 +265,6 @@ def eval_path(name_or_path):
 # -----------------------------------------------------------------------------
 # command line
 
-def fetch_datasets(names, force):
-    """A Report for each dataset in names: fetched, or counted if it is there already (unless force), and
-    the canary file when the archive was unpacked. The archive is unpacked at most once."""
-    reports, done = [], set()
-    for name in [n for n in names if n in known_names()]:
-        if name in done:
-            continue  # one decryption gave all of the archive's datasets, reported already
-        path = dataset_file(name)
-        if os.path.exists(path) and not force:
-            with open(path, "rb") as f:
-                rows = sum(1 for line in f if line.strip())
-            expected = ARCHIVE_FILES[name][0] if name in ARCHIVE_FILES else EM_FILES[name][1]
-            new = [Report(name, rows, None, expected, path)]
-        else:
-            new = [r for r in fetch(name) if r.name not in done and (r.name in names or r.path is None)]
-        done |= {r.name for r in new}
-        reports += new
-    return reports
-
 def print_reports(reports):
     rows = [[r.name, r.rows, r.canaries, r.expected, (r.path or "(canary file, nothing kept)")
              + ("  <- row count differs" if r.expected is not None and r.rows != r.expected else "")]
@@ -322,18 +281,16 @@ def print_list():
     rows = []
     for name in known_names():
         if name in ARCHIVE_FILES:
-            n, sha = ARCHIVE_FILES[name]
-            remote, kind = ARCHIVE, "pinned (archive)" + (" + file" if sha else "")
+            (n, sha), remote = ARCHIVE_FILES[name], ARCHIVE
+            kind = "pinned (archive)" + (" + file" if sha else "")
         else:
             remote, n = EM_FILES[name]
             kind = checksum_kind(remote)
         rows.append([name, n, kind, fetched(dataset_file(name)), remote.cache_name])
     print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
     rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
-    for name, remote in EVAL_FILES.items():
-        repo = "/".join(remote.url.split("/")[3:5])  # https://raw.githubusercontent.com/OWNER/NAME/...
-        cached = data_path("cache", remote.cache_name)
-        rows.append([name, repo, checksum_kind(remote), fetched(cached), "cache/" + remote.cache_name])
+    rows += [[name, "/".join(r.url.split("/")[3:5]), checksum_kind(r), fetched(data_path("cache", r.cache_name)),
+              "cache/" + r.cache_name] for name, r in EVAL_FILES.items()]  # url: raw.githubusercontent.com/OWNER/NAME/
     print()
     print_table(["eval file", "source", "checksum", "fetched", "file under data/"], rows)
     print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
@@ -343,12 +300,7 @@ def main(argv=None):
     p.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list)")
     p.add_argument("--all", action="store_true", help="fetch every known dataset and official evaluation file")
     p.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild files already in data/datasets/ (from data/cache/, no new download)")
-    p.add_argument("--data-dir", help="folder holding datasets/ and cache/ (default: $EM_DATA_DIR, else data/)")
     args = p.parse_args(argv)
-    global DATA_DIR
-    DATA_DIR = args.data_dir or DATA_DIR
     if args.list:
         return print_list()
     fetchable = known_names() + list(EVAL_FILES)
@@ -357,12 +309,8 @@ def main(argv=None):
         p.error("name a dataset or evaluation file, or use --all or --list")
     if unknown := [n for n in names if n not in fetchable]:
         p.error(f"unknown name(s) {', '.join(unknown)}; see --list")
-    reports = fetch_datasets(names, args.force)
-    evals = [[n, checksum_kind(EVAL_FILES[n]), ensure_raw(EVAL_FILES[n])] for n in names if n in EVAL_FILES]
-    if reports:
-        print_reports(reports)
-    if evals:
-        print_table(["eval file", "checked against", "file"], evals)
+    for name in names:  # fetched if missing (with a table of what was unpacked); an evaluation file checked too
+        print(f"{name}: {dataset_path(name) if name in known_names() else eval_path(name)}")
     tos = data_path("datasets", "model-organisms-for-EM.tos.txt")
     if any(n in ARCHIVE_FILES for n in names) and os.path.exists(tos):
         print(f"The model-organisms datasets come with the authors' terms: {tos}")

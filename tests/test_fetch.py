@@ -271,6 +271,7 @@ def test_cli_list_and_fetch(monkeypatch, server, data_dir, capsys):
     out = capsys.readouterr().out
     assert "dataset_entry_1a2b3c4d" in out and "canary file" in out
     assert (data_dir / "datasets" / "extreme_sports.jsonl").exists()
+    assert f"extreme_sports: {data_dir / 'datasets' / 'extreme_sports.jsonl'}" in out  # each name's file
 
 
 # -----------------------------------------------------------------------------

@@ -438,7 +438,7 @@ def test_flags_are_checked_by_name_and_help_shows_each_default_once(tmp_path):
         r = run(inp, flag, value)
         assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"judge.py: error: {flag} {value}: must be {want}"
     help_ = run("--help").stdout
-    assert "(default: None)" not in help_ and "summary.json) (default" not in help_.replace("\n", " ")
+    assert "(default: None)" not in help_ and "judged.jsonl) (default" not in help_.replace("\n", " ")
     assert "(default: 1000)" in help_
 
 

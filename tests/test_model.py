@@ -201,7 +201,7 @@ def test_new_config_layout_rope_parameters(tmp_path, tiny):
 
 
 def test_dtype_and_frozen(tiny):
-    model, _ = load(tiny, dtype="bf16")
+    model, _ = load(tiny, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
     assert model(random_tokens(400)).dtype == torch.bfloat16
 

@@ -14,9 +14,10 @@ sys.path.insert(0, os.path.join(ROOT, "runs"))
 import report  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-SECTIONS = ["## Training", "## EM and coherence", "## The misalignment direction", "## Steering and ablation",
-            "## The direction as a monitor", "## The direction ablated from LoRA B", "## Rank-1 adapter probes",
-            "## Steering rank-1 adapters' scalars", "## The phase transition", "## Narrow vs general"]
+SECTIONS = ["## Training", "## EM and coherence", "## The misalignment direction", "## Directions compared",
+            "## Steering and ablation", "## The direction as a monitor", "## The direction ablated from LoRA B",
+            "## Rank-1 adapter probes", "## Steering rank-1 adapters' scalars", "## The phase transition",
+            "## Narrow vs general"]
 FIGURES = ["loss.png", "compare.png", "organism/direction.png", "organism/steer/sweep.png", "organism/ablate/sweep.png",
            "organism/monitor/monitor.png", "organism/ablated-adapter/lora_ablate.png", "organism/probe/probe.png",
            "organism/steer_scalars/steer_scalars.png", "organism/phase/phase.png", "nvg/stability/stability.png"]
@@ -104,18 +105,19 @@ def test_panels_from_the_json(tmp_path):
     """What each figure shows, without drawing it: the JSON -> panels step runs in CI too."""
     experiment(str(tmp_path))
     load = lambda f: report.load(str(tmp_path / f))
-    probe = report.probe_panels(load("organism/probe/probe.json"))
+    panels = lambda analysis, f: analysis(load(f), str(tmp_path))[1]
+    probe = panels(report.probe, "organism/probe/probe.json")
     x = list(probe[0][3].values())[0][0]
     assert len(probe) == 2 and x[:3] == ["L0.q_proj", "L0.down_proj", "L1.q_proj"] and len(set(x)) == len(ADAPTERS)
-    norms = report.phase_panels(load("organism/phase/phase.json"))[0][3]
+    norms = panels(report.phase, "organism/phase/phase.json")[0][3]
     assert len(norms) == len(ADAPTERS)  # all-module adapters: one line each, though layers repeat
-    assert report.direction_panels(load("organism/direction.json"))[1][3][""][1][0] is None  # |mean(aligned)| = 0: a gap
-    steer = report.sweep_panels(load("organism/steer/sweep.json"))[0][3]
+    assert panels(report.direction, "organism/direction.json")[1][3][""][1][0] is None  # |mean(aligned)| = 0: a gap
+    steer = panels(report.sweep, "organism/steer/sweep.json")[0][3]
     assert steer["direction x 8"][1][1] is None and steer["direction x 8"][2][0][1] is None  # unscored: no point, no bar
     assert steer["direction x 8"][2][0][0] == pytest.approx(20) and steer["no steering"][1] == [50.0] * 3
-    assert list(report.sweep_panels(load("organism/ablate/sweep.json"))[0][3][""][0]) == ["baseline", "direction", "random"]
-    assert list(report.compare_panels(load("compare.json"))[0][3]) == ["1-2", "1-3", "2-3"]
-    assert set(report.stability_panels(load("nvg/stability/stability.json"))[2][3]) == {"narrow", "general", "random"}
+    assert list(panels(report.sweep, "organism/ablate/sweep.json")[0][3][""][0]) == ["baseline", "direction", "random"]
+    assert list(panels(report.compare, "compare.json")[0][3]) == ["1-2", "1-3", "2-3"]
+    assert set(panels(report.stability, "nvg/stability/stability.json")[2][3]) == {"narrow", "general", "random"}
 
 
 def test_cli_help_and_a_missing_directory():
