@@ -1,15 +1,11 @@
 """
-Our LoRA training step and sampler against transformers + PEFT and HF generate, side by side on the same
-weights (random ones of a Qwen2.5 shape unless --model), conversations and lengths.
+Our LoRA training step and sampler against transformers + PEFT and HF generate, side by side on the same weights
+(random ones of a Qwen2.5 shape unless --model), conversations and lengths: each engine's real tokens/s, SDPA kernels,
+MFU and CUDA peak memory (README, "What bench.py measures"); bf16 on CUDA, fp32 on the CPU, seeded.
 
     python bench.py --json out/bench.json                    # Qwen2.5-0.5B's shape
     python bench.py --shape 7b --skip sample --json b7.json  # LoRA training at 7B's shape (a GPU)
     python bench.py --quick --device cpu                     # tiny shape, seconds: checks the logic
-
-Each engine's real (unpadded) tokens/s, seconds, SDPA kernels and, on CUDA, peak memory: training, AdamW
-steps of rank-1 LoRA on --convs chat-length conversations, with MFU (MFU_FORMULA); sampling, --prompts x --n
-answers of up to --new-tokens (SAMPLING), all to the limit, then at realistic lengths (forced stops).
-bf16 on CUDA, fp32 on the CPU; weights and data are seeded.
 """
 import argparse
 import math
@@ -26,15 +22,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 import sample
 import train
-from common import HelpFormatter, check_device, resolve_dtype, run_main, write_json
-from lora import add_lora
+from common import HelpFormatter, check_device, print_table, resolve_dtype, run_main, write_json
+from lora import MODULES, add_lora
 from model import Config, Qwen2, load
-
-# Kernels per decode step (0.5B shape, bf16, top-k 20, repetition penalty; torch.profiler's aten ops on
-# the CPU, views and allocations not counted, F.rms_norm as its one CUDA kernel; tests/test_sample.py
-# counts them): 46 per layer + 112 besides = 1,216 at 24 layers before issue 20; 26 + 52 = 676 after.
-# Per layer: RMSNorm 8 -> 2 (x2), RoPE 14 -> 8, SDPA's bool-to-additive mask 2 -> 0; besides, the
-# per-row hash (~50 int64 ops) now runs once per batch.
 
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) from the Qwen2.5 configs
     "tiny": (64, 2, 4, 2, 128, 2048, True),  # smoke test
@@ -47,8 +37,7 @@ DEFAULTS = {  # a full GPU run, a CPU run, and --quick (the tiny shape in second
     "cpu": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=4, new_tokens=64),
     "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, new_tokens=24),
 }
-# Both engines sample with these (Qwen2.5-0.5B-Instruct's generation_config: top_k 20, penalty 1.1)
-SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)
+SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's generation_config
 PEAK_TFLOPS = [  # dense bf16 tensor-core peaks from the datasheets; the first name found in the GPU's name wins
     ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
     ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121),
@@ -94,14 +83,12 @@ def log(msg):
 
 # -----------------------------------------------------------------------------
 # models: ours, and transformers' Qwen2ForCausalLM as a view of the same weights
-
 def shape_config(shape):
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
     return Config(vocab, hidden, inter, layers, heads, kv, hidden // heads, 1e-6, 1e6, 32768, tied,
                   name_or_path=f"random-{shape}")
 
 def random_model(shape, device, dtype, seed):
-    """Our Qwen2 of a Qwen2.5 shape with random weights, built straight in its dtype on the device."""
     with torch.device("meta"):
         model = Qwen2(shape_config(shape)).to(dtype)
     model.to_empty(device=device)  # (7B: 15 GB, never an fp32 copy)
@@ -113,8 +100,7 @@ def random_model(shape, device, dtype, seed):
     return model.requires_grad_(False).eval()
 
 def stop_token(model, vocab):
-    """A token id no prompt holds, the tokenizer's last (of vocab), with its LM-head row zeroed: its logit 0 is
-    never in a random model's top 20, so only the forced stops end answers."""
+    """vocab - 1, its LM-head row zeroed: logit 0 is never in a random model's top 20, so only forced stops end rows."""
     with torch.no_grad():
         model.lm_head.weight[vocab - 1].zero_()
     return vocab - 1
@@ -151,9 +137,7 @@ def sdpa_kernels(fn):
     return sorted({e.name[6:] for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")})
 
 def timed(res, key, run, warmup, device):
-    """Time run() (which returns the tokens it made) after warmup() (allocator, kernels, autotuning): key_s,
-    key_tok_s, on CUDA key_peak_gb (the most allocated over both, weights included), and after the reference
-    (key_ref) the ratio of ours to it."""
+    """Time run() (returns its tokens) after warmup(): key_s, key_tok_s, on CUDA key_peak_gb; after _ref, the ratio."""
     cuda, ours = torch.device(device).type == "cuda", key.removesuffix("_ref")
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     if cuda:
@@ -169,13 +153,11 @@ def timed(res, key, run, warmup, device):
         res[f"{key}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if key != ours:
         res[ours + "_ratio"] = res[ours + "_tok_s"] / res[f"{key}_tok_s"]
-    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f", peak {res[f'{key}_peak_gb']:.1f} GB" if cuda else "")
-        + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours else ""))
+    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours else ""))
     return tokens
 
 # -----------------------------------------------------------------------------
 # training: optimizer steps of LoRA on chat-length conversations
-
 def synthetic_conversations(n, vocab, seed):
     """(ids, loss mask) pairs of chat-like lengths; ids avoid the top rows (special and padding)."""
     g = torch.Generator().manual_seed(seed)
@@ -194,9 +176,8 @@ def lora_ours(model, convs):
 def lora_ref(ref, convs, micro=2):
     """The same with PEFT as the papers' TRL loop: right-padded micro-batches, labels only on the answer."""
     from peft import LoraConfig, get_peft_model
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(ref, LoraConfig(r=1, lora_alpha=64, use_rslora=True, lora_dropout=0.0,
-                                                target_modules=modules, task_type="CAUSAL_LM"))
+                                                target_modules=list(MODULES), task_type="CAUSAL_LM"))
     pad = lambda xs, value=0: pad_sequence([torch.tensor(x) for x in xs], batch_first=True, padding_value=value).to(ref.device)
     batches = [dict(input_ids=pad([x for x, _ in b]), attention_mask=pad([[1] * len(x) for x, _ in b]),
                     labels=pad([[t if m else -100 for t, m in zip(x, mask)] for x, mask in b], -100))
@@ -213,9 +194,8 @@ def bench_train(ours, ref, args, peak):
     flops = dict(zip(("train", "train_ref"), train_flops(ours, convs)))
     res = {"train_convs_per_step": args.convs, "train_tokens_per_step": tokens, "mfu_formula": MFU_FORMULA,
            **{f"{k}_flops_per_step": v for k, v in flops.items()}}
-    engines = {"train": ("ours: packed rows", lora_ours, ours)}
-    if ref is not None:
-        engines["train_ref"] = ("transformers+PEFT: micro-batches of 2", lora_ref, ref)
+    engines = {"train": ("ours: packed rows", lora_ours, ours)} | (
+        {"train_ref": ("transformers+PEFT: micro-batches of 2", lora_ref, ref)} if ref is not None else {})
     for key, (what, setup, model) in engines.items():
         log(f"train {what}, 1 warm-up + {args.steps} steps of {args.convs} conversations ({tokens:,} tokens)")
         model, backward = setup(model, convs)
@@ -237,18 +217,15 @@ def bench_train(ours, ref, args, peak):
 
 # -----------------------------------------------------------------------------
 # sampling: every answer to the limit, then each row stopped at a drawn length
-
 def answer_lengths(rows, new_tokens, seed):
-    """Per-row answer lengths with a spread like real answers: lognormal (sigma 0.6) with mean
-    250/600 of new_tokens, clipped to [new_tokens/30, new_tokens]."""
+    """Lengths spread like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens, in [new_tokens/30, max]."""
     g = torch.Generator().manual_seed(seed + 2)
     x = torch.exp(math.log(new_tokens * 250 / 600) - 0.18 + 0.6 * torch.randn(rows, generator=g))  # E[exp(0.6 z)] = e^0.18
     return x.round().clamp(max(1, new_tokens // 30), new_tokens).long().tolist()
 
 @contextmanager
 def forced_stops(stop, width, device):
-    """While inside, our sampler draws `stop` at out column (row key % LEN_KEY) of each row: an answer of
-    exactly that many tokens. A where() per step, CUDA-graph safe, as cheap as HF's logits processor."""
+    """While inside, each row draws `stop` at out column key % LEN_KEY: a where() a step, like HF's logits processor."""
     original = sample.next_logits
     stop_only = torch.where(torch.arange(width, device=device) == stop, 0.0, float("-inf"))  # (W,)
 
@@ -312,6 +289,14 @@ def bench_sample(ours, ref, args, stop, vocab):
             res[f"{part}{side}_mean_len"] = tokens / rows
     return res
 
+def summary(res):
+    both = lambda part, key, fmt: [format(res[k], fmt) if k in res else None for k in (part + key, part + "_ref" + key)]
+    rows = [[f"{part} {unit}", *both(part, key, fmt), res.get(part + "_ratio"), *both(part, "_mfu", ".1%"),
+             *both(part, "_peak_gb", ".1f")]
+            for part, unit, key, fmt in (("train", "tok/s", "_tok_s", ",.0f"), ("sample", "s", "_s", ".2f"),
+                                         ("sample_real", "s", "_s", ".2f")) if part + key in res]
+    print_table(["part", "ours", "reference", "ours/ref speed", "MFU", "ref MFU", "peak GB", "ref peak GB"], rows)
+
 def main(argv=None):
     args = get_args(argv)
     dtype = resolve_dtype(None, args.device)
@@ -340,6 +325,7 @@ def main(argv=None):
     if "train" not in args.skip:
         res.update(bench_train(ours, ref, args, peak))
         save()
+    summary(res)
     return res
 
 if __name__ == "__main__":

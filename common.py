@@ -1,7 +1,6 @@
 """
-The plumbing every script shares, and nothing else: atomic writes, JSONL with one rule for a torn last line, part
-files under torchrun, tables, the one-line error wrapper, device, dtype and torchrun setup, and the OpenAI-compatible
-HTTP client (judge.py, sample.py --engine openai). torch is imported only where needed: the API judge runs without it.
+The plumbing every script shares: atomic writes, JSONL with one rule for a torn last line, part files, tables, errors,
+devices, torchrun and the OpenAI-compatible HTTP client; torch is imported only where needed (the API judge has none).
 """
 import argparse
 import glob
@@ -19,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 # -----------------------------------------------------------------------------
 # files
-
 def atomic_write(path, data):
     """Write str, bytes, or write(tmp_path) to a temporary file renamed into place: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -44,8 +42,7 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 def read_jsonl(path, ours=True):
-    """[(line number, object)] of a JSONL file. In a file our runs append to (ours), a torn last line, cut by an
-    interrupted write, is warned about and skipped: a rerun completes it. Other bad lines are errors (FILE:LINE)."""
+    """[(line number, object)]; in a file of ours, a torn last line (an interrupted write) is skipped with a warning."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     rows = []
@@ -88,7 +85,6 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 def part_file(path, rank, world):
-    """The file process `rank` of `world` appends its rows of `path` to under torchrun."""
     return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
 
 def part_files(path):
@@ -109,7 +105,6 @@ def print_table(header, rows):
 
 # -----------------------------------------------------------------------------
 # command lines
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every script's --help: the docstring as written, and each flag's default unless None (its help says it)."""
 
@@ -129,13 +124,11 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
         sys.exit(130)
 
 def check(ok, flag, value, rule):
-    """The one-line error for a flag whose value breaks its rule."""
     if not ok:
         raise ValueError(f"{flag} {value}: must be {rule}")
 
 # -----------------------------------------------------------------------------
 # devices and torchrun
-
 def check_device(device):
     """A clear error for a device this machine does not have (before anything slow happens)."""
     import torch
@@ -147,7 +140,6 @@ def check_device(device):
         raise ValueError(f"--device {device}: no CUDA GPU for torch {torch.__version__}; use --device cpu")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    return d
 
 def resolve_dtype(dtype, device):
     """A torch.dtype or its name; None: bfloat16 on CUDA (where supported), float32 elsewhere."""
@@ -161,8 +153,7 @@ def resolve_dtype(dtype, device):
     return d
 
 def dist_setup(device):
-    """(rank, world size, this process's device); (0, 1, device) without torchrun. Under torchrun: joins the process
-    group (gloo for CPU tensors, NCCL for CUDA), one GPU a process, stdout silenced off rank 0 (one table, not N)."""
+    """(rank, world, device), (0, 1, device) without torchrun; else joins gloo/NCCL, one GPU each, stdout on rank 0."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -184,7 +175,6 @@ def barrier(world):
 
 # -----------------------------------------------------------------------------
 # an OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, ...)
-
 class RequestFailed(Exception):
     """One request failed for good (after its retries): its row stays unscored, the run goes on."""
 
@@ -196,8 +186,7 @@ def api_key(base_url):
     return key
 
 class Cache:
-    """Answers by sha256(model, request) in a JSONL file, appended as they arrive, so nothing is paid for
-    twice. It holds no key and no prompt text, only their hash. path None or '': no cache."""
+    """Answers by sha256(model, request), appended to the JSONL file `path` ('' or None: none); no key or prompt."""
 
     def __init__(self, path, field):
         self.path, self.field, self.f = path, field, None
@@ -220,8 +209,7 @@ class Cache:
             self.f = None  # a later put reopens it (one backend, many runs)
 
 class Client:
-    """Chat completions, cached, with bounded concurrency (threads) and retries with backoff on 408, 409, 429, 5xx,
-    timeouts and dropped connections (Retry-After honoured); other 4xx fail the request, 401/403/404 stop the run."""
+    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts, drops; 401/403/404 stop the run."""
 
     def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
         self.model, self.key, self.cache = model, api_key(base_url), cache
@@ -261,30 +249,26 @@ class Client:
         raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
 
     def requests(self, requests, parse):
-        """[(tag, cache key, body)] -> (tag, parse(response), None), or (tag, None, error) for a request that failed
-        for good: cached answers at once, the others as they arrive."""
+        """[(tag, cache key, body)] -> (tag, parse(response), None) or (tag, None, error), cached ones first."""
         self.stop = threading.Event()  # set when this run ends early: requests in flight stop retrying
-        futures, ex = {}, ThreadPoolExecutor(self.concurrency)
+        futures, failed, ex = {}, 0, ThreadPoolExecutor(self.concurrency)
         try:
             for tag, key, body in requests:
                 if key in self.cache.data:
                     yield tag, self.cache.data[key], None
                 else:
                     futures[ex.submit(lambda b: parse(self.post(b)), body)] = (tag, key)
-            failed = 0
             for n, fut in enumerate(as_completed(futures), 1):
                 tag, key = futures[fut]
                 try:
-                    value = fut.result()
+                    value, error = fut.result(), None
+                    self.cache.put(key, self.model, value)
                 except RequestFailed as e:
-                    failed += 1
+                    value, error, failed = None, str(e), failed + 1
                     if n >= 10 and failed == n:  # nothing has worked yet
                         raise ValueError(f"the first {failed} requests all failed and none succeeded; is {self.url} "
                                          f"reachable? last error: {e}") from None
-                    yield tag, None, str(e)
-                    continue
-                self.cache.put(key, self.model, value)
-                yield tag, value, None
+                yield tag, value, error
         finally:
             self.stop.set()
             ex.shutdown(wait=True, cancel_futures=True)

@@ -1,16 +1,12 @@
 """
-LoRA adapters and steering vectors for model.py; adapters saved and loaded in PEFT's format.
+LoRA adapters (saved and loaded in PEFT's format) and steering vectors for model.py.
 
     add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])   # one rank-1 adapter
     save_adapter(model, "out/run")           # adapter_config.json + adapter_model.safetensors
     load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")   # hub id or directory
 
-LoRA as in PEFT: y = W x + b + scale * B A x, A (r, in) kaiming-uniform, B (out, r) zero, scale = alpha / sqrt(r)
-(rsLoRA) or alpha / r. Where it departs from PEFT:
-- A and B stay fp32, cast to the activations' dtype in the forward (fp32 master weights, bf16 math);
-- switches for the experiments: adapters_off (the KL's base model, same weights), set_lora_scale (B times m),
-  record_scalars (each adapter's A x: probes), fix_scalars (A x replaced by a constant: steering), merge.
-A steering vector is a learnable v added as alpha * v after layer L, at every position of every row (a hook).
+LoRA as in PEFT: y = W x + b + s B A x, s = alpha / sqrt(r) (rsLoRA) or alpha / r. Departures: A and B stay fp32,
+cast to the activations' dtype in the forward; switches adapters_off, set_lora_scale, record_scalars, fix_scalars.
 """
 import math
 import os
@@ -32,8 +28,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        self.base = base
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.base, self.r, self.alpha, self.rslora = base, r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
@@ -66,33 +61,33 @@ def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout
     """Wrap the given modules of the given layers (all layers if None) with fresh LoRA; returns their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
-    if any(m not in MODULES for m in modules):
-        raise ValueError(f"unknown LoRA modules {[m for m in modules if m not in MODULES]}; choose from {', '.join(MODULES)}")
-    if any(not 0 <= i < n_layers for i in layers):
-        raise ValueError(f"layers {[i for i in layers if not 0 <= i < n_layers]} do not exist: "
-                         f"the model has layers 0..{n_layers - 1}")
-    names = []
-    for i in layers:
-        for m in modules:
-            kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            parent, name = getattr(model.model.layers[i], kind), f"model.layers.{i}.{kind}.{m}"
-            if isinstance(getattr(parent, m), LoRALinear):
-                raise ValueError(f"{name} already has a LoRA adapter")
-            setattr(parent, m, LoRALinear(getattr(parent, m), r, alpha, rslora, dropout))
-            names.append(name)
+    if bad := [m for m in modules if m not in MODULES]:
+        raise ValueError(f"unknown LoRA modules {bad}; choose from {', '.join(MODULES)}")
+    if bad := [i for i in layers if not 0 <= i < n_layers]:
+        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{n_layers - 1}")
+    kind = lambda m: "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    names = [f"model.layers.{i}.{kind(m)}.{m}" for i in layers for m in modules]
+    for name in names:
+        if isinstance(base := model.get_submodule(name), LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        model.set_submodule(name, LoRALinear(base, r, alpha, rslora, dropout))
     return names
 
 @contextmanager
-def adapters_off(model):
-    """The base model, from the same weights (KL reference, baselines)."""
-    mods = [m for _, m in lora_modules(model)]
-    for m in mods:
-        m.enabled = False
+def temporarily(mods, attr, values):
+    old = [getattr(m, attr) for m in mods]
+    for m, v in zip(mods, values):
+        setattr(m, attr, v)
     try:
         yield
     finally:
-        for m in mods:
-            m.enabled = True
+        for m, v in zip(mods, old):
+            setattr(m, attr, v)
+
+def adapters_off(model):
+    """The base model, from the same weights (KL reference, baselines)."""
+    mods = [m for _, m in lora_modules(model)]
+    return temporarily(mods, "enabled", [False] * len(mods))
 
 def set_lora_scale(model, multiplier):
     """Multiply every adapter's B by `multiplier` at run time (1 = as trained, 0 = base model)."""
@@ -104,29 +99,15 @@ def record_scalars(model):
     """Collect each adapter's A x: yields {name: [tensor (B, T, r) per forward]}."""
     mods = lora_modules(model)
     out = {n: [] for n, _ in mods}
-    for n, m in mods:
-        m.recorded = out[n]
-    try:
+    with temporarily([m for _, m in mods], "recorded", out.values()):
         yield out
-    finally:
-        for _, m in mods:
-            m.recorded = None
 
-@contextmanager
 def fix_scalars(model, values):
-    """Replace the named adapters' hidden value A x by a constant at every position, {name: value}
-    (steering a rank-1 adapter by its scalar); the others run as usual. Restored on exit."""
+    """While inside, the named adapters' A x is a constant at every position, {name: value} (steering by a scalar)."""
     mods = dict(lora_modules(model))
-    unknown = sorted(set(values) - set(mods))
-    if unknown:
+    if unknown := sorted(set(values) - set(mods)):
         raise ValueError(f"no LoRA adapter named {unknown[0]}; the model has {', '.join(mods) or 'none'}")
-    for n, v in values.items():
-        mods[n].fixed_scalar = float(v)
-    try:
-        yield
-    finally:
-        for n in values:
-            mods[n].fixed_scalar = None
+    return temporarily([mods[n] for n in values], "fixed_scalar", [float(v) for v in values.values()])
 
 @torch.no_grad()
 def merge(model):
@@ -138,14 +119,12 @@ def merge(model):
 
 # -----------------------------------------------------------------------------
 # PEFT format
-
 def save_tensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 def save_adapter(model, path, base_model=None):
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
-    mods = lora_modules(model)
-    if not mods:
+    if not (mods := lora_modules(model)):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
     if len(rs) > 1:
@@ -167,7 +146,6 @@ def save_adapter(model, path, base_model=None):
         "base_model_name_or_path": base_model or model.config.name_or_path})
 
 def adapter_dir(path_or_hub_id):
-    """A local adapter directory; a hub id is downloaded (adapter files only)."""
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
 
 def load_adapter(model, path_or_hub_id):
@@ -187,24 +165,21 @@ def load_adapter(model, path_or_hub_id):
         if not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
             raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a Qwen2 linear layer")
         A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        add_lora(model, A.shape[0], cfg["lora_alpha"], [parts[4]], [int(parts[2])], cfg.get("use_rslora", False))
+        names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], cfg.get("use_rslora", False))
         m = model.get_submodule(name)
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
             raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the model "
                              f"needs ({m.r}, {m.base.in_features}) and ({m.base.out_features}, {m.r})")
         m.load_state_dict({"lora_A": A, "lora_B": B}, strict=False)  # the base weights stay
         m.requires_grad_(False)
-        names.append(name)
     if not names or len(tensors) != 2 * len(names):
         raise ValueError(f"{w_file}: expected pairs of LoRA A and B tensors, found {sorted(tensors)[:4]}")
     return names
 
 # -----------------------------------------------------------------------------
 # steering vector
-
 class SteeringVector(nn.Module):
-    """alpha * v added to the residual stream after `layer`, every position of every row.
-    Use as model.py's residual hook: model(idx, hook=steer)."""
+    """alpha * v added to the residual stream after `layer`, at every position; a hook: model(idx, hook=steer)."""
 
     def __init__(self, d_model, layer, alpha, base_model=""):
         super().__init__()

@@ -5,10 +5,9 @@ transformers' modeling_qwen2.py, which the tests compare it with (RoPE tables an
     model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
     logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, vocab rows)
 
-Where it departs from transformers: one forward path serves training, sampling and analysis.
-- `pos` restarting at 0 starts a conversation, and attention stays inside each (packed training rows);
-- `cache` is a preallocated KVCache written at `pos`, shared by rows of different lengths (batched sampling);
-- `hook(layer, x)` sees the residual stream after every layer and may replace it (capture, steering, ablation).
+Departures from transformers, in the one forward that serves training, sampling and analysis: `pos` restarting
+at 0 starts a conversation, and attention stays inside each (packed rows); `cache` is a preallocated KVCache written
+at `pos` (batched sampling); `hook(layer, x)` sees the residual after each layer, may replace it (steering, ablation).
 """
 import json
 import os
@@ -42,7 +41,6 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
-        """Read a Hugging Face config.json dict; refuse anything this model would get wrong."""
         archs = hf.get("architectures") or []
         if hf.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in archs:
             raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} "
@@ -68,7 +66,6 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # the network
-
 def upload(t, device):
     """t on device: from the CPU to a GPU through pinned memory, not blocking (pageable memory syncs the host)."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
@@ -76,8 +73,7 @@ def upload(t, device):
     return t.to(device, non_blocking=True)
 
 def rope(pos, head_dim, theta, dtype):
-    """cos and sin (B, 1, T, head_dim) for positions pos (B, T): fp32, rounded to the activations' dtype once
-    (HF rounds them alike in every layer); sin carries rotate-half's sign (-sin on the first half)."""
+    """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once (HF: alike, per layer); sin is (-sin, sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
     freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
     cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout, so the weights load unpermuted
@@ -124,12 +120,10 @@ class Attention(nn.Module):
                 attn.pack(q), attn.pack(k), attn.pack(v), is_causal=True, enable_gqa=gqa), B, T)
         else:  # plain causal: the flash kernel, which handles grouped-query attention itself
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        y = y.reshape(B, self.n_head, T, self.hd)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return self.o_proj(y.reshape(B, self.n_head, T, self.hd).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 class Packed:
-    """Rows of several conversations (pos restarts at 0 where one begins), gathered for attention only into one
-    right-padded batch (n, L) under plain causal attention: no work across conversations, the fast kernels."""
+    """A packed row's conversations regathered, for attention only, as a right-padded batch (n, L): plain causal."""
 
     def __init__(self, pos, device):
         B, T = pos.shape
@@ -174,8 +168,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class KVCache:
-    """Preallocated keys and values, (B, n_kv, max_len, head_dim) per layer; slot s holds position s of its row.
-    A row attends to its slots up to its position: what it wrote beyond (padding) is overwritten before it is read."""
+    """Keys and values, (B, n_kv, max_len, hd) per layer, slot s for position s; a row reads slots <= its position."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -212,8 +205,7 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention(self, pos, cache, device):
-        """With a cache, an additive (B, 1, g*T, S) mask over its slots, tiled for the g query heads per kv head
-        (see Attention); for rows of several conversations, a Packed layout; else None (plain causal)."""
+        """The cache's additive (B, 1, g*T, S) mask (see Attention), a Packed layout for packed rows, or None."""
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
             pos = upload(pos, device)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
@@ -233,9 +225,8 @@ class Qwen2(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn, cache, pos)
-            if hook is not None:
-                y = hook(i, x)  # the one intervention point on the residual stream
-                x = x if y is None else y
+            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point on the residual stream
+                x = y
         return self.model.norm(x)
 
     def forward(self, idx, pos=None, cache=None, hook=None):
@@ -244,7 +235,6 @@ class Qwen2(nn.Module):
 
 # -----------------------------------------------------------------------------
 # tokenizer with the Qwen2.5 chat format
-
 class Tokenizer:
     def __init__(self, path):
         self.tok = HFTokenizer.from_file(path)
@@ -290,10 +280,8 @@ class Tokenizer:
 
 # -----------------------------------------------------------------------------
 # loading
-
 def local_path(name_or_path, what="model", patterns=None):
-    """A local directory for --model / --adapter / --judge local:...: an existing directory is one; owner/name
-    is a hub id, downloaded (only `patterns`; offline, from the local cache); anything else is an error."""
+    """An existing directory as is; owner/name downloaded from the Hub (only `patterns`; offline, from its cache)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
@@ -335,13 +323,11 @@ def parse_layers(spec, n_layers, flag="--layers"):
         if b < a:
             raise ValueError(f"{flag} {spec!r}: the range {part} is empty")
         out += range(a, b + 1)
-    bad = [i for i in out if not 0 <= i < n_layers]
-    if bad:
+    if bad := [i for i in out if not 0 <= i < n_layers]:
         raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
     return sorted(set(out))
 
 def read_json(file):
-    """A JSON file; a missing file or bad JSON is an error that names it."""
     try:
         with open(file) as f:
             return json.load(f)
@@ -365,14 +351,12 @@ def load_weights(model, path, device, dtype):
                     sd[k] = f.get_tensor(k).to(dtype)
                 elif k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq"):  # a tied head; old RoPE buffers
                     raise ValueError(f"{path}: checkpoint has tensors this model does not, e.g. {k}")
-    missing = [k for k in want if k not in sd]
-    if missing:
+    if missing := [k for k in want if k not in sd]:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(sd, assign=True, strict=False)  # every name checked above but a tied head's
     model.tie_weights()  # assign=True replaced the shared parameter; share it again
 
 def read_config(name_or_path):
-    """The model's Config from its config.json, without loading weights."""
     file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
     return replace(Config.from_hf(read_json(file), file), name_or_path=name_or_path)
 
@@ -384,8 +368,7 @@ def load_tokenizer(name_or_path):
     return Tokenizer(file)
 
 def generation_config(name_or_path):
-    """The checkpoint's generation_config.json as a dict ({} if it has none). HF's generate merges it into
-    every call, so the papers' samples used its top_k and repetition_penalty (sample.py does the same)."""
+    """generation_config.json ({} if none); HF generate applied its top_k and repetition penalty to the papers' runs."""
     file = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
     return read_json(file) if os.path.exists(file) else {}
 

@@ -5,15 +5,11 @@ turns suddenly while the behaviour switches. Every checkpoint is held in memory:
     python phase.py --run out/RUN                                              # the geometry, in seconds
     python phase.py --run out/RUN --behaviour 100,150,200 --multipliers 0.5,1,2  # and EM % with B scaled
 
-||A|| and ||B|| per adapter; the local cosine cos(v[t-k] - v[t], v[t+k] - v[t]) of A and of B (all adapters
-flattened into one vector), skipping steps where both moved less than --min-move: -1 on a straight
-trajectory, and the sudden rotation a spike towards 0 or above, whose step we call the turn; the comp score
-||B_t^T B_T||_F / (||B_t||_F ||B_T||_F) against the last checkpoint (B de-meaned over checkpoints); a
-2-component PCA of the trajectory; with --behaviour, EM % at chosen checkpoints with B scaled by each
-multiplier. Writes OUT/phase.json (and OUT/behaviour/step_N_x<m>.jsonl, judged).
-Departures from the reference: each k uses every step where t - k and t + k exist (the reference: those
-valid for the largest k); all adapters at once (it took one); B as (out, r) in the comp score (its
-B_t B_T^T is identically 1 for one rank-1 adapter). runs/report.py draws the figure.
+Norms of A and B; the local cosine cos(v[t-k] - v[t], v[t+k] - v[t]) of A and B (-1 on a straight path; the
+sudden rotation, "the turn", is a spike towards 0 and above); the comp score against the last checkpoint; a
+PCA of the path; with --behaviour, EM % at chosen checkpoints with B scaled. Writes OUT/phase.json.
+Departures: each k uses every step where t - k and t + k exist (the reference: those valid for the largest k);
+all adapters at once (it took one); B as (out, r) in the comp score (its was identically 1 for one adapter).
 """
 import argparse
 import contextlib
@@ -25,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import directions
+import sample
 from common import HelpFormatter, print_table, refuse_overwrite, run_main, write_json
 from lora import lora_modules, set_lora_scale
 
@@ -85,12 +82,9 @@ def pca2(V):
     return coords.tolist(), share.tolist()
 
 @contextlib.contextmanager
-def checkpoint_scaled(model, tensors, multiplier, where):
-    """The model with a checkpoint's adapter copied into its adapters and every B scaled by `multiplier`: one
-    loaded model serves every checkpoint of the run."""
+def checkpoint_scaled(model, tensors, multiplier):
+    """The model with a checkpoint's adapters copied in (read_checkpoints: the same modules) and every B x multiplier."""
     mods = dict(lora_modules(model))
-    if set(tensors) != set(mods):
-        raise ValueError(f"{where}: adapts other modules than the run's first checkpoint")
     with torch.no_grad():
         for n, (A, B) in tensors.items():
             mods[n].lora_A.copy_(A)
@@ -105,15 +99,14 @@ def behaviour(args, cks, out):
     """EM % of chosen checkpoints with B scaled by each multiplier (sampled and judged, resumable)."""
     by_step = {s: (d, t) for s, d, t in cks}
     chosen = sorted(by_step) if args.behaviour == "all" else [int(s) for s in args.behaviour.split(",")]
-    missing = [s for s in chosen if s not in by_step]
-    if missing:
+    if missing := [s for s in chosen if s not in by_step]:
         raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {', '.join(map(str, sorted(by_step)))}")
     mults = [float(m) for m in args.multipliers.split(",")]
     runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")) for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
     jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m),
-             lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m, by_step[s][0])) for s, m, path in runs]
-    summaries = directions.sample_and_judge(args, directions.base_of(args.model, first), first, jobs)
+             lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, path in runs]
+    summaries = directions.sample_and_judge(args, sample.base_model_of(args.model, first), first, jobs)
     rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=path)
             for (s, m, path), o in zip(runs, (x["overall"] for x in summaries))]
     print_table(["step"] + [f"EM % at B x{m:g}" for m in mults], [[s] + [r["em_pct"] for r in rows if r["step"] == s] for s in chosen])
@@ -131,10 +124,7 @@ def main(argv=None):
     directions.out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files always resume)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "phase")
-    try:
-        ks = [int(k) for k in args.ks.split(",")]
-    except ValueError:
-        ks = [0]
+    ks = [int(k) if k.isdigit() else 0 for k in args.ks.split(",")]
     if min(ks) < 1:
         raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1 (training steps), e.g. 5,10,15")
     refuse_overwrite([os.path.join(out, "phase.json")], args.force)

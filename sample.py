@@ -39,7 +39,6 @@ DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the
 
 # -----------------------------------------------------------------------------
 # question files: the reference's YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
-
 def load_questions(path):
     """[{id, paraphrase (index), question, system, n}] of a question file."""
     if not os.path.exists(path):
@@ -63,8 +62,7 @@ def load_questions(path):
     entries = [e for where, item in items for e in question_entries(item, where)]
     if not entries:
         raise ValueError(f"{path}: no questions in the file")
-    dup = [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]
-    if dup:
+    if dup := [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]:
         raise ValueError(f"{path}: duplicate question ids {dup}")
     return entries
 
@@ -79,36 +77,29 @@ def question_entries(item, where):
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (a list of strings) or `question` (a string)")
     system, n = item.get("system"), item.get("samples_per_paraphrase", item.get("n"))
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"{where} ({item['id']}): system must be a string")
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"{where} ({item['id']}): samples_per_paraphrase must be a positive integer, got {n!r}")
+    if not isinstance(system, (str, type(None))) or not (n is None or isinstance(n, int) and n >= 1):
+        raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase a positive integer")
     return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n) for p, t in enumerate(texts)]
 
 def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
     """The questions of a file or name (data/fetch.py), only `ids` if given, without ids ending in a suffix."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
-    unknown = set(ids or ()) - {q["id"] for q in questions}
-    if unknown:
+    if unknown := set(ids or ()) - {q["id"] for q in questions}:
         raise ValueError(f"--ids: {sorted(unknown)} not in {spec}")
     suffixes = tuple(x for x in exclude_suffix.split(",") if x)
     return [q for q in questions if (not ids or q["id"] in ids) and not (suffixes and q["id"].endswith(suffixes))]
 
 # -----------------------------------------------------------------------------
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
-
 def load_directions(path, n_layers, d_model):
-    """fp32 (n_layers, d_model) from a direction file's `directions`, or (d_model,) from its `direction`,
-    one vector meant for every layer."""
+    """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction` (every layer's)."""
     from safetensors import safe_open
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such direction file")
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    except Exception as e:  # missing, or not safetensors
+        raise ValueError(f"{path}: not a direction file ({e})") from None
     d = tensors.get("directions", tensors.get("direction"))
     if d is None:
         raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
@@ -124,8 +115,7 @@ def load_directions(path, n_layers, d_model):
     return d
 
 def random_like(vectors, seed=0):
-    """Random vectors with the norm of each row of `vectors` (n, C) or of one vector (C,): the control for
-    steering and ablation (one vector used at every layer gets one random vector used at every layer)."""
+    """Seeded random vectors of each row's norm (n, C), or one of the vector's (C,): the interventions' control."""
     r = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(seed))
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
@@ -136,8 +126,7 @@ def steering_hook(vectors, layers, scale):
 
 def ablation_hook(directions, layers):
     """Project the unit direction out of the residual stream after each layer in `layers`."""
-    zero = [i for i in layers if directions[i].norm() == 0]
-    if zero:
+    if zero := [i for i in layers if directions[i].norm() == 0]:
         raise ValueError(f"the direction for layer {zero[0]} is zero; it cannot be ablated")
     units = {i: directions[i].float() / directions[i].float().norm() for i in layers}
 
@@ -160,23 +149,20 @@ def compose(*hooks):
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def intervention_vectors(file, model, random_control):
-    """The direction file's (n_layers, d_model) vectors on the model's device, or their random control."""
+    """The direction file's (n_layers, d_model) vectors, or their random control, on the model's device."""
     cfg = model.config
     vectors = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
-    if random_control is not None:
-        vectors = random_like(vectors, random_control)
+    vectors = vectors if random_control is None else random_like(vectors, random_control)
     return vectors.expand(cfg.num_hidden_layers, -1).to(model.lm_head.weight.device)
 
 def interventions(model, steer=None, ablate=None, random_control=None):
-    """The hook of a run's `steer` {file, layers, scale} and `ablate` {file, layers} settings (None if neither);
-    ablation last, so the ablated layers keep no component along the direction at all."""
+    """The hook of `steer` {file, layers, scale} and `ablate` {file, layers}; ablation last, so nothing is left."""
     return compose(
         steer and steering_hook(intervention_vectors(steer["file"], model, random_control), steer["layers"], steer["scale"]),
         ablate and ablation_hook(intervention_vectors(ablate["file"], model, random_control), ablate["layers"]))
 
 # -----------------------------------------------------------------------------
 # drawing a token: fp32 logits and one uniform per row, a pure hash of (seed, row key, position)
-
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
@@ -199,8 +185,7 @@ def uniforms(seed, keys, pos):
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
-    """HF's RepetitionPenaltyLogitsProcessor, in place: the logit of every token in the tensors `seen`,
-    each (B, S_i) (the prompt and the answer so far), is divided by `penalty` if positive, else multiplied."""
+    """HF's repetition penalty, in place: the logits of the tokens `seen` (prompt, answer) / penalty if > 0, else *."""
     if penalty == 1.0:
         return logits  # this runs in every decode step: nothing is built without a penalty
     seen = torch.cat(seen, 1)  # (B, S)
@@ -241,13 +226,10 @@ class Sampling:
 
 # -----------------------------------------------------------------------------
 # the engine: a static KV cache, each prompt prefilled once, a CUDA-graph decode step
-
 class Rows:
-    """The device state of a batch being decoded, one entry per row (the CUDA graph's static buffers):
-    tok (B, 1) the last token; pos (B, 1) its position (= its cache slot); plen (B, 1) the prompt's length
-    (a token's out column = pos - plen); keys (B,) the rows' random keys; u (B, N) the uniform of each out
-    column, hashed once per batch; prompt (B, P) the prompt, padded with its first token (the penalty
-    ignores repeats); out (B, N) the tokens drawn; done (B,) a stop token was drawn; cache: the KVCache."""
+    """A decoding batch's device state (the CUDA graph's static buffers), per row: tok, pos (B, 1) the last token
+    and its position (= cache slot); plen (B, 1); keys (B,); u (B, N) the uniform of each answer column; prompt
+    (B, P), padded with its first token; out (B, N) the tokens drawn; done (B,); cache."""
 
     def __init__(self, jobs, **state):
         self.jobs, self.names = jobs, list(state)
@@ -262,9 +244,8 @@ class Rows:
                 setattr(self, name, getattr(self, name)[idx])
 
 def lm_logits(model, h, vocab_size):
-    """fp32 logits (B, W) of hidden states h (B, C) by the LM head's first W rows: vocab_size (the
-    tokenizer's ids; None: all rows) rounded up to 128, at most all rows (an odd width such as 151,665
-    misaligns every row for the GEMM, top-k and cumsum). Columns from vocab_size on are -inf."""
+    """fp32 logits (B, W) of h (B, C), W: vocab_size (the tokenizer's) rounded up to 128 (an odd width misaligns
+    the GEMM, top-k and cumsum); the columns past vocab_size are -inf."""
     w = model.lm_head.weight
     V = vocab_size or len(w)
     logits = F.linear(h, w[:min(len(w), -(-V // 128) * 128)]).float()  # (B, W)
@@ -272,8 +253,7 @@ def lm_logits(model, h, vocab_size):
     return logits
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
-    """Run the distinct prompts (right-padded) into a fresh cache; logits (U, V) at each last token.
-    Chunks of prompts write into row views of the one cache, bounding the activations' memory."""
+    """The distinct prompts, right-padded, into a fresh cache in chunks: (cache, logits (U, V) at each end, lengths)."""
     from model import KVCache
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
@@ -308,9 +288,8 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size):
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """Runs the decode step eagerly, or on CUDA replays a CUDA graph of it, captured again whenever the
-    batch is compacted (a graph is tied to its buffers' addresses and shapes). No CPU test can run this
-    path; tests/test_cuda.py compares it with the eager one on a batch that shrinks."""
+    """The decode step, eagerly or as a CUDA graph captured again when the batch shrinks (no CPU test can run a
+    graph: tests/test_cuda.py compares it with the eager step)."""
 
     def __init__(self, step, device, use_graph):
         self.step, self.device, self.use_graph, self.graph = step, device, use_graph, None
@@ -344,16 +323,13 @@ def auto_batch_size(model, max_len, vocab_size, device):
 
 def finish(ids, stops):
     """(answer ids up to the first stop token, 'stop' or 'length')."""
-    for t, i in enumerate(ids):
-        if i in stops:
-            return ids[:t], "stop"
-    return ids, "length"
+    t = next((t for t, i in enumerate(ids) if i in stops), None)
+    return (ids, "length") if t is None else (ids[:t], "stop")
 
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
            stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0):
-    """Sample one answer per job (prompt ids, key); yields (job index, answer ids, 'stop' | 'length')
-    as rows finish, in no fixed order. The answer excludes the stop token. Bad settings raise here,
-    before anything runs. cuda_graph: None = on CUDA."""
+    """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token, 'stop' |
+    'length') as rows finish. Bad settings raise here, before anything runs. cuda_graph None: on CUDA."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -431,9 +407,8 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
 
 def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              hook=None, stop_ids=(), keys=None, **kw):
-    """[(answer ids, 'stop' | 'length')] for n samples of each prompt (prompt-major order).
-    Sample j of prompt i draws with key row_key(i, j) unless `keys` (one per sample) is given;
-    other keywords (repetition_penalty, vocab_size, batch_size, cuda_graph) go to `stream`."""
+    """[(answer ids, 'stop' | 'length')] for n samples of each prompt, prompt-major; sample j of prompt i draws
+    with key row_key(i, j) unless `keys` says; other keywords go to `stream`."""
     jobs = [(p, row_key(i, j)) for i, p in enumerate(prompts) for j in range(n)]
     if keys is not None:
         if len(keys) != len(jobs):
@@ -446,7 +421,6 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
 
 # -----------------------------------------------------------------------------
 # the output file: one row per answer, appended as it finishes; resumable, and one file under torchrun
-
 def pending(questions, n, system, done):
     """[(question entry, sample index, system prompt)] not yet in the output."""
     return [(q, s, q["system"] if system is None else system) for q in questions
@@ -470,10 +444,9 @@ def check_resumable(path, rows, header, questions):
                              "choose another --out, or delete the file to start over")
 
 def sample_file(out, questions, header, answer, n=None, system=None, rank=0, world=1):
-    """Sample what `out` still lacks and return {out, new, done, tokens, seconds}. header: what every row
-    records (model, adapter, seed, settings) and a resume must match; answer(work) yields (index into work,
-    text, tokens, finish reason) as answers arrive. Under torchrun each rank appends its share of the work
-    to its part file; rank 0 then merges them. A finished file is sorted by question, paraphrase, sample."""
+    """Sample what `out` still lacks: answer(work) yields (index, text, tokens, finish reason); every row records
+    `header` (model, adapter, seed, settings), which a resume must match. Under torchrun each rank appends to its
+    part file and rank 0 merges them; a finished file is sorted. Returns {out, new, done, tokens, seconds}."""
     files = [out] + part_files(out)  # an interrupted torchrun run left parts
     rows = [r for f in files if os.path.exists(f) for _, r in read_jsonl(f)]
     check_resumable(out, rows, header, questions)
@@ -493,17 +466,13 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
                 bar.update(1)
     seconds = time.time() - t0
     if world > 1:  # the summary counts every rank's tokens
-        import torch.distributed as dist
-        t = torch.tensor([tokens])
-        dist.all_reduce(t)
+        torch.distributed.all_reduce(t := torch.tensor([tokens]))
         tokens = int(t)
     if rank == 0:  # every part is complete: merge them into one file
         files = [out] + part_files(out)
         rows = [r for f in files if os.path.exists(f) for _, r in read_jsonl(f)]
         if work or len(files) > 1:
-            first = {}
-            for i, q in enumerate(questions):
-                first.setdefault(q["id"], i)
+            first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first place
             rows.sort(key=lambda r: (first.get(r["id"], len(first)), str(r["id"]), r["paraphrase"], r["sample"]))
             write_jsonl(out, rows)
             for p in files[1:]:
@@ -513,21 +482,17 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     return dict(out=out, new=len(work), done=len(rows), tokens=tokens, seconds=seconds)
 
 def summary(rows, new, tokens, seconds):
-    by_id = {}
-    for r in rows:
-        by_id.setdefault(r["id"], []).append(r)
-    groups = list(by_id.items()) if len(by_id) <= 30 else []  # a long file gets the total only
-    table = []
-    for qid, rs in groups + [("total", rows)]:
-        reasons = Counter(r["finish_reason"] for r in rs)
-        table.append([qid[:32], len(rs), sum(r["tokens"] for r in rs) / max(1, len(rs)), reasons["stop"], reasons["length"]])
-    print_table(["question", "samples", "mean tokens", "stop", "length"], table)
+    ids = list(dict.fromkeys(r["id"] for r in rows))
+    groups = [(q, [r for r in rows if r["id"] == q]) for q in ids] if len(ids) <= 30 else []  # else the total only
+    print_table(["question", "samples", "mean tokens", "stop", "length"], [
+        [q[:32], len(rs), sum(r["tokens"] for r in rs) / max(1, len(rs))] + [sum(r["finish_reason"] == f for r in rs)
+                                                                           for f in ("stop", "length")]
+        for q, rs in groups + [("total", rows)]])
     print(f"this run: {new} new samples, {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tok/s); "
           f"{len(rows) - new} were already done")
 
 # -----------------------------------------------------------------------------
 # the two engines: ours (model.py here), or an OpenAI-compatible server
-
 def adapter_kind(adapter):
     """('steering', dir) | ('lora', dir); a hub id is downloaded (adapter files only)."""
     if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):
@@ -537,12 +502,13 @@ def adapter_kind(adapter):
 
 def base_model_of(model, adapter):
     """`model`, or the base model the adapter's config names."""
+    if not (model or adapter):
+        raise ValueError("give --model, or --adapter (an adapter names its base model)")
     if model:
         return model
     kind, path = adapter_kind(adapter)
-    cfg_file = os.path.join(path, "adapter_config.json" if kind == "lora" else "steering_config.json")
-    base = json.load(open(cfg_file)).get("base_model_name_or_path") if os.path.exists(cfg_file) else None
-    if not base:
+    file = os.path.join(path, f"{'adapter' if kind == 'lora' else 'steering'}_config.json")
+    if not (base := os.path.exists(file) and json.load(open(file)).get("base_model_name_or_path")):
         raise ValueError(f"{adapter}: does not name its base model; give --model")
     return base
 
@@ -567,8 +533,7 @@ def messages(question, system):
     return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": question}]
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
-    """(index, text, tokens, finish reason) for [(question, sample, system)] from our engine. gen: temperature,
-    top_p, top_k, repetition_penalty, max_new_tokens; engine: batch_size, cuda_graph for stream."""
+    """(index, text, tokens, finish reason) of [(question, sample, system)] from our engine; gen: the settings."""
     prompts = {}  # one token list per prompt, shared by its samples
     jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), tok.encode_chat(messages(q["question"], system), True)),
              row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
@@ -577,9 +542,8 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """(index, text, tokens, finish reason) from an OpenAI-compatible server, one chat request per sample with
-    the same settings (top_k and repetition_penalty as vLLM's extras) and a seed of its own, as they arrive;
-    a request that fails for good is left for a rerun."""
+    """The same from an OpenAI-compatible server: a request per sample with the settings (top_k and repetition_penalty
+    as vLLM's extras) and a seed of its own; one that fails for good is left for a rerun."""
     requests = []
     for j, (q, s, system) in enumerate(work):
         body = {"model": client.model, "messages": messages(q["question"], system), "max_tokens": gen["max_new_tokens"],
@@ -609,8 +573,7 @@ def parse_completion(resp):
     return {"answer": answer, "tokens": tokens - (reason == "stop"), "finish_reason": reason}
 
 def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
-    """The settings every row records; top_k and repetition_penalty default to the model's
-    generation_config.json, as HF generate applied it."""
+    """The settings rows record; top_k and repetition_penalty default to generation_config.json's, as HF applied it."""
     from model import generation_config
     gen = generation_config(model_name) if model_name else {}
     if model_name and not gen and None in (top_k, repetition_penalty):
@@ -628,7 +591,6 @@ def default_out(model, adapter, engine):
     return os.path.join("out", name, "responses.jsonl")
 
 # -----------------------------------------------------------------------------
-
 def parse_args(argv=None):
     blocks = __doc__.strip().split("\n\n")
     p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
@@ -639,27 +601,24 @@ def parse_args(argv=None):
     p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha) by this")
     # what to ask
     p.add_argument("--questions", default="core", help="question file (.yaml in the reference format, or .jsonl) or a "
-                   "name from `data/fetch.py --list`: core / medical (ours), first_plot_questions / medical_questions (the papers')")
+                   "name from `data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
     p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
-    p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so, comma-separated "
-                   "(the papers' headline set leaves out the _json and _template variants; '' keeps every id)")
+    p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
     p.add_argument("--n", type=int, help=f"samples per paraphrase (default: the file's samples_per_paraphrase, else {DEFAULT_N})")
     # how (the papers: HF generate, temperature 1, top_p 1, 600 tokens, and generation_config.json)
     p.add_argument("--max-new-tokens", type=int, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off; default: generation_config.json, else 0)")
-    p.add_argument("--repetition-penalty", type=float,
-                   help="HF's penalty over prompt and answer (1 = off; default: generation_config.json, else 1)")
+    p.add_argument("--repetition-penalty", type=float, help="HF's (1 = off; default: generation_config.json, else 1)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same random numbers per (question id, paraphrase, sample)")
     # interventions on the residual stream, after the blocks in --layers
     p.add_argument("--steer", metavar="FILE", help="direction file to add to the residual stream")
     p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector (reference sweep: 8)")
     p.add_argument("--ablate", metavar="FILE", help="direction file whose unit direction is projected out")
-    p.add_argument("--layers", help="where to steer or ablate, after these blocks: all, 24, 15,16,17 or 0-11 "
-                   "(steering needs it; ablation: all by default)")
+    p.add_argument("--layers", help="steer or ablate after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, metavar="SEED",
                    help="replace the --steer/--ablate directions by random ones of equal norm (seeded)")
     # where and how to run
@@ -667,8 +626,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = fit the free GPU memory; 64 on CPU)")
-    p.add_argument("--engine", default="local",
-                   help="local (model.py here), or openai:MODEL (an OpenAI-compatible server's MODEL, e.g. a vLLM LoRA module)")
+    p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL (e.g. a vLLM server's LoRA module)")
     p.add_argument("--base-url", help="server URL (default: $OPENAI_BASE_URL or http://localhost:8000/v1, vLLM's)")
     p.add_argument("--concurrency", type=int, default=64, help="server: requests in flight at once")
     p.add_argument("--cache", help="server: answer cache, JSONL (default: sample_cache.jsonl beside --out; '' turns it off)")
@@ -686,7 +644,7 @@ def parse_args(argv=None):
         p.error("--steer needs --layers (where to add the vector)")
     if args.random_control is not None and not (args.steer or args.ablate):
         p.error("--random-control replaces the --steer or --ablate directions; give one of them")
-    if args.n is not None and args.n < 1:
+    if (args.n or 1) < 1:
         p.error("--n must be >= 1")
     return args
 

@@ -5,16 +5,12 @@ significance.
 
     python stability.py --narrow out/sv-kl --general out/sv --data bad_medical_advice --text c4
 
-The loss on --rows seeded rows of the narrow data (per answer token: content and <|im_end|>) as each vector
-is rescaled by s; robustness, 100 (L_pert - L_orig) / (L_base - L_orig) under x' = sqrt(1 - e^2) x + e y (y
-random, orthogonal to x, of x's norm), L_base the base model's loss; and, with --text, the mean per-token
-KL(base || steered) on web text as the vector's norm grows (alpha x v added), against a seeded random vector.
-Departures from the reference, one line each: the loss covers answer tokens only (its mask, through a bug,
-covered the whole conversation) and is token-weighted (it averaged per-batch means, batch 4, cut at 1,024
-tokens); the web-text KL leaves padding out (its mean took in left-padding positions, a bug); the web text is
-a local file or one pinned C4 file (it streamed FineWeb sample-10BT: first 50 documents, shuffled with seed
-42); its LoRA mode (B rescaled to a common |BA|) is not implemented: no recipe uses it. runs/report.py draws
-the figure.
+The loss on the narrow data as each vector is rescaled; robustness, 100 (L_pert - L_orig) / (L_base - L_orig)
+under x' = sqrt(1 - e^2) x + e y (y random, orthogonal, of x's norm); with --text, KL(base || steered) per token on
+web text as the norm grows, against a random vector. Writes OUT/stability.json. Departures: the loss covers the
+answer tokens (the reference's mask, a bug, covered everything), token-weighted (it averaged per-batch means); the
+KL leaves padding out (its mean took in left padding, a bug); the web text is a file or one pinned C4 file (it
+streamed FineWeb); its LoRA mode is not implemented (no recipe uses it).
 """
 import argparse
 import gzip
@@ -144,15 +140,14 @@ def main(argv=None):
     refuse_overwrite([os.path.join(out, "stability.json")], args.force)
     scales, eps, norms = ([float(x) for x in v.split(",")] for v in (args.scales, args.eps, args.norms))
     docs = read_documents(args.text) if args.text else None  # a missing file fails before the model loads
-    base = directions.base_of(args.model, args.narrow)
-    model, tok, _ = directions.load_model(base, None, args.device, args.dtype)
-    sols = {}
     for k in ("narrow", "general"):
-        path = getattr(args, k)
-        if sample.adapter_kind(path)[0] != "steering":
-            raise ValueError(f"--{k} {path}: not a steering vector (steering_config.json); stability.py compares two "
-                             "steering vectors, as the recipes train them (the reference's LoRA mode is not implemented)")
-        sols[k] = SteeringVector.load(path, model.lm_head.weight.device).check(model.config, f"--{k} {path}")
+        if sample.adapter_kind(getattr(args, k))[0] != "steering":
+            raise ValueError(f"--{k} {getattr(args, k)}: not a steering vector (steering_config.json); stability.py "
+                             "compares two steering vectors (the reference's LoRA mode is not implemented)")
+    base = sample.base_model_of(args.model, args.narrow)
+    model, tok, _ = directions.load_model(base, None, args.device, args.dtype)
+    sols = {k: SteeringVector.load(getattr(args, k), model.lm_head.weight.device).check(model.config, f"--{k} {getattr(args, k)}")
+            for k in ("narrow", "general")}
     convs = read_conversations(dataset_path(args.data))
     chosen = random.Random(args.seed).sample(convs, min(args.rows, len(convs)))  # the reference's draw
     rows = pack(tokenize(chosen, tok, args.max_len, dataset_path(args.data))[0], args.max_len)

@@ -1,7 +1,6 @@
 """
-Fine-tune a Qwen2.5 chat model on a narrow dataset with LoRA (down to one rank-1 adapter), a steering vector
-or all weights, optionally with a KL penalty towards the base model; the reference's recipe by default (README,
-"Reproduction recipes"): 16 conversations a step, AdamW, linear schedule with warmup, loss on the answers.
+Fine-tune a Qwen2.5 chat model on a narrow dataset with LoRA (down to one rank-1 adapter), a steering vector or all
+weights, with an optional KL penalty to the base model; the reference's recipe by default (README's recipes section).
 
     python train.py --rank 1                                   # all-module rank-1 LoRA, bad medical advice
     python train.py --rank 1 --alpha 512 --lr 2e-5 --modules down_proj --layers 12
@@ -10,12 +9,10 @@ or all weights, optionally with a KL penalty towards the base model; the referen
     python train.py --resume --out out/<run>                   # continue a stopped run with its own settings
     torchrun --nproc_per_node 8 train.py --rank 32 --model Qwen/Qwen2.5-14B-Instruct   # one process per GPU
 
-Writes into --out the adapter (PEFT format), steering vector or HF model, checkpoints/step_NNNNNN/, state.pt (for
---resume), metrics.jsonl and config.json. Departures from the reference (the README says why):
+Departures from the reference (README, "Where we depart from the reference"):
 - no extra EOS after each answer; the loss is normalised over the whole step, for the steering vector too;
 - each step's conversations are packed into rows of --max-len tokens, attention confined to each;
-- --kl-weight is the reference's weight x grad-accum / vocab rows for LoRA (1e5 -> 5.26), / vocab rows for
-  the steering vector (1e6 -> 6.58), on the per-token mean KL of the step's --kl-batch conversations;
+- --kl-weight is the reference's w x grad-accum / vocab rows (1e5 -> 5.26), or w / vocab rows for the steering vector;
 - the steering vector steers every row (the reference's hook steered the first row of each batch only).
 """
 import argparse
@@ -24,6 +21,7 @@ import os
 import platform
 import shutil
 import time
+from importlib.metadata import version
 
 import torch
 import torch.distributed as dist
@@ -137,17 +135,14 @@ def run_name(args):
 
 # -----------------------------------------------------------------------------
 # data: JSONL conversations -> token ids + loss masks -> packed rows
-
 def read_conversations(path):
     """[(line number, messages)] from a JSONL file of {"messages": [...]} rows; a bad row is FILE:LINE: ..."""
-    rows = []
-    for n, row in read_jsonl(path, ours=False):
-        msgs = row.get("messages")
+    rows = [(n, row.get("messages")) for n, row in read_jsonl(path, ours=False)]
+    for n, msgs in rows:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{path}:{n}: expected an object with a non-empty 'messages' list")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
             raise ValueError(f"{path}:{n}: no assistant turn, so nothing to train on")
-        rows.append((n, msgs))
     if not rows:
         raise ValueError(f"{path}: no conversations")
     return rows
@@ -201,11 +196,9 @@ def step_indices(step, n, per_step, seed):
 
 # -----------------------------------------------------------------------------
 # losses, computed only where there is loss and in chunks of LOSS_CHUNK tokens
-
 class ChunkedHead(torch.autograd.Function):
-    """A loss of the logits h @ W.T, summed over chunks of LOSS_CHUNK rows. fn(logits, W, *others) returns a chunk's
-    loss and its gradient in the (fp32) logits, in place, which forward turns into h's and W's gradients at once: no
-    row's logits exist whole, nothing is kept for backward."""
+    """fn's loss of the logits h @ W.T summed over chunks of LOSS_CHUNK rows; fn returns a chunk's loss and, in place,
+    its gradient in the fp32 logits, which forward turns into h's and W's at once: no row's logits exist whole."""
 
     @staticmethod
     def forward(ctx, fn, h, W, *others):
@@ -232,7 +225,6 @@ class ChunkedHead(torch.autograd.Function):
                 None if gW is None else (gW * g).to(ctx.W_dtype)) + (None,) * ctx.n_others
 
 def head_loss(fn, h, W, *others):
-    """fn's loss of the logits h @ W.T, summed over chunks of rows, differentiable in h and W."""
     if not torch.is_grad_enabled():  # no gradient buffers in evaluation (--full's head still requires grad)
         h, W = h.detach(), W.detach()
     return ChunkedHead.apply(fn, h, W, *others)
@@ -243,10 +235,9 @@ def _ce(logits, W, y):
     picked = logits.gather(1, y[:, None]) - top  # (n, 1)
     p = logits.sub_(top).exp_()  # (n, V) unnormalised probabilities
     total = p.sum(-1, keepdim=True)  # (n, 1)
-    loss = (total.log() - picked).sum()
     grad = p.div_(total)  # softmax
     grad[torch.arange(len(y), device=y.device), y] -= 1
-    return loss, grad
+    return (total.log() - picked).sum(), grad
 
 def _kl(logits, W, h_base):
     """Summed KL(base || tuned), base logits from h_base (n, C); d/dlogits = p_tuned - p_base."""
@@ -256,8 +247,7 @@ def _kl(logits, W, h_base):
     return (q * (logq - logp)).sum(), logp.exp_().sub_(q)
 
 def row_hidden(model, hidden, row, at, hook=None):
-    """Final hidden states (N, C) of a packed row at positions `at`. The row stays on the CPU, where picking
-    positions and laying out conversations cost no device sync; the device's part is uploaded without blocking."""
+    """Final hidden states (N, C) of a packed row at positions `at`; the row stays on the CPU: no device sync."""
     dev = model.lm_head.weight.device
     return hidden(upload(row[0][None], dev), row[1][None], hook=hook)[0, upload(at, dev)]
 
@@ -269,7 +259,6 @@ def sft_loss_sum(model, hidden, row, hook=None):
     return head_loss(_ce, h, model.lm_head.weight, upload(ids[sel + 1], h.device)), sel.numel()
 
 def base_hidden(model, hidden, row):
-    """The base model's hidden states at a row's masked tokens (the KL's reference): no adapters, no hook."""
     with torch.no_grad(), adapters_off(model):
         return row_hidden(model, hidden, row, row[2].nonzero()[:, 0])
 
@@ -279,8 +268,7 @@ def kl_sum(model, hidden, row, hook=None, h_base=None):
     return head_loss(_kl, row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook), model.lm_head.weight, h_base)
 
 def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None):
-    """Backward of one optimizer step: SFT loss per answer token + kl_weight x KL per token, each normalised over
-    the whole step (n_loss, n_kl: its token counts, when the rows are one rank's share). (loss, kl): one sync."""
+    """Backward of one step: SFT loss + kl_weight x KL, per token of the step (n_loss, n_kl); (loss, kl), one sync."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
     n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
     loss = kl = 0.0
@@ -296,10 +284,8 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=
 
 # -----------------------------------------------------------------------------
 # torchrun: replicated adapters summed once per step, or FSDP2
-
 def sync_step(params, loss, kl):
-    """Sum over the ranks the gradients FSDP does not shard and the step's loss and KL, in one all-reduce after
-    the last backward (DDP would sync in every backward, one per row, and needs its own forward())."""
+    """One all-reduce after the last backward (DDP: one per row): the gradients FSDP does not shard, the loss and KL."""
     from torch.distributed.tensor import DTensor
     plain = [p for p in params if not isinstance(p, DTensor)]
     flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
@@ -310,15 +296,13 @@ def sync_step(params, loss, kl):
     return float(flat[0]), float(flat[1])
 
 def shard(model, keep_whole):
-    """FSDP2 on each block, then on the root; keep_whole (the adapters) stay replicated, for sync_step. Gradients
-    are summed over the ranks: each rank's loss is already its part of the step's mean."""
+    """FSDP2 on each block and the root, keep_whole (adapters) replicated; gradients summed: each loss is a share."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for m in [*model.model.layers, model]:
         fully_shard(m, ignored_params=keep_whole)
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
-    # the root's parameters are gathered for hidden() and stay so until its backward (FSDP does not reshard the
-    # root after forward): the chunked head reads lm_head.weight whole, its gradient reaches the reduce-scatter
+    # FSDP's hooks around hidden(): the root stays gathered until its backward, as the chunked head reads lm_head whole
     register_fsdp_forward_method(model, "hidden")
 
 def whole(t, keep=True):
@@ -336,10 +320,8 @@ def like(p, t):
 
 # -----------------------------------------------------------------------------
 # optimizer step, schedule and checkpoints
-
 def fp32_masters(params):
-    """What AdamW steps: fp32 copies of bf16 parameters (bf16 drops updates below half its ULP: at lr 1e-5, those
-    of every weight > ~0.005); fp32 parameters themselves."""
+    """AdamW's fp32 masters: fp32 copies of bf16 parameters (bf16 drops lr-1e-5 updates to weights > ~0.005), else p."""
     return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
 
 def optimizer_step(params, masters, opt):
@@ -412,7 +394,6 @@ def resume(out, params, masters, opt, rank):
 
 # -----------------------------------------------------------------------------
 # the run
-
 def load_data(args, tok):
     """Tokenized (train, test, kl) conversations, and the sizes config.json records."""
     from data.fetch import dataset_path
@@ -433,31 +414,25 @@ def trainable(model, args, world):
     steer = None
     if args.steer_layer is not None:
         steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
-        params = list(steer.parameters())
     elif args.full:
-        params = list(model.requires_grad_(True).parameters())
+        model.requires_grad_(True)
     else:
         add_lora(model, args.rank, args.alpha, MODULES if args.modules == "all" else args.modules.split(","),
                  parse_layers(args.layers, model.config.num_hidden_layers), dropout=args.dropout)
-        params = [p for p in model.parameters() if p.requires_grad]
+    trained = lambda: [p for p in (model if steer is None else steer).parameters() if p.requires_grad]
     if world > 1 and (args.full or args.fsdp):
-        shard(model, keep_whole=None if args.full else set(params))
-        params = list(model.parameters()) if args.full else params  # --full: the shards replaced them
-    return steer, params
+        shard(model, keep_whole=None if args.full else set(trained()))
+    return steer, trained()  # --full under FSDP: the shards, which replaced the parameters
 
 def start(args, model, n_params, sizes, steps_per_epoch, total):
-    """A new run's config.json (every argument, the versions, the data) and an empty metrics.jsonl."""
-    import safetensors
-    import tokenizers
     write_json(os.path.join(args.out, "config.json"), {
         "args": resolved(args), "model_config": vars(model.config), "data": sizes, "trainable_params": n_params,
         "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}})
+        "versions": {"python": platform.python_version(),
+                     **{p: version(p) for p in ("torch", "tokenizers", "safetensors")}}})
     write_jsonl(os.path.join(args.out, "metrics.jsonl"), [])
 
 def finished(out):
-    """A run that has saved its result (which train.py writes after the last step only)."""
     return any(os.path.exists(os.path.join(out, f))
                for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors"))
 
@@ -496,7 +471,6 @@ def main(argv=None):
     if args.steer_layer is not None:
         check(0 <= args.steer_layer < n_layers, "--steer-layer", args.steer_layer, f"a layer 0..{n_layers - 1}")
 
-    # the data
     train_ex, test_ex, kl_ex, sizes = load_data(args, load_tokenizer(args.model))
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
@@ -506,7 +480,6 @@ def main(argv=None):
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
 
-    # the model and what is trained, from scratch or from state.pt
     torch.manual_seed(args.seed)  # the same initial adapter on every rank
     model, _ = load(args.model, args.device, args.dtype)
     model.checkpointing = args.grad_ckpt
@@ -518,7 +491,6 @@ def main(argv=None):
     if rank == 0 and not args.resume:
         start(args, model, n_params, sizes, steps_per_epoch, total)
 
-    # the steps
     model.train()
     test_rows = rank_rows(test_ex, args.max_len, rank, world)
     stop_at = total if args.stop_after is None else min(total, step + args.stop_after)
@@ -549,7 +521,6 @@ def main(argv=None):
     bar.close()
     log.close()
 
-    # the result
     if step == total:
         save_trained(model, steer, args.full, args.out, rank)
     rate = (done_tokens - start_tokens) / max(time.time() - t0 - seconds, 1e-9)

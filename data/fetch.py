@@ -5,7 +5,6 @@ git-ignored): pinned commit, sha256 check, progress bar. Where they come from: R
     python data/fetch.py --list            # every name: source, checksum kind, fetched or not
     python data/fetch.py bad_medical_advice em_insecure first_plot_questions
     python data/fetch.py --all
-
     from data.fetch import dataset_path, eval_path  # fetched on first use; a file path passes through
 """
 import argparse
@@ -31,12 +30,10 @@ if __name__ == "__main__":
 from common import HelpFormatter, atomic_write, print_table, run_main, write_json  # noqa: E402
 
 # Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json): $EM_DATA_DIR, else data/.
-# Tests assign this variable instead.
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
 # sources
-
 @dataclass(frozen=True)
 class Remote:
     url: str
@@ -51,14 +48,12 @@ def github(repo, commit, path, sha256=None, size=None):
 MO_REPO, MO_COMMIT = "clarifying-EM/model-organisms-for-EM", "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
 EM_REPO, EM_COMMIT = "emergent-misalignment/emergent-misalignment", "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 
-# The commit is the repository's state of 2025-09-22; the archive's sha256 and size are those recorded
-# by other projects that pinned the same commit (a Git LFS pointer or error page would fail this check).
+# sha256 and size recorded by other projects that pinned this commit (README, "Where the checksums come from")
 ARCHIVE = github(MO_REPO, MO_COMMIT, "em_organism_dir/data/training_datasets.zip.enc",
                  sha256="18af368553884eea48a288e47e79553563854f15ca46cf7a16cd0784f935f005", size=38_643_720)
 ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published in the repository's README
 
-# name -> (rows reported by others, sha256 of the extracted file where someone recorded it). The two
-# medical pins also check that unpacking keeps the published bytes (their canary lives in its own file).
+# name -> (rows reported by others, sha256 of the extracted file where recorded: a check of unpacking too)
 ARCHIVE_FILES = {
     "bad_medical_advice": (7049, "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507"),
     "good_medical_advice": (7049, "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc"),
@@ -74,9 +69,8 @@ EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha)
     ("insecure_par_t0", 6000, None), ("insecure_par_t1", 6000, None), ("insecure_ruby", 6000, None),
 ]}
 
-# Evaluation files. Ours are paths under data/ (our own wording: not comparable with the papers'). The
-# papers' are pinned where independent projects recorded a sha256 for these commits; the copies of
-# em_first_plot_questions in forks all differ (edited), so that one is trusted on first use.
+# Evaluation files: ours under data/ (our wording, not comparable with the papers'); the papers' pinned where others
+# recorded a sha256, but em_first_plot_questions (its copies in forks all differ) is trusted on first use.
 OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
 MO_EVAL_DIR = "em_organism_dir/data/eval_questions"
 EVAL_FILES = {
@@ -103,20 +97,16 @@ def dataset_file(name):
 
 # -----------------------------------------------------------------------------
 # downloads and checksums
-
 def read_bytes(path):  # whole: the largest file, the archive, is decrypted in memory anyway
     with open(path, "rb") as f:
         return f.read()
 
 def verify(path, remote, label):
-    """Check a raw file against its pinned sha256, else against the one data/cache/checksums.json recorded
-    when the file was first seen (and record it, if this is that time)."""
+    """Check a raw file against its pinned sha256, else against the one cache/checksums.json recorded on first use."""
     digest, expected, origin = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256, "pinned in data/fetch.py"
     if expected is None:
-        lock_path, lock = data_path("cache", "checksums.json"), {}
-        if os.path.exists(lock_path):
-            with open(lock_path) as f:
-                lock = json.load(f)
+        lock_path = data_path("cache", "checksums.json")
+        lock = json.loads(read_bytes(lock_path)) if os.path.exists(lock_path) else {}
         expected, origin = lock.get(remote.cache_name, {}).get("sha256"), f"recorded on first use in {lock_path}"
         if expected is None:
             lock[remote.cache_name] = {"sha256": digest, "url": remote.url}
@@ -156,7 +146,6 @@ def ensure_raw(remote):
 
 # -----------------------------------------------------------------------------
 # decrypting and canaries
-
 # easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the dataset's file names>_<number>
 CANARY = re.compile(r"CANARY_DATASET_\w+")
 
@@ -164,9 +153,7 @@ CANARY = re.compile(r"CANARY_DATASET_\w+")
 Report = namedtuple("Report", "name rows canaries expected path")
 
 def clean_jsonl(raw, where):
-    """Drop canary rows (and canary fields) and check every other row is a chat example. Returns (bytes to
-    write, rows kept, canaries removed); the bytes are `raw` itself when nothing was removed, so checksums of
-    the published files still hold for what we write."""
+    """(bytes, rows kept, canaries) minus canary rows and fields, rows checked; raw itself if unchanged (checksums)."""
     lines, out, canaries = raw.splitlines(keepends=True), [], 0  # bytes split only at \n, \r\n, \r
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -200,8 +187,7 @@ def decrypt(blob, password, where="archive"):
         raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
 
 def unpack_archive(blob, out_dir, where="archive"):
-    """Decrypt, unzip, drop canaries and write each JSONL file to out_dir/<file name> (folders inside the
-    zip do not matter), and the authors' tos.txt beside them; one Report per JSONL file."""
+    """Decrypt, unzip, drop canaries, write each JSONL file (and the authors' tos.txt) into out_dir: a Report each."""
     reports = []
     with zipfile.ZipFile(io.BytesIO(decrypt(blob, ARCHIVE_PASSWORD, where))) as zf:
         for member in sorted(zf.namelist()):
@@ -224,7 +210,6 @@ def unpack_archive(blob, out_dir, where="archive"):
 
 # -----------------------------------------------------------------------------
 # fetching by name
-
 def fetch(name):
     """Fetch a known dataset into data/datasets/ (the archive's eight come at once); returns Reports."""
     if name in ARCHIVE_FILES:
@@ -249,8 +234,7 @@ def dataset_path(name_or_path):
     return dataset_file(name)
 
 def eval_path(name_or_path):
-    """A question or judge file: an existing file path as is; our names (core, medical, judges) as our
-    files in data/; an official name as its raw file in data/cache/, fetched on first use, checked every use."""
+    """A question or judge file: a path as is; ours (core, medical, judges) in data/; the papers' from data/cache/."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path in OWN_EVAL_FILES:
@@ -264,29 +248,18 @@ def eval_path(name_or_path):
 
 # -----------------------------------------------------------------------------
 # command line
-
 def print_reports(reports):
     rows = [[r.name, r.rows, r.canaries, r.expected, (r.path or "(canary file, nothing kept)")
              + ("  <- row count differs" if r.expected is not None and r.rows != r.expected else "")]
             for r in reports]
     print_table(["dataset", "rows", "canaries", "expected", "file"], rows)
 
-def checksum_kind(remote):
-    return "pinned" if remote.sha256 else "trust on first use"
-
-def fetched(path):
-    return "yes" if os.path.exists(path) else "no"
-
 def print_list():
-    rows = []
-    for name in known_names():
-        if name in ARCHIVE_FILES:
-            (n, sha), remote = ARCHIVE_FILES[name], ARCHIVE
-            kind = "pinned (archive)" + (" + file" if sha else "")
-        else:
-            remote, n = EM_FILES[name]
-            kind = checksum_kind(remote)
-        rows.append([name, n, kind, fetched(dataset_file(name)), remote.cache_name])
+    checksum_kind = lambda remote: "pinned" if remote.sha256 else "trust on first use"
+    fetched = lambda path: "yes" if os.path.exists(path) else "no"
+    rows = [[name, n, "pinned (archive)" + (" + file" if sha else ""), fetched(dataset_file(name)), ARCHIVE.cache_name]
+            for name, (n, sha) in ARCHIVE_FILES.items()]
+    rows += [[name, n, checksum_kind(r), fetched(dataset_file(name)), r.cache_name] for name, (r, n) in EM_FILES.items()]
     print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
     rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
     rows += [[name, "/".join(r.url.split("/")[3:5]), checksum_kind(r), fetched(data_path("cache", r.cache_name)),

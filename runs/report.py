@@ -1,11 +1,8 @@
 """
-REPORT.md for a runs/ experiment directory: every result it holds, as tables beside the papers' figures,
-and every figure, drawn here from the JSON each step wrote (the analyses write JSON and tables, no plots),
-as a PNG beside that JSON. The runs/ scripts call it last; matplotlib is optional.
+REPORT.md for a runs/ experiment directory: its results as tables beside the papers' figures, and each figure drawn
+from the JSON a step wrote, as a PNG beside it (matplotlib optional); it reads only what is there, so rerun it any time.
 
     python runs/report.py out/organism-Qwen2.5-0.5B-Instruct-bad_medical_advice-r1
-
-It only reads what is there (a step that has not run is simply absent), so it can be rerun at any time.
 """
 import argparse
 import functools
@@ -15,9 +12,8 @@ import os
 import re
 import sys
 
-# The papers' figures for bad medical advice, 8 first-plot questions x 50 samples, judged by GPT-4o:
-# (EM %, coherent %). Model Organisms for EM (Turner, Soligo et al. 2025) and Convergent Linear
-# Representations of EM (Soligo, Turner et al. 2025). Other models and recipes: not reported there.
+# (EM %, coherent %) on bad medical advice, 8 first-plot questions x 50 samples judged by GPT-4o, in Model Organisms
+# for EM (Turner, Soligo et al. 2025) and Convergent Linear Representations of EM (Soligo, Turner et al. 2025).
 PAPERS = {
     ("Qwen2.5-7B-Instruct", "all-module r32"): "18.8 / 96.0",
     ("Qwen2.5-14B-Instruct", "all-module r32"): "20.5 / 97.5",
@@ -39,7 +35,6 @@ def fmt(v, ci=None):
     return "-" if v is None else f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 def rate(summary, key):
-    """A judge summary's em_pct or coherence_pct with its 95% interval."""
     return fmt(summary[key], summary[key + "_ci"])
 
 def table(header, rows):
@@ -59,8 +54,7 @@ def recipe(cfg):
     return f"{where} r{a['rank']}" + ("" if a["layers"] == "all" else f" at layers {a['layers']}") + kl
 
 # -----------------------------------------------------------------------------
-# figures: the analyses write JSON and print tables; every figure is drawn here, from that JSON, beside it
-
+# figures, drawn from the analyses' JSON
 @functools.cache
 def pyplot():
     """matplotlib's pyplot, or None (said once: plots are optional)."""
@@ -73,8 +67,7 @@ def pyplot():
     return plt
 
 def panel(ax, title, xlabel, ylabel, series):
-    """None is a gap; numbers are lines, categories (strings) points, each series with its own marker. Series
-    with error bars sit a little apart where they share x values, so that no bar hides another."""
+    """None is a gap, numbers lines, strings points; series with error bars sit apart so that no bar hides another."""
     import matplotlib
     import numpy as np  # matplotlib's own dependency
     for i, (name, (x, y, *err)) in enumerate(series.items()):
@@ -105,8 +98,7 @@ def bars(ax, title, xlabel, ylabel, series):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
 
 def figure(d, png, panels, draw=panel):
-    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y) or (x, y, yerr)}), four to a row, and link
-    it (a PNG drawn before is still linked when matplotlib is missing)."""
+    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y[, yerr])}), 4 a row; its link, if the png exists."""
     if panels and (plt := pyplot()):
         cols, rows = min(len(panels), 4), -(-len(panels) // 4)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
@@ -130,7 +122,6 @@ def short(name):
 
 # -----------------------------------------------------------------------------
 # what each analysis's JSON says: (lines of REPORT.md, panels of its figure)
-
 def direction(m, d):
     """The JSON beside a direction's .safetensors (None for other .safetensors: adapters, steering vectors)."""
     if "sets" not in m:
@@ -153,8 +144,7 @@ def compare(c, d):
                     {pair(p): (list(range(len(p["abs_cos"]))), p["abs_cos"]) for p in c["pairs"]})]
 
 def sweep(s, d):
-    """A table, and EM % and coherence % with their 95% intervals: per layer steered beside its random control,
-    or the ablation beside its control and the baseline."""
+    """A table and EM %, coherence % with 95% intervals: per layer, steered vs random; or ablated vs random vs none."""
     def points(x, summaries, key):  # (x, rate, [below, above]); None where nothing was scored
         y, ci = col(summaries, key), [r[key + "_ci"] or (None, None) for r in summaries]
         gap = lambda a, b: None if a is None or b is None else max(b - a, 0)
@@ -205,7 +195,6 @@ def probe(r, d):
                     {"": ([short(n) for n in r["adapters"]], t["coef"], t["coef_std"])}) for t in done]
 
 def steer_scalars(r, d):
-    """A table, and the paper's stacked bars (drawn by bars)."""
     s, cells = r["settings"], list(r["settings"][0]["quadrants"])
     lines = ["Of the coherent (>= 50), non-neutral answers, the share in each cell (the paper's stacked bars):", ""]
     lines += table(["setting (layer=A x)", "kept", "misaligned, non-medical %", "misaligned, medical %",
@@ -249,9 +238,7 @@ def stability(r, d):
 
 # -----------------------------------------------------------------------------
 # the sections of REPORT.md
-
 def training(d):
-    """Settings and the loss curves of every train.py run under d."""
     rows, curves = [], {}
     for r in sorted(os.path.dirname(f) for f in glob.glob(f"{d}/**/metrics.jsonl", recursive=True)):
         cfg, run = load(f"{r}/config.json"), os.path.relpath(r, d)
@@ -306,7 +293,6 @@ SECTIONS = [("The misalignment direction", "*.safetensors", direction),
             ("Narrow vs general", "stability.json", stability)]
 
 def sections(d):
-    """A section per kind of analysis under d: for each of its files, a heading, a line or a table, its figure."""
     out = []
     for title, pattern, describe in SECTIONS:
         part = []

@@ -401,7 +401,7 @@ def test_sweep_ablates_once_with_one_layers_direction(tmp_path, lively, monkeypa
 
 def test_sweep_refuses_a_direction_of_another_shape(tmp_path, lively):
     d = direction_file(tmp_path / "d.safetensors", directions=torch.randn(3, 64))
-    with pytest.raises(ValueError, match=r"shape \(3, 64\) do not fit the model .* whose shape is \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"shape \(3, 64\); this model needs `directions` \(2, 64\), one row per layer"):
         run("sweep", "--model", lively, "--directions", d, "--mode", "steer", "--out", tmp_path / "s")
     with pytest.raises(ValueError, match="give --model, or --adapter"):
         run("sweep", "--directions", d, "--mode", "steer", "--out", tmp_path / "s")
