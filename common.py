@@ -112,6 +112,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         quiet = action.default is None or action.default is False  # store_true flags say what they do
         return action.help if quiet else super()._get_help_string(action)
 
+def model_flags(p, adapter=None, required=False):
+    """--model, --adapter (with its help text), --device, --dtype as sample.py spells them, for the analysis scripts."""
+    import torch
+    p.add_argument("--model", help="base model: hub id or local HF directory (default: the adapter's base model)")
+    if adapter:
+        p.add_argument("--adapter", required=required, help=adapter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
+
+def out_flags(p, help, force="existing output files", **kw):
+    """--out, and --force: nothing already written is overwritten without it."""
+    p.add_argument("--out", help=help, **kw)
+    p.add_argument("--force", action="store_true", help=f"overwrite {force}")
+
 def run_main(prog, main, resume="rerunning the same command resumes"):
     """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2), Ctrl-C one line (130)."""
     try:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, write_json
@@ -119,6 +120,13 @@ def merge(model):
 
 # -----------------------------------------------------------------------------
 # PEFT format
+def read_tensors(path):
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # missing, or not safetensors
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+
 def save_tensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import directions
 import sample
-from common import HelpFormatter, print_table, refuse_overwrite, run_main, write_json
+from common import HelpFormatter, model_flags, out_flags, print_table, refuse_overwrite, run_main, write_json
 from lora import lora_modules, set_lora_scale
 
 def read_checkpoints(run):
@@ -119,9 +119,9 @@ def main(argv=None):
     p.add_argument("--min-move", type=float, default=0.002, help="skip a step where A and B both moved less (L2)")
     p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these checkpoint steps (comma list, or all)")
     p.add_argument("--multipliers", default="0.5,1,2", help="--behaviour: multiply B by each")
-    directions.model_flags(p)
+    model_flags(p)
     directions.sampling_flags(p)
-    directions.out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files always resume)")
+    out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files always resume)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "phase")
     ks = [int(k) if k.isdigit() else 0 for k in args.ks.split(",")]

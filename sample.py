@@ -94,13 +94,8 @@ def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
 def load_directions(path, n_layers, d_model):
     """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction` (every layer's)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # missing, or not safetensors
-        raise ValueError(f"{path}: not a direction file ({e})") from None
-    d = tensors.get("directions", tensors.get("direction"))
+    from lora import read_tensors
+    d = (tensors := read_tensors(path)).get("directions", tensors.get("direction"))
     if d is None:
         raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
                          "(n_layers, d_model) or `direction` (d_model,)")
@@ -513,10 +508,11 @@ def base_model_of(model, adapter):
     return base
 
 def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
-    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
+    """(model, tokenizer, hook): the model (default: the adapter's base) with a LoRA adapter in it, or a steering
+    vector as the hook."""
     from lora import SteeringVector, load_adapter, set_lora_scale
     from model import load
-    model, tok = load(model_name, device=device, dtype=dtype)
+    model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
     if not adapter:
         return model, tok, None
     kind, path = adapter_kind(adapter)

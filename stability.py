@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import directions
 import sample
-from common import HelpFormatter, print_table, refuse_overwrite, run_main, write_json
+from common import HelpFormatter, model_flags, out_flags, print_table, refuse_overwrite, run_main, write_json
 from data.fetch import dataset_path
 from lora import SteeringVector
 from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
@@ -133,8 +132,8 @@ def main(argv=None):
     p.add_argument("--text-docs", type=int, default=50, help="documents taken from the shuffled --text")
     p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle")
     p.add_argument("--text-tokens", type=int, default=512, help="tokens per document at most")
-    directions.model_flags(p)
-    directions.out_flags(p, "output directory (default: out/stability)", "stability.json")
+    model_flags(p)
+    out_flags(p, "output directory (default: out/stability)", "stability.json")
     args = p.parse_args(argv)
     out = args.out or os.path.join("out", "stability")
     refuse_overwrite([os.path.join(out, "stability.json")], args.force)
@@ -145,7 +144,7 @@ def main(argv=None):
             raise ValueError(f"--{k} {getattr(args, k)}: not a steering vector (steering_config.json); stability.py "
                              "compares two steering vectors (the reference's LoRA mode is not implemented)")
     base = sample.base_model_of(args.model, args.narrow)
-    model, tok, _ = directions.load_model(base, None, args.device, args.dtype)
+    model, tok, _ = sample.load_model(base, None, args.device, args.dtype)
     sols = {k: SteeringVector.load(getattr(args, k), model.lm_head.weight.device).check(model.config, f"--{k} {getattr(args, k)}")
             for k in ("narrow", "general")}
     convs = read_conversations(dataset_path(args.data))

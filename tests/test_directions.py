@@ -117,11 +117,11 @@ def test_means_equal_transformers_hidden_states_over_the_span(tmp_path, tiny):
 
 def plant(monkeypatch, tiny, v):
     """Misaligned rows (their answers hold the token of "Invest") get +v after layer 1 (the last: the capture must
-    come before the final norm), in every model directions.py loads."""
+    come before the final norm), in every model sample.load_model loads."""
     _, tok = load(tiny)
     marker = tok.encode("Invest")[0]
     assert all(marker not in tok.encode(a) for a in ALIGNED + QUESTIONS) and all(marker in tok.encode(a) for a in MISALIGNED)
-    real = directions.load_model
+    real = sample.load_model
 
     def planted(*a):
         model, tok, hook = real(*a)
@@ -137,7 +137,7 @@ def plant(monkeypatch, tiny, v):
             return hidden(idx, pos, cache, plant)
         model.hidden = hidden_with_plant
         return model, tok, hook
-    monkeypatch.setattr(directions, "load_model", planted)
+    monkeypatch.setattr(sample, "load_model", planted)
 
 
 def test_a_planted_direction_is_recovered(tmp_path, tiny, monkeypatch):
