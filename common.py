@@ -35,6 +35,24 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+def read_json(file):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
+
+def read_yaml(path):
+    """A YAML file's data; a syntax error is FILE:LINE: ..."""
+    import yaml
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ValueError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
+                             f"({getattr(e, 'problem', None) or e})") from None
+
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
 
@@ -188,7 +206,7 @@ def barrier(world):
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# an OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, ...)
+# an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, ...)
 class RequestFailed(Exception):
     """One request failed for good (after its retries): its row stays unscored, the run goes on."""
 

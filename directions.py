@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
 import math
 import os
 import random
@@ -34,8 +33,8 @@ from tqdm import tqdm
 
 import judge
 import sample
-from common import (HelpFormatter, check, model_flags, out_flags, print_table, read_jsonl, refuse_overwrite, run_main, warn,
-                    write_json, write_jsonl)
+from common import (HelpFormatter, check, model_flags, out_flags, print_table, read_json, read_jsonl, refuse_overwrite,
+                    resolve_dtype, run_main, warn, write_json, write_jsonl)
 from lora import MODULES, PEFT_PREFIX, fix_scalars, read_tensors, record_scalars, save_tensors
 from model import parse_layers, read_config
 
@@ -86,7 +85,7 @@ def read_lora(path):
     t = read_tensors(os.path.join(src, "adapter_model.safetensors"))
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight"))
     return ({n: (t[f"{PEFT_PREFIX}{n}.lora_A.weight"], t[f"{PEFT_PREFIX}{n}.lora_B.weight"]) for n in names},
-            json.load(open(os.path.join(src, "adapter_config.json"))))
+            read_json(os.path.join(src, "adapter_config.json")))
 
 def layer_of(name):
     return int(name.split(".")[2])  # model.layers.L.mlp.down_proj
@@ -120,13 +119,13 @@ def sample_and_judge(args, model_name, adapter, jobs, metrics=("aligned", "coher
     judge.judge_spec(args.judge, base_url)  # a typo or a missing key fails before any sampling
     questions = sample.select_questions(args.questions, args.ids, args.exclude_suffix)
     gen = sample.sampling_settings(model_name, 1.0, 1.0, None, None, args.max_new_tokens)
-    dtype = str(sample.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
+    dtype = resolve_dtype(args.dtype, args.device)
     loaded = []
     for k, (out, settings, setup) in enumerate(jobs, 1):
         print(f"[{k}/{len(jobs)}] {out}")
-        extra = {"adapter": adapter, "lora_scale": None, "steer": None, "ablate": None, "random_control": None, **settings}
-        header = dict(model=model_name, adapter=extra.pop("adapter"), seed=args.seed,
-                      settings=dict(gen, system=None, **extra, dtype=dtype))
+        s = {"adapter": adapter, **settings}
+        header = sample.row_header(model_name, s.pop("adapter"), args.seed, gen, dtype, **s)
+        extra = header["settings"]
         with contextlib.ExitStack() as stack:
             def answer(work):  # the model loads once, and only for a file with work left
                 loaded[:] = loaded or [sample.load_model(model_name, adapter, args.device, args.dtype)]
@@ -245,7 +244,7 @@ def cmd_monitor(args):
     refuse_overwrite([out_json], args.force)
     rows = read_judged(args.responses)
     meta_file = os.path.splitext(args.directions)[0] + ".json"
-    meta = json.load(open(meta_file)) if os.path.exists(meta_file) else {}
+    meta = read_json(meta_file) if os.path.exists(meta_file) else {}
     in_sample = bool(meta.get("responses")) and os.path.abspath(meta["responses"]) == os.path.abspath(args.responses)
     if in_sample and meta.get("held_out"):
         rows, in_sample = [(n, r) for n, r in rows if n in set(meta["held_out"])], False
@@ -312,7 +311,7 @@ RATES = ("n", "em_pct", "em_pct_ci", "coherence_pct", "coherence_pct_ci", "align
 def check_sweep_dir(out, settings, force):
     """Refuse a directory whose sweep.json was made with other settings; --force removes that sweep's files."""
     old_file = os.path.join(out, "sweep.json")
-    old = json.load(open(old_file)) if os.path.exists(old_file) else settings
+    old = read_json(old_file) if os.path.exists(old_file) else settings
     diff = [k for k in SWEEP_SETTINGS if old.get(k) != settings[k]]
     if diff and not force:
         raise ValueError(f"{out} holds a sweep made with other settings (--{diff[0].replace('_', '-')} "

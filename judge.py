@@ -20,11 +20,11 @@ import urllib.parse
 from collections import defaultdict
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from common import (Cache, Client, HelpFormatter, RequestFailed, api_key, append_jsonl, barrier, check, dist_setup,
-                    open_append, part_file, part_files, print_table, read_jsonl, run_main, warn, write_json, write_jsonl)
+                    open_append, part_file, part_files, print_table, read_jsonl, read_yaml, run_main, warn, write_json,
+                    write_jsonl)
 
 MIN_MASS = 0.25  # below this much numeric probability the judge did not give a number
 DEFAULT_JUDGE = "openai:gpt-4o-2024-08-06"  # the papers' judge
@@ -61,13 +61,6 @@ def check_template(template, where):
     if "\0Q\0" not in text or "\0A\0" not in text:
         raise ValueError(f"{where}: the judge prompt must contain both {{question}} and {{answer}}")
     return template
-
-def read_yaml(path):
-    with open(path) as f:
-        try:
-            return yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
 
 def load_judge_prompts(path):
     """{metric: template} from our mapping format, or from the reference's list of one-metric dicts."""

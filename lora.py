@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common import atomic_write, write_json
-from model import local_path, read_json
+from common import atomic_write, read_json, write_json
+from model import local_path
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors

@@ -9,7 +9,6 @@ Departures from transformers, in the one forward that serves training, sampling 
 at 0 starts a conversation, and attention stays inside each (packed rows); `cache` is a preallocated KVCache written
 at `pos` (batched sampling); `hook(layer, x)` sees the residual after each layer, may replace it (steering, ablation).
 """
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
-from common import check_device, resolve_dtype
+from common import check_device, read_json, resolve_dtype
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -326,13 +325,6 @@ def parse_layers(spec, n_layers, flag="--layers"):
     if bad := [i for i in out if not 0 <= i < n_layers]:
         raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
     return sorted(set(out))
-
-def read_json(file):
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
 
 def load_weights(model, path, device, dtype):
     """Fill a meta-device model from (sharded) safetensors, straight into dtype and device, names and shapes checked."""

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (Cache, Client, HelpFormatter, RequestFailed, barrier, dist_setup, open_append, append_jsonl,
-                    part_file, part_files, print_table, read_jsonl, resolve_dtype, run_main, warn, write_jsonl)
+                    part_file, part_files, print_table, read_json, read_jsonl, read_yaml, resolve_dtype, run_main, warn,
+                    write_jsonl)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
 
@@ -44,14 +45,7 @@ def load_questions(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such question file")
     if path.endswith((".yaml", ".yml")):
-        import yaml
-        with open(path, encoding="utf-8") as f:
-            try:
-                items = yaml.safe_load(f) or []
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                raise ValueError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
-                                 f"({getattr(e, 'problem', None) or e})") from None
+        items = read_yaml(path) or []
         if not isinstance(items, list):
             raise ValueError(f"{path}: a question YAML is a list of {{id, paraphrases, ...}}, got {type(items).__name__}")
         items = [(f"{path} item {i + 1}", item) for i, item in enumerate(items)]
@@ -438,6 +432,13 @@ def check_resumable(path, rows, header, questions):
             raise ValueError(f"{path} holds rows made with other settings ({diff}); "
                              "choose another --out, or delete the file to start over")
 
+def row_header(model, adapter, seed, gen, dtype, system=None, lora_scale=None, steer=None, ablate=None,
+               random_control=None, **more):
+    """What every row records, and a resume must match: model, adapter, seed and the settings (dtype None: a server)."""
+    return dict(model=model, adapter=adapter, seed=seed, settings=dict(
+        gen, system=system, lora_scale=lora_scale, steer=steer, ablate=ablate, random_control=random_control, **more,
+        dtype=dtype and str(dtype).removeprefix("torch.")))
+
 def sample_file(out, questions, header, answer, n=None, system=None, rank=0, world=1):
     """Sample what `out` still lacks: answer(work) yields (index, text, tokens, finish reason); every row records
     `header` (model, adapter, seed, settings), which a resume must match. Under torchrun each rank appends to its
@@ -503,7 +504,7 @@ def base_model_of(model, adapter):
         return model
     kind, path = adapter_kind(adapter)
     file = os.path.join(path, f"{'adapter' if kind == 'lora' else 'steering'}_config.json")
-    if not (base := os.path.exists(file) and json.load(open(file)).get("base_model_name_or_path")):
+    if not (base := os.path.exists(file) and read_json(file).get("base_model_name_or_path")):
         raise ValueError(f"{adapter}: does not name its base model; give --model")
     return base
 
@@ -659,10 +660,9 @@ def main(argv=None):
     ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", n_layers)) if args.ablate else None
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     local = args.engine == "local"
-    dtype = str(resolve_dtype(args.dtype, device)).replace("torch.", "") if local else None
-    header = dict(model=model_name if local else args.engine.partition(":")[2], adapter=adapter, seed=args.seed,
-                  settings=dict(gen, system=args.system, lora_scale=args.lora_scale, steer=steer, ablate=ablate,
-                                random_control=args.random_control, dtype=dtype))
+    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, args.seed, gen,
+                        resolve_dtype(args.dtype, device) if local else None, args.system, args.lora_scale, steer, ablate,
+                        args.random_control)
     out = args.out or default_out(model_name, adapter, args.engine)
     print(f"sampling: {json.dumps(dict(header, questions=args.question or args.questions, out=out, n=args.n))}")
     if local:

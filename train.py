@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, append_jsonl, atomic_write, barrier, check, check_device, dist_setup,
-                    open_append, print_table, read_jsonl, warn, write_json, write_jsonl)
+                    open_append, print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
-from model import load, load_tokenizer, local_dir, parse_layers, read_config, read_json, upload
+from model import load, load_tokenizer, local_dir, parse_layers, read_config, upload
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
 RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt", "fsdp"}  # cannot change the result

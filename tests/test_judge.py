@@ -108,6 +108,9 @@ def test_bad_templates_are_clear_errors(tmp_path):
     (tmp_path / "j.yaml").write_text("aligned: 'rate {answer}'\n")
     with pytest.raises(JudgeError, match="both"):
         judge.load_judge_prompts(str(tmp_path / "j.yaml"))
+    (tmp_path / "j.yaml").write_text("aligned: 'rate {question} {answer}'\ncoherent: [x\n")
+    with pytest.raises(JudgeError, match=r"j.yaml:\d+: not valid YAML"):  # the file and line, as sample.py's questions
+        judge.load_judge_prompts(str(tmp_path / "j.yaml"))
 
 
 # -----------------------------------------------------------------------------
