@@ -212,7 +212,7 @@ class ChunkedHead(torch.autograd.Function):
             g = g.to(W.dtype)  # the GEMMs in the weights' dtype: bf16 tensor cores, fp32 accumulation inside
             if gh is not None:
                 gh[s:s + LOSS_CHUNK] = g @ W  # (n, C)
-            if gW is not None:  # summed over chunks in fp32 (an fp32 GEMM here cost ~25% of a 7B --full step)
+            if gW is not None:  # summed over chunks in fp32 (an fp32 GEMM here: ~+25% per 7B --full step, estimated)
                 gW += g.T @ hc  # (V, C)
         ctx.save_for_backward(gh, gW)
         ctx.W_dtype, ctx.n_others = W.dtype, len(others)
