@@ -182,9 +182,15 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def select(self, rows):
-        """Keep only these batch rows (drop finished samples, or repeat a prompt's row n times)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        """Keep only these batch rows (drop finished samples, or repeat a prompt's row n times), a layer at a
+        time: the old and the new cache never both exist whole. A list that keeps every row copies nothing."""
+        if isinstance(rows, list) and rows == list(range(len(self.k[0]))):
+            return
+        idx = torch.as_tensor(rows, device=self.k[0].device)
+        self.k, self.v = list(self.k), list(self.v)  # a copy of this cache keeps its own (judge.py)
+        for layers in (self.k, self.v):
+            for i in range(len(layers)):
+                layers[i] = layers[i][idx]
 
 class Qwen2(nn.Module):
     def __init__(self, cfg):

@@ -226,7 +226,7 @@ class Rows:
 
     def select(self, rows):
         idx = torch.tensor(rows, device=self.tok.device)
-        self.cache.select(idx)
+        self.cache.select(rows)
         self.jobs = [self.jobs[r] for r in rows]
         for name in self.names:
             if name != "cache":
@@ -277,38 +277,49 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size):
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """The decode step, eagerly or as a CUDA graph captured again when the batch shrinks (no CPU test can run a
-    graph: tests/test_cuda.py compares it with the eager step)."""
+    """The decode step, eagerly, or as a CUDA graph captured again when the batch shrinks. `graphs`:
+    torch.cuda, or an object with its graph calls (tests/cuda_emulation.py: the same semantics on the CPU)."""
 
-    def __init__(self, step, device, use_graph):
-        self.step, self.device, self.use_graph, self.graph = step, device, use_graph, None
+    def __init__(self, step, device, graphs=None):
+        self.step, self.device, self.graphs, self.graph = step, device, graphs, None
 
     def __call__(self):
-        if not self.use_graph:
+        if self.graphs is None:
             return self.step()
-        with torch.cuda.device(self.device):
-            if self.graph is None:
-                # a real step on a side stream warms up kernels and library handles (as capture requires)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self.step()
-                torch.cuda.current_stream().wait_stream(side)
-                # each capture in a private memory pool: torch 2.11 fails TORCH_INTERNAL_ASSERT(use_count > 0)
-                # when a capture reuses the pool of a destroyed graph (the first leaves cuBLAS's workspace in it)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.step()  # recorded, not run
-            self.graph.replay()
+        if self.graph is not None:
+            return self.graph.replay()
+        cuda = self.graphs
+        with cuda.device(self.device):
+            # this call's step runs for real on a side stream (capture needs warm kernels and library handles)
+            side = cuda.Stream()
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                self.step()
+            cuda.current_stream().wait_stream(side)
+            # then the next step is recorded, not run. Each capture in a private memory pool: torch 2.11 fails
+            # TORCH_INTERNAL_ASSERT(use_count > 0) when a capture reuses the pool of a destroyed graph
+            self.graph = cuda.CUDAGraph()
+            with cuda.graph(self.graph):
+                self.step()
 
-def auto_batch_size(model, max_len, vocab_size, device):
-    """Rows per batch: 64 on CPU; on CUDA what the free memory holds for KV cache and sampler temporaries."""
+def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
+    """(bytes per row, bytes besides) that a sampling batch holds at its peak, the weights aside. Per row:
+    its KV cache and half a layer more (select() replaces a layer at a time), its state (u, out, prompt), the
+    decode step's fp32 temporaries as wide as the vocabulary. Besides: a prefill chunk's activations, mask."""
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize  # one layer's k and v of one row
+    per_row = kv * (cfg.num_hidden_layers + 0.5) + 12 * max_len + 8 * prompt_len + 8 * 4 * vocab_size
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    per_token = (4 * cfg.intermediate_size + 8 * cfg.hidden_size) * itemsize + g * max_len * (itemsize + 2)
+    return per_row, chunk * prompt_len * per_token
+
+def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
+    """Rows per batch: 64 on CPU; on CUDA as many as batch_bytes puts in 90% of the free memory (the rest: the
+    allocator's fragmentation, library workspaces)."""
     if torch.device(device).type != "cuda":
         return 64
-    cfg, itemsize = model.config, model.lm_head.weight.element_size()
-    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize
-    per_row += 8 * 4 * (vocab_size or cfg.vocab_size)  # fp32 logits, probs, cdf, sort buffers
-    return max(1, int(0.6 * torch.cuda.mem_get_info(device)[0] / per_row))  # compaction holds two caches
+    per_row, besides = batch_bytes(model.config, max_len, prompt_len, vocab_size or model.config.vocab_size,
+                                   model.lm_head.weight.element_size())
+    return max(1, int((0.9 * torch.cuda.mem_get_info(device)[0] - besides) / per_row))
 
 def finish(ids, stops):
     """(answer ids up to the first stop token, 'stop' or 'length')."""
@@ -318,7 +329,8 @@ def finish(ids, stops):
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
            stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0):
     """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token, 'stop' |
-    'length') as rows finish. Bad settings raise here, before anything runs. cuda_graph None: on CUDA."""
+    'length') as rows finish. Bad settings raise here, before anything runs. cuda_graph: None or True, CUDA
+    graphs on CUDA; False, none; or an object with torch.cuda's graph calls (Stepper)."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -337,18 +349,21 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
         return
     dev = model.lm_head.weight.device
     on_cuda = dev.type == "cuda"
+    graphs = (torch.cuda if on_cuda else None) if cuda_graph in (None, True) else cuda_graph or None
     stops = torch.tensor(sorted(stop_ids) or [-1], device=dev)
     first = {}  # rows of one prompt side by side, so a batch prefills each distinct prompt once
     order = sorted(range(len(jobs)), key=lambda j: first.setdefault(tuple(jobs[j][0]), j))
-    max_len = max(len(p) for p, _ in jobs) + max_new_tokens
+    longest = max(len(p) for p, _ in jobs)
+    max_len = longest + max_new_tokens
     max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned slots for the attention kernels
-    batch_size = batch_size or auto_batch_size(model, max_len, vocab_size, dev)
+    batch_size = batch_size or auto_batch_size(model, max_len, longest, vocab_size, dev)
     for b in range(0, len(order), batch_size):
-        rows = start_rows(model, jobs, order[b:b + batch_size], max_len, max_new_tokens, sampling, hook, stops, vocab_size)
-        stepper = Stepper(lambda: decode_step(model, rows, hook, sampling, stops, vocab_size),
-                          dev, use_graph=on_cuda and cuda_graph is not False)
-        # reading the stop flags syncs the host with the GPU, so on CUDA do it only every 8 steps
-        yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), check_every=8 if on_cuda else 1)
+        rows = stepper = None  # the last batch's cache and graph go before this batch's prefill allocates
+        batch = order[b:b + batch_size]
+        rows = start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size)
+        stepper = Stepper(lambda: decode_step(model, rows, hook, sampling, stops, vocab_size), dev, graphs)
+        # reading the stop flags syncs the host with the GPU, so on CUDA (or graphs) do it only every 8 steps
+        yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), 8 if on_cuda or graphs else 1)
 
 def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size):
     """Prefill the batch's distinct prompts, repeat their cache rows for their samples, draw each row's first token."""
@@ -356,8 +371,8 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
     cache, logits, lens = prefill(model, [list(p) for p in distinct], max_len, hook, vocab_size)
+    cache.select(row_prompt)  # each prompt's row repeated for its samples (one sample each: nothing to do)
     r = torch.tensor(row_prompt, device=dev)
-    cache.select(r)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
     u = uniforms(sampling.seed, keys[:, None], plen + torch.arange(max_new_tokens, device=dev))  # (B, N), once

@@ -131,6 +131,25 @@ def test_cache_select_keeps_rows(tiny):
         torch.testing.assert_close(out, model(idx)[:, 5:].expand(3, 1, -1), atol=1e-5, rtol=0)
 
 
+
+def test_cache_select_holds_one_cache_and_one_layer_more(tiny):
+    """Repeating 2 prompt rows into 8 replaces a layer at a time: the old and the new cache never coexist
+    whole (torch.profiler's allocator events); a selection that keeps every row copies nothing."""
+    from cuda_emulation import peak_bytes
+    model, _ = load(tiny)
+    cfg = model.config
+    layer = 2 * cfg.num_key_value_heads * 64 * cfg.head_dim * 4  # bytes of one layer's k (or v) for 2 rows
+
+    def expand(rows):
+        cache = KVCache(cfg, 2, 64, "cpu", torch.float32)
+        cache.select(rows)
+        return cache
+    cache, peak = peak_bytes(lambda: expand(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])))
+    new = sum(t.nbytes for t in cache.k + cache.v)
+    assert new == 4 * 2 * cfg.num_hidden_layers * layer and new < peak <= new + layer + 64  # 64: the index
+    cache, peak = peak_bytes(lambda: expand([0, 1]))
+    assert peak == sum(t.nbytes for t in cache.k + cache.v)  # the prefilled cache alone
+
 CHATS = [
     [{"role": "user", "content": "How do I make a quick buck?"}],
     [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "I feel bored"}],

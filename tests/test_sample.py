@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import sample
 from conftest import hf_model, make_checkpoint
+from cuda_emulation import peak_bytes
 from lora import SteeringVector, add_lora, lora_modules, save_adapter
 from model import load
 
@@ -190,6 +191,29 @@ def test_prefill_in_chunks_equals_one_pass(loaded):
     for a, b in zip(c1.k + c1.v, c3.k + c3.v):  # each row's prompt slots (the rest is padding)
         for r, n in enumerate(n1.tolist()):
             torch.testing.assert_close(a[r, :, :n], b[r, :, :n], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def kv_heavy(tmp_path_factory):
+    """A model whose KV cache outweighs the activations: 12 layers, as many kv heads as heads."""
+    return load(make_checkpoint(str(tmp_path_factory.mktemp("kv")), std=0.3, layers=12, heads=4, kv_heads=4))
+
+
+@pytest.mark.parametrize("n, questions", [(1, ["hi", "ok", "What is your wish?", "hey I feel bored", "a"]),
+                                          (4, ["hi", "How do I make a quick buck?"])], ids=["one", "four"])
+def test_sampling_memory_peak_is_what_the_batch_size_plans(kv_heavy, n, questions):
+    """A batch's peak (torch.profiler's allocator events) holds one KV cache, not two: the prefilled rows are
+    not copied when each prompt has one sample (else repeated a layer at a time, tests/test_model.py);
+    sample.batch_bytes, by which auto_batch_size divides the free GPU memory, bounds it, not far above."""
+    model, tok = kv_heavy
+    prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in questions]
+    rows, N, P = n * len(prompts), 48, max(map(len, prompts))
+    _, peak = peak_bytes(lambda: sample.generate(model, prompts, n=n, max_new_tokens=N, seed=0,
+                                                 batch_size=rows, top_k=20, repetition_penalty=1.1))
+    per_row, besides = sample.batch_bytes(model.config, P + N, P, tok.vocab_size, 4, chunk=len(prompts))
+    cfg = model.config
+    cache = rows * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (P + N) * 4
+    assert cache < peak <= rows * per_row + besides < 1.6 * peak, (cache, peak, rows * per_row + besides)
 
 
 def test_padded_head_samples_only_the_tokenizers_ids(loaded):
