@@ -16,7 +16,7 @@
 It cannot see what depends on the GPU itself: kernel timing and stream races, cuBLAS/cuDNN workspaces and
 their allocation in a graph's pool, the caching allocator reusing a freed block inside a capture, NCCL.
 
-peak_bytes(fn): the most CPU memory fn had allocated at once, from torch.profiler's memory events."""
+allocated(fn): the most CPU memory fn had allocated at once, from torch.profiler's memory events."""
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -136,9 +136,9 @@ class EmulatedCuda:
         return nullcontext()
 
 
-def peak_bytes(fn):
-    """(fn(), the most bytes fn had allocated at once above what existed before it): torch.profiler's memory
-    events (the CPU allocator's running total), not RSS."""
+def allocated(fn):
+    """(fn(), the most bytes fn had allocated at once, the bytes it left allocated), above what existed before
+    it: torch.profiler's memory events (the CPU allocator's running total), not RSS."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -151,7 +151,8 @@ def peak_bytes(fn):
     tree = prof.profiler.kineto_results.experimental_event_tree()
     events = sorted((e for e in walk(tree) if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
     if not events:
-        return out, 0
+        return out, 0, 0
     first = events[0].extra_fields
     start = first.total_allocated - first.alloc_size  # the running total counts earlier profiles' tensors too
-    return out, max(e.extra_fields.total_allocated for e in events) - start
+    totals = [e.extra_fields.total_allocated - start for e in events]
+    return out, max(totals), totals[-1]

@@ -6,7 +6,7 @@ import torch
 
 import sample
 from conftest import make_checkpoint
-from cuda_emulation import EmulatedCuda, HostSync, peak_bytes
+from cuda_emulation import EmulatedCuda, HostSync, allocated
 from model import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,8 +102,8 @@ def test_a_batch_under_graphs_is_gone_before_the_next_prefills(lively):
     (which keeps every tensor it recorded) are dropped before the second batch's prefill allocates a cache."""
     model, tok, _ = lively
     prompt = tok.encode_chat([{"role": "user", "content": "Tell me three thoughts. " * 20}], True)
-    run = lambda n: peak_bytes(lambda: sample.generate(model, [prompt], n=n, max_new_tokens=16, seed=0,
-                                                       batch_size=4, cuda_graph=EmulatedCuda()))[1]
+    run = lambda n: allocated(lambda: sample.generate(model, [prompt], n=n, max_new_tokens=16, seed=0,
+                                                      batch_size=4, cuda_graph=EmulatedCuda()))[1]
     cfg = model.config
     cache = 4 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (len(prompt) + 16) * 4
     one, two = run(4), run(8)

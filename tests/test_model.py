@@ -135,7 +135,7 @@ def test_cache_select_keeps_rows(tiny):
 def test_cache_select_holds_one_cache_and_one_layer_more(tiny):
     """Repeating 2 prompt rows into 8 replaces a layer at a time: the old and the new cache never coexist
     whole (torch.profiler's allocator events); a selection that keeps every row copies nothing."""
-    from cuda_emulation import peak_bytes
+    from cuda_emulation import allocated
     model, _ = load(tiny)
     cfg = model.config
     layer = 2 * cfg.num_key_value_heads * 64 * cfg.head_dim * 4  # bytes of one layer's k (or v) for 2 rows
@@ -144,10 +144,10 @@ def test_cache_select_holds_one_cache_and_one_layer_more(tiny):
         cache = KVCache(cfg, 2, 64, "cpu", torch.float32)
         cache.select(rows)
         return cache
-    cache, peak = peak_bytes(lambda: expand(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])))
+    cache, peak, _ = allocated(lambda: expand(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])))
     new = sum(t.nbytes for t in cache.k + cache.v)
     assert new == 4 * 2 * cfg.num_hidden_layers * layer and new < peak <= new + layer + 64  # 64: the index
-    cache, peak = peak_bytes(lambda: expand([0, 1]))
+    cache, peak, _ = allocated(lambda: expand([0, 1]))
     assert peak == sum(t.nbytes for t in cache.k + cache.v)  # the prefilled cache alone
 
 CHATS = [

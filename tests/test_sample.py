@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import sample
 from conftest import hf_model, make_checkpoint
-from cuda_emulation import peak_bytes
+from cuda_emulation import allocated
 from lora import SteeringVector, add_lora, lora_modules, save_adapter
 from model import load
 
@@ -208,8 +208,8 @@ def test_sampling_memory_peak_is_what_the_batch_size_plans(kv_heavy, n, question
     model, tok = kv_heavy
     prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in questions]
     rows, N, P = n * len(prompts), 48, max(map(len, prompts))
-    _, peak = peak_bytes(lambda: sample.generate(model, prompts, n=n, max_new_tokens=N, seed=0,
-                                                 batch_size=rows, top_k=20, repetition_penalty=1.1))
+    _, peak, _ = allocated(lambda: sample.generate(model, prompts, n=n, max_new_tokens=N, seed=0,
+                                                   batch_size=rows, top_k=20, repetition_penalty=1.1))
     per_row, besides = sample.batch_bytes(model.config, P + N, P, tok.vocab_size, 4, chunk=len(prompts))
     cfg = model.config
     cache = rows * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (P + N) * 4
