@@ -212,7 +212,7 @@ class ChunkedHead(torch.autograd.Function):
             g = g.to(W.dtype)  # the GEMMs in the weights' dtype: bf16 tensor cores, fp32 accumulation inside
             if gh is not None:
                 gh[s:s + LOSS_CHUNK] = g @ W  # (n, C)
-            if gW is not None:  # summed over chunks in fp32 (an fp32 GEMM here: ~+25% per 7B --full step, estimated)
+            if gW is not None:  # each chunk's GEMM in bf16 (fp32 accumulation inside), summed in fp32
                 gW += g.T @ hc  # (V, C)
         ctx.save_for_backward(gh, gW)
         ctx.W_dtype, ctx.n_others = W.dtype, len(others)
@@ -267,8 +267,9 @@ def kl_sum(model, hidden, row, hook=None, h_base=None):
     h_base = base_hidden(model, hidden, row) if h_base is None else h_base
     return head_loss(_kl, row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook), model.lm_head.weight, h_base)
 
-def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None):
-    """Backward of one step: SFT loss + kl_weight x KL, per token of the step (n_loss, n_kl); (loss, kl), one sync."""
+def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None, fold=None):
+    """Backward of one step: SFT loss + kl_weight x KL, per token of the step (n_loss, n_kl); (loss, kl), one
+    sync. fold() runs after each row's backward (train_step: fold_grads)."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
     n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
     loss = kl = 0.0
@@ -276,10 +277,14 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=
         ls, _ = sft_loss_sum(model, hidden, r, hook)
         (ls / n_loss).backward()
         loss += ls.detach()
+        if fold:
+            fold()
     for r in kl_rows:
         ks = kl_sum(model, hidden, r, hook)
         (kl_weight * ks / n_kl).backward()
         kl += ks.detach()
+        if fold:
+            fold()
     return float(loss) / max(n_loss, 1), float(kl) / max(n_kl, 1)
 
 # -----------------------------------------------------------------------------
@@ -296,10 +301,11 @@ def sync_step(params, loss, kl):
     return float(flat[0]), float(flat[1])
 
 def shard(model, keep_whole):
-    """FSDP2 on each block and the root, keep_whole (adapters) replicated; gradients summed: each loss is a share."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    """FSDP2 on each block and the root, keep_whole (adapters) replicated; gradients summed (each loss is a
+    share) in fp32, bf16 weights' too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     for m in [*model.model.layers, model]:
-        fully_shard(m, ignored_params=keep_whole)
+        fully_shard(m, ignored_params=keep_whole, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
     # FSDP's hooks around hidden(): the root stays gathered until its backward, as the chunked head reads lm_head whole
@@ -324,11 +330,17 @@ def fp32_masters(params):
     """AdamW's fp32 masters: fp32 copies of bf16 parameters (bf16 drops lr-1e-5 updates to weights > ~0.005), else p."""
     return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
 
-def optimizer_step(params, masters, opt):
-    """Clip to norm 1 (HF's default), step the fp32 masters (gradients moved there), round them into the weights."""
+def fold_grads(params, masters):
+    """Add each bf16 gradient into its fp32 master's and free it, after every backward: a step's rows summed
+    in fp32 (summed in bf16, the running sum loses the low bits of each row's gradient)."""
     for p, m in zip(params, masters):
-        if m is not p:
-            m.grad, p.grad = None if p.grad is None else p.grad.float(), None
+        if m is not p and p.grad is not None:
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+            p.grad = None
+
+def optimizer_step(params, masters, opt):
+    """Clip to norm 1 (HF's default), step the fp32 masters (fold_grads gave them the gradients), round them
+    into the weights."""
     gn = torch.nn.utils.clip_grad_norm_(masters, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -443,9 +455,10 @@ def train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, ra
     rows, kl_rows = (rank_rows(b, args.max_len, rank, world) for b in (batch, kl_batch))
     # normalised over the whole step (the first token of a conversation is never a loss token)
     loss, kl = accumulate_grads(model, model.hidden, rows, kl_rows, args.kl_weight, steer,
-                                sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch))
+                                sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch),
+                                fold=lambda: fold_grads(params, masters))
     if world > 1:
-        loss, kl = sync_step(params, loss, kl)
+        loss, kl = sync_step(masters, loss, kl)
     if not math.isfinite(loss) or not math.isfinite(kl):
         raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. The last "
                          f"good checkpoint is in {args.out} (state.pt, checkpoints/)")
