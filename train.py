@@ -16,11 +16,13 @@ Departures from the reference (README, "Where we depart from the reference"):
 - the steering vector steers every row (the reference's hook steered the first row of each batch only).
 """
 import argparse
+import glob
 import math
 import os
 import platform
 import shutil
 import time
+import warnings
 from importlib.metadata import version
 
 import torch
@@ -28,8 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, append_jsonl, atomic_write, barrier, check, check_device, dist_setup,
-                    open_append, print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
+from common import (HelpFormatter, append_jsonl, barrier, check, check_device, dist_setup, open_append,
+                    print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
 from model import load, load_tokenizer, local_dir, parse_layers, read_config, upload
 
@@ -104,7 +106,7 @@ def get_args(argv=None):
     args.out = args.out or os.path.join("out", run_name(args))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: is a file; train.py writes a directory (the adapter, checkpoints, metrics)")
-    if os.path.exists(os.path.join(args.out, "state.pt")) and not args.resume:
+    if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
         raise ValueError(f"{args.out} already holds a run: pass --resume --out {args.out} to continue it, or choose another --out")
     return args
 
@@ -115,8 +117,8 @@ def resolved(args):
 
 def resume_settings(args, given):
     """--resume: the settings in OUT/config.json, but this call's --device, --stop-after and RESUME_FREE flags."""
-    if not args.out or not os.path.exists(os.path.join(args.out, "state.pt")):
-        raise ValueError(f"--resume needs --out DIR, the directory of a run with a state.pt (got {args.out})")
+    if not args.out or not os.path.exists(os.path.join(args.out, "state.json")):
+        raise ValueError(f"--resume needs --out DIR, a run's directory with a state.json (got {args.out})")
     saved, now = read_json(os.path.join(args.out, "config.json"))["args"], resolved(args)
     for k in sorted(given - RESUME_FREE):
         if now[k] != saved.get(k):
@@ -317,13 +319,6 @@ def whole(t, keep=True):
     t = t.full_tensor() if isinstance(t, DTensor) else t
     return t.detach().cpu().contiguous() if keep else None
 
-def like(p, t):
-    """A whole tensor t laid out as parameter p: under FSDP, this rank's shard of it."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not isinstance(p, DTensor):
-        return t
-    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-
 # -----------------------------------------------------------------------------
 # optimizer step, schedule and checkpoints
 def fp32_masters(params):
@@ -378,27 +373,54 @@ def save_trained(model, steer, full, path, rank=0):
     elif rank == 0:
         save_adapter(model, path)
 
-def save_state(path, step, params, opt, done_tokens, rank=0):
-    """state.pt: whole fp32 parameters and AdamW states, to resume on any number of ranks (rank 0 writes)."""
-    keep = rank == 0
-    optim = opt.state_dict()
-    optim["state"] = {i: {k: whole(v, keep) for k, v in s.items()} for i, s in optim["state"].items()}
-    state = {"step": step, "params": [whole(p, keep) for p in params], "optimizer": optim, "tokens": done_tokens}
-    if keep:
-        atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
+def state_bytes(masters):
+    """Bytes of a training state on disk: the fp32 masters and AdamW's two moments (all ranks' shards)."""
+    return 3 * 4 * sum(m.numel() for m in masters)
 
-def resume(out, params, masters, opt, rank):
-    """Load state.pt into each rank's shards, drop the metrics logged after it: (step, tokens, seconds so far)."""
-    # mmap: the processes share the file's pages rather than each holding a copy
-    state = torch.load(os.path.join(out, "state.pt"), weights_only=True, map_location="cpu", mmap=True)
+def distributed_checkpoint(call, state, path, world):
+    """torch.distributed.checkpoint's save or load of `state` (in place), each rank its shards; in one
+    process without its warning that it assumes one process."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        getattr(dcp, call)(state, checkpoint_id=path, no_dist=world == 1)
+
+def check_free_disk(out, need):
+    """A one-line error naming --out when its disk has less than `need` bytes free."""
+    path = out
+    while not os.path.exists(path):  # not made yet: its parent's disk
+        path = os.path.dirname(os.path.abspath(path))
+    if (free := shutil.disk_usage(path).free) < need:
+        raise ValueError(f"--out {out}: saving the training state needs {need / 1e9:.2f} GB ({need:,} bytes) "
+                         f"free on its disk, which has {free / 1e9:.2f} GB")
+
+def save_state(out, step, masters, opt, done_tokens, rank, world):
+    """OUT/state-STEP/: the fp32 parameters and AdamW's state, each rank writing its own shards (PyTorch's
+    distributed checkpoint), to resume on any number of ranks. OUT/state.json names it once it is whole; then
+    the one before is deleted: a crash leaves the last whole state."""
+    check_free_disk(out, state_bytes(masters))
+    path = os.path.join(out, f"state-{step:06d}")
+    state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": opt.state_dict()}
+    distributed_checkpoint("save", state, path, world)  # rank 0 returns once every shard is written
+    if rank == 0:
+        write_json(os.path.join(out, "state.json"), {"step": step, "dir": os.path.basename(path)})
+        for old in glob.glob(os.path.join(out, "state-*")):
+            if old != path:
+                shutil.rmtree(old)
+
+def resume(out, params, masters, opt, rank, world):
+    """Load OUT's training state into each rank's shards, drop the metrics logged after it: (step, tokens,
+    seconds so far)."""
+    for m in masters:  # AdamW's state made by a step of lr 0 (no change), for the checkpoint to load into
+        m.grad = torch.zeros_like(m)
+    for g in opt.param_groups:
+        g["lr"] = 0.0  # train_step sets each step's
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": opt.state_dict()}
     with torch.no_grad():
-        for m, saved in zip(masters, state["params"]):
-            m.copy_(like(m, saved))
+        distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
     round_into(params, masters)
-    optim = state["optimizer"]
-    optim["state"] = {i: {k: like(masters[i], v) if v.shape == masters[i].shape else v for k, v in s.items()}
-                      for i, s in optim["state"].items()}
-    opt.load_state_dict(optim)
     kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
     if rank == 0:
         write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
@@ -461,7 +483,7 @@ def train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, ra
         loss, kl = sync_step(masters, loss, kl)
     if not math.isfinite(loss) or not math.isfinite(kl):
         raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. The last "
-                         f"good checkpoint is in {args.out} (state.pt, checkpoints/)")
+                         f"good checkpoint is in {args.out} (state.json, checkpoints/)")
     return loss, kl, float(optimizer_step(params, masters, opt))
 
 @torch.no_grad()
@@ -500,9 +522,11 @@ def main(argv=None):
     masters = fp32_masters(params)
     opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=args.weight_decay, fused=torch.device(args.device).type == "cuda")
     n_params = sum(p.numel() for p in params)
-    step, done_tokens, seconds = resume(args.out, params, masters, opt, rank) if args.resume else (0, 0, 0.0)
+    step, done_tokens, seconds = (resume(args.out, params, masters, opt, rank, world) if args.resume
+                                  else (0, 0, 0.0))
     if rank == 0 and not args.resume:
         start(args, model, n_params, sizes, steps_per_epoch, total)
+    check_free_disk(args.out, state_bytes(masters))  # now, not after the first --save-every steps
 
     model.train()
     test_rows = rank_rows(test_ex, args.max_len, rank, world)
@@ -530,7 +554,7 @@ def main(argv=None):
         if (args.save_every and step % args.save_every == 0) or step == stop_at:
             if not args.full:  # the adapter for the phase analysis; full weights every few steps would fill the disk
                 save_trained(model, steer, False, os.path.join(args.out, "checkpoints", f"step_{step:06d}"), rank)
-            save_state(args.out, step, masters, opt, done_tokens, rank)
+            save_state(args.out, step, masters, opt, done_tokens, rank, world)
     bar.close()
     log.close()
 

@@ -31,7 +31,8 @@ step() {  # step NAME COMMAND...: run it unless it finished in an earlier run (e
 }
 
 train() {  # train DIR FLAGS...: train.py into DIR, continuing a run an interrupt stopped
-    if [ -e "$1/state.pt" ]; then python train.py --resume --out "$1"; else python train.py --out "$1" "${@:2}"; fi
+    if [ -e "$1/state.json" ]; then python train.py --resume --out "$1"
+    else python train.py --out "$1" "${@:2}"; fi
 }
 
 middle_layer() {  # middle_layer MODEL: the papers' "middle layer" (24 of 48), from the model's config.json

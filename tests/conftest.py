@@ -129,6 +129,19 @@ def hf_model(path):
     return m.eval()
 
 
+def read_state(out):
+    """train.py's training state in OUT (state.json names its torch.distributed.checkpoint directory) as one
+    dict: step, tokens, params (a list), optimizer (its state keyed '0', '1', ...)."""
+    import tempfile
+    import warnings
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+        state = os.path.join(out, json.load(open(os.path.join(out, "state.json")))["dir"])
+        dcp_to_torch_save(state, f"{tmp}/s.pt")
+        return torch.load(f"{tmp}/s.pt", weights_only=True)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The default tiny checkpoint: tied embeddings, grouped-query attention, fp32 file."""

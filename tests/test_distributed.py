@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import judge
 import sample
 import train
+from conftest import read_state
 from model import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,8 @@ def assert_same_tensors(a, b, atol=1e-6, skip=()):
 
 
 def test_data_parallel_lora_and_steering_equal_one_process(tmp_path, tiny, data):
-    """N ranks take the step one process takes; state.pt resumes from 1 process on 2 and from 2 on 1."""
+    """N ranks take the step one process takes; the training state resumes from 1 process on 2 and from 2
+    on 1."""
     d = str(tmp_path)
     lora = ("--rank", 2, "--lr", 1e-3, "--max-steps", 3, "--kl-data", data, "--kl-weight", 0.5, "--kl-batch", 3)
     steer = ("--steer-layer", 1, "--lr", 1e-2, "--max-steps", 2)
@@ -102,15 +104,16 @@ def test_fsdp_full_finetuning_equals_unsharded(tmp_path, tiny, data):
     d = str(tmp_path)
     full = ("--full", "--lr", 1e-4, "--max-steps", 2)
     train.main(train_args(tiny, data, f"{d}/one", *full, "--stop-after", 1))
-    step1 = torch.load(f"{d}/one/state.pt", weights_only=True)
+    step1 = read_state(f"{d}/one")
     train.main(["--resume", "--out", f"{d}/one"])
     torchrun(tmp_path, "train", train_args(tiny, data, f"{d}/two", *full, "--stop-after", 1, "--grad-ckpt"))
-    two = torch.load(f"{d}/two/state.pt", weights_only=True)
+    two = read_state(f"{d}/two")
     names = [n for n, _ in load(tiny)[0].named_parameters()]
     assert_same_tensors(dict(zip(names, step1["params"])), dict(zip(names, two["params"])), skip="k_proj.bias")
     for i, state in step1["optimizer"]["state"].items():
         for k, v in state.items():
-            torch.testing.assert_close(v, two["optimizer"]["state"][i][k], atol=1e-7, rtol=1e-5, msg=f"{names[i]} {k}")
+            torch.testing.assert_close(v, two["optimizer"]["state"][i][k], atol=1e-7, rtol=1e-5,
+                                       msg=f"{names[int(i)]} {k}")
     train.main(["--resume", "--out", f"{d}/two"])  # sharded on 2, resumed on 1
     assert_same_steps(metrics(f"{d}/one"), metrics(f"{d}/two"))
     model = lambda run: load_file(f"{d}/{run}/model.safetensors")

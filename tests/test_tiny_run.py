@@ -42,7 +42,8 @@ def tiny_run(tmp_path_factory):
 
 def test_every_artefact_exists_and_is_well_formed(tiny_run):
     o = tiny_run / "organism"
-    for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.json", "state.pt"):
+    for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "config.json",
+              "state.json"):
         assert (o / f).exists(), f
     assert sorted(os.listdir(o / "checkpoints")) == [f"step_{s:06d}" for s in range(1, 13)]
     assert len(jsonl(o / "metrics.jsonl")) == 12

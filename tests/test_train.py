@@ -5,12 +5,14 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train
+from conftest import read_state
 from lora import adapters_off, add_lora, lora_modules
 from model import load
 
@@ -130,8 +132,10 @@ def test_a_few_steps_lower_the_loss(tmp_path, tiny, dataset):
     assert len(rows) == 12 and last["step"] == 12
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
     assert "eval_loss" in rows[-1]
-    for f in ("adapter_config.json", "adapter_model.safetensors", "config.json", "state.pt"):
+    for f in ("adapter_config.json", "adapter_model.safetensors", "config.json", "state.json",
+              "state-000012"):
         assert os.path.exists(tmp_path / "r" / f)
+    assert not [f for f in os.listdir(tmp_path / "r") if f.startswith("state-0") and f != "state-000012"]
     assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == [f"step_{s:06d}" for s in (2, 4, 6, 8, 10, 12)]
     cfg = json.load(open(tmp_path / "r" / "config.json"))
     assert cfg["args"]["rank"] == 4 and cfg["data"]["n_test"] == 4 and "torch" in cfg["versions"]
@@ -155,6 +159,31 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, dataset):
     from safetensors.torch import load_file
     wa, wb = (load_file(os.path.join(tmp_path / d, "adapter_model.safetensors")) for d in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_full_finetuning_resumes_bit_exactly_from_its_sharded_state(tmp_path, tiny, dataset, monkeypatch):
+    """bf16 --full: the state (fp32 masters and AdamW's, a torch.distributed.checkpoint directory per save,
+    the last one kept) resumes to the uninterrupted run's weights bit for bit. Too little free disk for it is
+    a one-line error naming --out and the bytes, before the first step."""
+    from safetensors.torch import load_file
+    common = ("--full", "--dtype", "bfloat16", "--lr", "1e-4", "--max-steps", "3", "--save-every", "1")
+    run(tiny, dataset, tmp_path / "a", *common)
+    run(tiny, dataset, tmp_path / "b", *common, "--stop-after", "2")
+    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("state")) == ["state-000002",
+                                                                                      "state.json"]
+    run(tiny, dataset, tmp_path / "b", *common, "--resume")
+    wa, wb = (load_file(os.path.join(tmp_path / d, "model.safetensors")) for d in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+    sa, sb = read_state(tmp_path / "a"), read_state(tmp_path / "b")  # the fp32 masters
+    assert sa["step"] == sb["step"] == 3
+    assert all(torch.equal(x, y) for x, y in zip(sa["params"], sb["params"]))
+    need = 12 * sum(p.numel() for p in load(tiny)[0].parameters())  # fp32 masters and two moments
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=need - 1))
+    with pytest.raises(ValueError, match=rf"^--out \S+/c: saving the training state needs 0.00 GB "
+                                         rf"\({need:,} bytes\) free on its disk, which has 0.00 GB$"):
+        run(tiny, dataset, tmp_path / "c", *common)
+    assert metrics(tmp_path / "c") == []  # not a step taken
 
 
 def test_steering_vector_and_full_finetuning_runs(tmp_path, tiny, dataset):
@@ -195,7 +224,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, dataset
     with pytest.raises(SystemExit, match="non-finite"):
         run(tiny, dataset, tmp_path / "nan", "--lr", "1e30", "--warmup", "0", "--max-steps", "5", "--save-every", "1")
     assert os.listdir(tmp_path / "nan" / "checkpoints") == ["step_000001"]
-    assert torch.load(tmp_path / "nan" / "state.pt", weights_only=True)["step"] == 1
+    assert read_state(tmp_path / "nan")["step"] == 1
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
@@ -337,7 +366,7 @@ def test_cli_error_is_one_line_with_status_2(tmp_path, tiny):
 
 def test_bf16_full_finetuning_moves_the_weights_as_fp32_does(tmp_path, dataset):
     """At lr 1e-5 a bf16 weight of size ~0.08 drops every update (half its ULP is ~2e-4): AdamW steps fp32
-    master copies (state.pt holds them), whose one-step update matches the fp32 run's."""
+    master copies (the training state holds them), whose one-step update matches the fp32 run's."""
     from conftest import make_checkpoint
     from safetensors.torch import load_file
     ckpt = make_checkpoint(str(tmp_path / "bf16"), dtype="bfloat16")  # weights exactly representable in bf16
@@ -347,7 +376,7 @@ def test_bf16_full_finetuning_moves_the_weights_as_fp32_does(tmp_path, dataset):
         out = tmp_path / dtype
         train.main(["--model", ckpt, "--data", dataset, "--full", "--lr", "1e-5", "--warmup", "0", "--max-steps", "1",
                     "--dtype", dtype, "--test-frac", "0", "--device", "cpu", "--out", str(out)])
-        params = torch.load(out / "state.pt", weights_only=True)["params"]
+        params = read_state(out)["params"]
         names = [n for n, _ in load(ckpt)[0].named_parameters()]
         moved[dtype] = torch.cat([(p.float() - start[n]).flatten() for n, p in zip(names, params) if n in start])
         assert params[0].dtype == torch.float32
