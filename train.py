@@ -458,6 +458,60 @@ def trainable(model, args, world):
         shard(model, keep_whole=None if args.full else set(trained()))
     return steer, trained()  # --full under FSDP: the shards, which replaced the parameters
 
+def memory_plan(model, params, masters, max_len, grad_layers, kl):
+    """Bytes per rank at a step's peak: weights (FSDP: this rank's shards and two gathered blocks), `trained`
+    (fp32 gradients, fp32 masters where weights are bf16, AdamW's moments), activations of a row of max_len
+    tokens through `grad_layers` blocks that backward goes through, without and with --grad-ckpt, and the loss
+    head's logits (LOSS_CHUNK tokens at a time). Per token a block keeps for backward its norms' inputs and
+    outputs (4d), q, the attention's output before and after unpacking, k and v (3q + 2kv), the MLP's gate,
+    up, silu and product (4I); for --full also the norms' unweighted outputs (2d)."""
+    from torch.distributed.tensor import DTensor
+    cfg, s, T = model.config, model.lm_head.weight.element_size(), max_len
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    gathered = 2 * max(sum(p.numel() for p in b.parameters()) for b in model.model.layers) * s
+    sharded = isinstance(model.lm_head.weight, DTensor)
+    weights = sum(local(p).nbytes for p in model.parameters()) + gathered * sharded
+    trained = sum(local(m).numel() * (12 if m is p else 16 + s) for p, m in zip(params, masters))
+    d, I, q, kv = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim,
+                   cfg.num_key_value_heads * cfg.head_dim)
+    full = model.model.embed_tokens.weight.requires_grad  # norm weights train too: their inputs are kept
+    block = T * (4 * d + 3 * q + 2 * kv + 4 * I + 2 * d * full) * s  # what a block saves for backward
+    head = T * 2 * d * s  # the final norm's input, the head's gradient in h
+    activations = (grad_layers * block + head, grad_layers * T * d * s + head + block)  # --grad-ckpt: inputs
+    V = cfg.vocab_size
+    logits = min(LOSS_CHUNK, T) * V * (2 * s + 4 + (s + 16) * kl) + V * d * 4 * full  # full: fp32 head grad
+    return dict(weights=weights, trained=trained, activations=activations, logits=logits)
+
+def fit_memory(plan, have, grad_ckpt, device, max_len):
+    """Print the plan against the memory there is (`have` bytes, None: unknown); True if --grad-ckpt is needed
+    (turned on, and said) or asked for; a one-line error when it does not fit even so."""
+    need = lambda ckpt: plan["weights"] + plan["trained"] + plan["activations"][ckpt] + plan["logits"]
+    ckpt = grad_ckpt or (have is not None and need(False) > have)
+    gb = lambda b: f"{b / 1e9:.2f}"
+    print_table([f"memory plan, {device}", "GB"], [
+        ["weights", gb(plan["weights"])], ["trained: gradients, fp32 masters, AdamW", gb(plan["trained"])],
+        [f"activations, a row of {max_len} tokens" + " (--grad-ckpt)" * ckpt, gb(plan["activations"][ckpt])],
+        ["logits of the loss head", gb(plan["logits"])], ["total", gb(need(ckpt))],
+        ["free for this run", "-" if have is None else gb(have)]])
+    if have is not None and need(ckpt) > have:
+        raise ValueError(f"--max-len {max_len}: the memory plan needs {gb(need(ckpt))} GB with --grad-ckpt, "
+                         f"and {device} has {gb(have)} GB; lower --max-len, or shard it (torchrun --fsdp)")
+    if ckpt and not grad_ckpt:
+        print(f"note: without --grad-ckpt the plan needs {gb(need(False))} GB: turned --grad-ckpt on")
+    return ckpt
+
+def available_memory(device, weights):
+    """Bytes this run can hold on device: CUDA's free memory and what it holds; the OS's available memory
+    and the weights on the CPU (Linux; else None)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return weights + free
+    except (OSError, StopIteration):
+        return None
+
 def start(args, model, n_params, sizes, steps_per_epoch, total):
     write_json(os.path.join(args.out, "config.json"), {
         "args": resolved(args), "model_config": vars(model.config), "data": sizes, "trainable_params": n_params,
@@ -517,7 +571,6 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the same initial adapter on every rank
     model, _ = load(args.model, args.device, args.dtype)
-    model.checkpointing = args.grad_ckpt
     steer, params = trainable(model, args, world)
     masters = fp32_masters(params)
     opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=args.weight_decay, fused=torch.device(args.device).type == "cuda")
@@ -527,6 +580,12 @@ def main(argv=None):
     if rank == 0 and not args.resume:
         start(args, model, n_params, sizes, steps_per_epoch, total)
     check_free_disk(args.out, state_bytes(masters))  # now, not after the first --save-every steps
+    blocks = model.model.layers  # from the first block backward goes through, activations are kept
+    first = args.steer_layer + 1 if steer is not None else next(
+        (i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())), len(blocks))
+    plan = memory_plan(model, params, masters, args.max_len, len(blocks) - first, bool(kl_ex))
+    have = available_memory(args.device, plan["weights"])
+    model.checkpointing = fit_memory(plan, have, args.grad_ckpt, args.device, args.max_len)
 
     model.train()
     test_rows = rank_rows(test_ex, args.max_len, rank, world)

@@ -459,3 +459,75 @@ def test_packed_rows_never_wait_for_the_device(tiny):
         loss.backward()
         train.kl_sum(model, model.hidden, train.pack([(ids, [1] * len(ids)) for ids, _ in convs], 4096)[0]).backward()
     assert loss.device.type == "meta" and n > 0
+
+
+@pytest.fixture(scope="module")
+def wider(tmp_path_factory):
+    """hidden 128, intermediate 352, 4 layers: blocks outweigh the rest, as in real models."""
+    from conftest import make_checkpoint
+    return make_checkpoint(str(tmp_path_factory.mktemp("wider")), hidden=128, intermediate=352, layers=4)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["", "grad-ckpt"])
+def test_memory_plan_counts_what_a_tiny_model_holds(wider, full, ckpt):
+    """train.memory_plan against real sizes (torch.profiler's allocator events): the weights and what trains
+    (gradients, AdamW's moments) exactly; without --grad-ckpt, what one row's forward keeps for backward
+    within 10%; a row's peak over forward and backward below the plan's, and not far below."""
+    from cuda_emulation import allocated
+    model, _ = load(wider)
+    if full:
+        model.requires_grad_(True)
+    else:
+        add_lora(model, r=2, alpha=16)
+    model.checkpointing = ckpt
+    params = [p for p in model.parameters() if p.requires_grad]
+    T, V, C = 300, model.config.vocab_size, model.config.hidden_size
+    plan = train.memory_plan(model, params, params, T, model.config.num_hidden_layers, kl=False)
+    assert plan["weights"] == sum(p.nbytes for p in model.parameters())
+    row = (torch.randint(5, 400, (T,), generator=torch.Generator().manual_seed(0)), torch.arange(T),
+           torch.ones(T, dtype=torch.bool))
+    (loss, _), _, held = allocated(lambda: train.sft_loss_sum(model, model.hidden, row))
+    if not ckpt:  # --full's head keeps its fp32 weight gradient (counted with the logits)
+        assert abs(held / (plan["activations"][0] + full * V * C * 4) - 1) < 0.1
+    _, peak, _ = allocated(lambda: train.accumulate_grads(model, model.hidden, [row], [], 0.0))
+    grads = sum(p.grad.nbytes for p in params)
+    assert 0.6 < peak / (plan["activations"][ckpt] + plan["logits"] + grads) <= 1
+    opt = torch.optim.AdamW(params)
+    opt.step()
+    state = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert plan["trained"] == grads + state
+
+
+def test_memory_plan_counts_the_fp32_masters_of_bf16_weights(wider):
+    model, _ = load(wider, dtype=torch.bfloat16)
+    params = list(model.requires_grad_(True).parameters())
+    masters = train.fp32_masters(params)
+    plan = train.memory_plan(model, params, masters, 8, 4, kl=False)
+    for p in params:
+        p.grad = torch.ones_like(p)  # a row's bf16 gradients, until fold_grads frees them
+    row = sum(p.grad.nbytes for p in params)
+    train.fold_grads(params, masters)
+    opt = torch.optim.AdamW(masters)
+    opt.step()
+    state = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert plan["trained"] == row + sum(m.nbytes + m.grad.nbytes for m in masters) + state
+
+
+def test_memory_plan_turns_grad_ckpt_on_or_stops(capsys):
+    plan = dict(weights=60e9, trained=3e9, activations=(39e9, 2e9), logits=1e9)
+    assert train.fit_memory(plan, 80e9, False, "cuda:0", 2048) is True
+    out = capsys.readouterr().out
+    assert "weights" in out and "activations, a row of 2048 tokens (--grad-ckpt)" in out
+    assert "without --grad-ckpt the plan needs 103.00 GB: turned --grad-ckpt on" in out
+    assert train.fit_memory(plan, 110e9, False, "cuda:0", 2048) is False
+    with pytest.raises(ValueError, match=r"^--max-len 2048: the memory plan needs 66.00 GB with --grad-ckpt, "
+                                         r"and cuda:0 has 60.00 GB; lower --max-len, or shard it "
+                                         r"\(torchrun --fsdp\)$"):
+        train.fit_memory(plan, 60e9, False, "cuda:0", 2048)
+
+
+def test_memory_plan_is_printed_before_the_first_step(tmp_path, tiny, dataset, capsys):
+    run(tiny, dataset, tmp_path / "r", "--max-steps", "1")
+    out = capsys.readouterr().out
+    assert out.index("memory plan, cpu") < out.index("training ") and "free for this run" in out
