@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA checks in one command on a GPU machine with CUDA torch: correctness first, then the speeds.
-#   1. setup    installs only the missing test requirements, torch held at the installed version
-#               (wheels in .whl/ are installed first, for machines without network); never torch
+#   1. setup    checks that the test requirements import and says which do not (no pip: the machine may
+#               have no network; wheels carried in .whl/ are installed, offline); never torch
 #   2. graph    the CUDA-graph test whose batch shrinks and is captured again, first, in a process of
 #               its own: only a process's first capture showed torch 2.11's graph-pool assert
 #   3. tests    the rest of tests/test_cuda.py: bf16 vs fp32, packed attention, graph decode, train step
-#   4. bench    bench.py --device cuda, random weights (no downloads), ours beside transformers+PEFT
-#               and HF generate: 0.5B (sampling 400 x 600 tokens, training), 7B (training), and 7B
-#               with 64 conversations per step (ours only)
+#   4. bench    bench.py --device cuda, random weights (no downloads), ours beside transformers+PEFT and
+#               HF generate, each part in a process of its own (one failure cannot lose another's figures):
+#               0.5B training, then 0.5B sampling (400 x 600 tokens), 7B training, and 7B with 64
+#               conversations per step (ours only)
 # then one JSON with every figure, the goals met or not, and a summary table. A failed phase is
 # recorded and the next one runs all the same; the exit status is 1 if any phase failed. Every result
 # lands in $OUT as it is made (bench.py rewrites its JSON after each part), so a run cut short at the
@@ -16,9 +17,10 @@
 #   bash runs/gpu_check.sh                 # writes $OUT/gpu_check.log and $OUT/gpu_check.json
 #   GPU_CHECK_QUICK=1 bash runs/gpu_check.sh   # the same logic on the CPU, tiny shapes (tests/test_bench.py)
 #
-# Budget, under 8 minutes in all even when every phase hangs: the limits (SIGTERM, SIGKILL 5 s later)
-# are setup 45 s, graph 40, tests 60, bench 0.5B 150 (~2 min expected), 7B 100 (~1 min), 7B x 64
-# conversations 50 (~40 s): 445 s, 475 with the kills.
+# Budget, under 9 minutes in all even when every phase hangs: each limit (SIGTERM, SIGKILL 5 s later) is
+# the phase's work plus START = 20 s for python, the imports and CUDA's start: setup 10 + 20 s, graph
+# 25 + 20, tests 50 + 20, bench 0.5B training 45 + 20, 0.5B sampling 100 + 20, 7B 80 + 20, 7B x 64
+# conversations 40 + 20: 490 s, 525 with the kills. (The work figures are estimates: no GPU has run them.)
 #
 # With this workplace's device tool: run(command="bash runs/gpu_check.sh", timeout_s=600). Its image
 # has python3 with CUDA torch, transformers, peft and pytest, and no network, so nothing needs
@@ -26,7 +28,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION
-# and add carry=[".whl"] to the run call. Elsewhere (pip reaches PyPI) the script installs by itself.
+# and add carry=[".whl"] to the run call.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -60,13 +62,10 @@ setup() {
     if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels: the way in without network
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     fi
-    local missing torch_version
+    local missing
     missing=$(missing_packages)
-    if [ -n "$missing" ]; then  # not requirements-test.txt: it asks for a newer torch than the machine's
-        torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
-        echo "missing: $missing; installing them with torch held at $torch_version"
-        "$PY" -m pip install -q --retries 1 --timeout 20 $missing --constraint <(echo "torch==$torch_version") \
-            || echo "setup: could not install $missing; only the phases that need them will fail"
+    if [ -n "$missing" ]; then  # no pip install: without network it only waits for its time-outs
+        echo "setup: missing $missing (carry their wheels in .whl/, above); phases that need them will fail"
     fi
     "$PY" -c 'import sys, importlib.metadata as m
 print("python", sys.version.split()[0], *(f"{p} {m.version(p)}" for p in ("torch", "transformers", "peft", "pytest")))'
@@ -86,13 +85,19 @@ else
     BENCH=(--device cuda); SMALL=0.5b; LARGE=7b; BIG=64
 fi
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py)
-phase setup 45 bash "$SELF" --setup
+START=20  # seconds of each limit for python, the imports and CUDA's start, before the phase's work
+phase setup $((START + 10)) bash "$SELF" --setup
 if [ "$(tail -1 "$OUT/phases" | cut -d' ' -f2)" = 0 ]; then
-    phase graph 40 "${PYTEST[@]}" -k recapture --junitxml "$OUT/tests_graph.xml"
-    phase tests 60 "${PYTEST[@]}" -k "not recapture" --junitxml "$OUT/tests.xml"
-    phase bench_0.5b 150 "$PY" bench.py "${BENCH[@]}" --shape "$SMALL" --json "$OUT/bench_0.5b.json"
-    phase bench_7b 100 "$PY" bench.py "${BENCH[@]}" --shape "$LARGE" --skip sample --json "$OUT/bench_7b.json"
-    phase bench_7b_64 50 "$PY" bench.py "${BENCH[@]}" --shape "$LARGE" --skip sample,ref --convs "$BIG" --json "$OUT/bench_7b_64.json"
+    phase graph $((START + 25)) "${PYTEST[@]}" -k recapture --junitxml "$OUT/tests_graph.xml"
+    phase tests $((START + 50)) "${PYTEST[@]}" -k "not recapture" --junitxml "$OUT/tests.xml"
+    phase bench_0.5b_train $((START + 45)) "$PY" bench.py "${BENCH[@]}" --shape "$SMALL" --skip sample \
+        --json "$OUT/bench_0.5b_train.json"
+    phase bench_0.5b_sample $((START + 100)) "$PY" bench.py "${BENCH[@]}" --shape "$SMALL" --skip train \
+        --json "$OUT/bench_0.5b_sample.json"
+    phase bench_7b $((START + 80)) "$PY" bench.py "${BENCH[@]}" --shape "$LARGE" --skip sample \
+        --json "$OUT/bench_7b.json"
+    phase bench_7b_64 $((START + 40)) "$PY" bench.py "${BENCH[@]}" --shape "$LARGE" --skip sample,ref \
+        --convs "$BIG" --json "$OUT/bench_7b_64.json"
 fi
 
 # one JSON with every figure and the goals; a summary table last (the device tool returns the tail)
@@ -105,10 +110,11 @@ for line in open(os.path.join(work, "phases")):
     name, rc, s = line.split()
     phases[name] = {"exit": int(rc), "seconds": int(s)}
 res = {"quick": quick, "phases": phases, "bench": {}}
-for name in ("0.5b", "7b", "7b_64"):
+for name in ("0.5b_train", "0.5b_sample", "7b", "7b_64"):  # the 0.5B parts, run apart, in one entry
     f = os.path.join(work, f"bench_{name}.json")
     if os.path.exists(f):
-        res["bench"][name] = json.load(open(f))
+        part = name.replace("_train", "").replace("_sample", "")
+        res["bench"].setdefault(part, {}).update(json.load(open(f)))
 for xml in ("tests_graph.xml", "tests.xml"):  # the two test phases, summed
     if os.path.exists(os.path.join(work, xml)):
         s = ET.parse(os.path.join(work, xml)).getroot()
@@ -135,7 +141,8 @@ os.replace(tmp, path)
 g = lambda b, k, fmt: format(b[k], fmt) if k in b else "-"
 print(f"\n== gpu_check summary: {res.get('gpu', '?')}, torch {res.get('torch', '?')}, {res.get('date', '?')}")
 for name, p in phases.items():
-    print(f"  {name:12} {'ok' if p['exit'] == 0 else 'FAILED (exit %d)' % p['exit']:16} {p['seconds']:4d} s")
+    status = 'ok' if p['exit'] == 0 else 'FAILED (exit %d)' % p['exit']
+    print(f"  {name:17} {status:16} {p['seconds']:4d} s")
 if "tests" in res:
     t = res["tests"]
     print(f"  tests: {t['tests']} run, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"

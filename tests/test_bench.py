@@ -3,6 +3,7 @@ GPU run reports is written, with sane values; the engines stop at the same force
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,8 +76,10 @@ def test_gpu_check_quick_runs_every_phase_and_writes_one_json(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "gpu_check summary" in res.stdout and (tmp_path / "gpu_check.log").read_text().endswith(res.stdout[-200:])
     out = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(out["phases"]) == ["setup", "graph", "tests", "bench_0.5b", "bench_7b", "bench_7b_64"]
-    assert {"bench_0.5b.json", "bench_7b.json", "tests_graph.xml", "tests.xml"} <= set(os.listdir(tmp_path))  # kept
+    assert list(out["phases"]) == ["setup", "graph", "tests", "bench_0.5b_train", "bench_0.5b_sample",
+                                   "bench_7b", "bench_7b_64"]  # 0.5B training first, sampling apart
+    assert {"bench_0.5b_train.json", "bench_0.5b_sample.json", "bench_7b.json", "tests_graph.xml",
+            "tests.xml"} <= set(os.listdir(tmp_path))  # kept
     assert all(p["exit"] == 0 for p in out["phases"].values())
     assert out["tests"]["tests"] == out["tests"]["skipped"] > 0 and out["tests"]["failed"] == []  # no CUDA here
     small, large, big = out["bench"]["0.5b"], out["bench"]["7b"], out["bench"]["7b_64"]
@@ -90,3 +93,17 @@ def test_gpu_check_quick_runs_every_phase_and_writes_one_json(tmp_path):
     assert not [k for b in (small, large, big) for k in b if k.endswith(("_mfu", "peak_gb"))]  # a CPU: no peak known
     assert out["goals"]["train 7b MFU >= 35%"] == {"value": None, "met": None}
     assert [g["met"] in (True, False) for g in out["goals"].values()] == [True, False, True, True]
+
+
+def test_gpu_check_setup_never_runs_pip_and_names_what_is_missing(tmp_path):
+    """A lent GPU machine has no network: setup says which requirements do not import, and runs no pip
+    (which would only wait out its time-outs). Here a python that reports peft missing, and logs its calls."""
+    calls, fake = tmp_path / "calls", tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\necho "$*" >> {calls}\nif [ "$1" = - ]; then echo peft; exit 0; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    res = subprocess.run(["bash", os.path.join(ROOT, "runs", "gpu_check.sh"), "--setup"], cwd=ROOT,
+                         env=dict(os.environ, GPU_CHECK_QUICK="1", OUT=str(tmp_path), PYTHON=str(fake)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "setup: missing peft" in res.stdout, res.stdout + res.stderr
+    assert "pip" not in calls.read_text()
