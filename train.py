@@ -269,7 +269,8 @@ def kl_sum(model, hidden, row, hook=None, h_base=None):
     h_base = base_hidden(model, hidden, row) if h_base is None else h_base
     return head_loss(_kl, row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook), model.lm_head.weight, h_base)
 
-def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None, fold=None):
+def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None,
+                     fold=lambda: None):
     """Backward of one step: SFT loss + kl_weight x KL, per token of the step (n_loss, n_kl); (loss, kl), one
     sync. fold() runs after each row's backward (train_step: fold_grads)."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
@@ -279,14 +280,12 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=
         ls, _ = sft_loss_sum(model, hidden, r, hook)
         (ls / n_loss).backward()
         loss += ls.detach()
-        if fold:
-            fold()
+        fold()
     for r in kl_rows:
         ks = kl_sum(model, hidden, r, hook)
         (kl_weight * ks / n_kl).backward()
         kl += ks.detach()
-        if fold:
-            fold()
+        fold()
     return float(loss) / max(n_loss, 1), float(kl) / max(n_kl, 1)
 
 # -----------------------------------------------------------------------------
@@ -373,21 +372,16 @@ def save_trained(model, steer, full, path, rank=0):
     elif rank == 0:
         save_adapter(model, path)
 
-def state_bytes(masters):
-    """Bytes of a training state on disk: the fp32 masters and AdamW's two moments (all ranks' shards)."""
-    return 3 * 4 * sum(m.numel() for m in masters)
-
 def distributed_checkpoint(call, state, path, world):
-    """torch.distributed.checkpoint's save or load of `state` (in place), each rank its shards; in one
-    process without its warning that it assumes one process."""
+    """torch.distributed.checkpoint's save or load (in place), each rank its shards; one process unwarned."""
     import torch.distributed.checkpoint as dcp
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         getattr(dcp, call)(state, checkpoint_id=path, no_dist=world == 1)
 
-def check_free_disk(out, need):
-    """A one-line error naming --out when its disk has less than `need` bytes free."""
-    path = out
+def check_free_disk(out, masters):
+    """A one-line error naming --out when its disk cannot hold a training state (fp32 masters, 2 moments)."""
+    need, path = 12 * sum(m.numel() for m in masters), out  # every rank's shards
     while not os.path.exists(path):  # not made yet: its parent's disk
         path = os.path.dirname(os.path.abspath(path))
     if (free := shutil.disk_usage(path).free) < need:
@@ -395,10 +389,9 @@ def check_free_disk(out, need):
                          f"free on its disk, which has {free / 1e9:.2f} GB")
 
 def save_state(out, step, masters, opt, done_tokens, rank, world):
-    """OUT/state-STEP/: the fp32 parameters and AdamW's state, each rank writing its own shards (PyTorch's
-    distributed checkpoint), to resume on any number of ranks. OUT/state.json names it once it is whole; then
-    the one before is deleted: a crash leaves the last whole state."""
-    check_free_disk(out, state_bytes(masters))
+    """OUT/state-STEP/: the fp32 parameters and AdamW's state, each rank writing its shards, to resume on any
+    number of ranks; state.json names it once whole, then the one before goes (a crash keeps a whole one)."""
+    check_free_disk(out, masters)
     path = os.path.join(out, f"state-{step:06d}")
     state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": opt.state_dict()}
     distributed_checkpoint("save", state, path, world)  # rank 0 returns once every shard is written
@@ -409,8 +402,7 @@ def save_state(out, step, masters, opt, done_tokens, rank, world):
                 shutil.rmtree(old)
 
 def resume(out, params, masters, opt, rank, world):
-    """Load OUT's training state into each rank's shards, drop the metrics logged after it: (step, tokens,
-    seconds so far)."""
+    """Load OUT's state into each rank's shards, drop the metrics logged after it: (step, tokens, seconds)."""
     for m in masters:  # AdamW's state made by a step of lr 0 (no change), for the checkpoint to load into
         m.grad = torch.zeros_like(m)
     for g in opt.param_groups:
@@ -459,12 +451,9 @@ def trainable(model, args, world):
     return steer, trained()  # --full under FSDP: the shards, which replaced the parameters
 
 def memory_plan(model, params, masters, max_len, grad_layers, kl):
-    """Bytes per rank at a step's peak: weights (FSDP: this rank's shards and two gathered blocks), `trained`
-    (fp32 gradients, fp32 masters where weights are bf16, AdamW's moments), activations of a row of max_len
-    tokens through `grad_layers` blocks that backward goes through, without and with --grad-ckpt, and the loss
-    head's logits (LOSS_CHUNK tokens at a time). Per token a block keeps for backward its norms' inputs and
-    outputs (4d), q, the attention's output before and after unpacking, k and v (3q + 2kv), the MLP's gate,
-    up, silu and product (4I); for --full also the norms' unweighted outputs (2d)."""
+    """Bytes per rank at a step's peak: weights (FSDP: this rank's shards, 2 blocks gathered), `trained`
+    (fp32 gradients and masters, AdamW's moments), a row's activations through the `grad_layers` blocks
+    backward goes through, without and with --grad-ckpt, and the loss head's logits."""
     from torch.distributed.tensor import DTensor
     cfg, s, T = model.config, model.lm_head.weight.element_size(), max_len
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
@@ -475,7 +464,9 @@ def memory_plan(model, params, masters, max_len, grad_layers, kl):
     d, I, q, kv = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim,
                    cfg.num_key_value_heads * cfg.head_dim)
     full = model.model.embed_tokens.weight.requires_grad  # norm weights train too: their inputs are kept
-    block = T * (4 * d + 3 * q + 2 * kv + 4 * I + 2 * d * full) * s  # what a block saves for backward
+    # per token a block keeps its norms' inputs and outputs, q, k, v, the attention's output packed and not,
+    # the MLP's gate, up, silu and product (--full: the norms' unweighted outputs too)
+    block = T * (4 * d + 3 * q + 2 * kv + 4 * I + 2 * d * full) * s
     head = T * 2 * d * s  # the final norm's input, the head's gradient in h
     activations = (grad_layers * block + head, grad_layers * T * d * s + head + block)  # --grad-ckpt: inputs
     V = cfg.vocab_size
@@ -483,8 +474,8 @@ def memory_plan(model, params, masters, max_len, grad_layers, kl):
     return dict(weights=weights, trained=trained, activations=activations, logits=logits)
 
 def fit_memory(plan, have, grad_ckpt, device, max_len):
-    """Print the plan against the memory there is (`have` bytes, None: unknown); True if --grad-ckpt is needed
-    (turned on, and said) or asked for; a one-line error when it does not fit even so."""
+    """Print the plan against `have` bytes (None: unknown); whether to checkpoint: --grad-ckpt, or when only
+    that fits (said); a one-line error when nothing fits."""
     need = lambda ckpt: plan["weights"] + plan["trained"] + plan["activations"][ckpt] + plan["logits"]
     ckpt = grad_ckpt or (have is not None and need(False) > have)
     gb = lambda b: f"{b / 1e9:.2f}"
@@ -499,18 +490,6 @@ def fit_memory(plan, have, grad_ckpt, device, max_len):
     if ckpt and not grad_ckpt:
         print(f"note: without --grad-ckpt the plan needs {gb(need(False))} GB: turned --grad-ckpt on")
     return ckpt
-
-def available_memory(device, weights):
-    """Bytes this run can hold on device: CUDA's free memory and what it holds; the OS's available memory
-    and the weights on the CPU (Linux; else None)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        return weights + free
-    except (OSError, StopIteration):
-        return None
 
 def start(args, model, n_params, sizes, steps_per_epoch, total):
     write_json(os.path.join(args.out, "config.json"), {
@@ -579,12 +558,13 @@ def main(argv=None):
                                   else (0, 0, 0.0))
     if rank == 0 and not args.resume:
         start(args, model, n_params, sizes, steps_per_epoch, total)
-    check_free_disk(args.out, state_bytes(masters))  # now, not after the first --save-every steps
+    check_free_disk(args.out, masters)  # now, not after the first --save-every steps
     blocks = model.model.layers  # from the first block backward goes through, activations are kept
     first = args.steer_layer + 1 if steer is not None else next(
         (i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())), len(blocks))
     plan = memory_plan(model, params, masters, args.max_len, len(blocks) - first, bool(kl_ex))
-    have = available_memory(args.device, plan["weights"])
+    dev = torch.device(args.device)  # the CPU's memory is not planned against
+    have = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     model.checkpointing = fit_memory(plan, have, args.grad_ckpt, args.device, args.max_len)
 
     model.train()

@@ -394,8 +394,8 @@ def test_bf16_gradients_of_a_step_are_summed_in_fp32(tiny):
     examples = [tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(16)]
     rows = [train.pack([e], len(e[0]))[0] for e in examples]  # a conversation per row
     n_loss = sum(sum(m[1:]) for _, m in examples)
-    step = lambda rows, fold=None: train.accumulate_grads(model, model.hidden, rows, [], 0.0, n_loss=n_loss,
-                                                          fold=fold)
+    step = lambda rows, fold=lambda: None: train.accumulate_grads(model, model.hidden, rows, [], 0.0,
+                                                                  n_loss=n_loss, fold=fold)
     exact = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for r in rows:
         step([r])
