@@ -286,10 +286,10 @@ class Stepper:
     def __call__(self):
         if self.graphs is None:
             return self.step()
-        if self.graph is not None:
-            return self.graph.replay()
         cuda = self.graphs
-        with cuda.device(self.device):
+        with cuda.device(self.device):  # a replay too: it launches on the current device's stream
+            if self.graph is not None:
+                return self.graph.replay()
             # this call's step runs for real on a side stream (capture needs warm kernels and library handles)
             side = cuda.Stream()
             side.wait_stream(cuda.current_stream())

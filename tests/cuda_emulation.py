@@ -13,8 +13,9 @@
   `.tolist()`, `.cpu()`, `.numpy()`, `torch.tensor(data)` (a host-to-device copy), and ops whose output size
   depends on values (`nonzero`, a boolean index, `masked_select`, `unique`).
 
-It cannot see what depends on the GPU itself: kernel timing and stream races, cuBLAS/cuDNN workspaces and
-their allocation in a graph's pool, the caching allocator reusing a freed block inside a capture, NCCL.
+It cannot see what depends on the GPU itself: kernel timing and stream races, which device and stream a
+call runs on, cuBLAS/cuDNN workspaces and their place in a graph's pool, the caching allocator reusing a
+freed block inside a capture, CUDA RNG offsets, NCCL.
 
 allocated(fn): the most CPU memory fn had allocated at once, from torch.profiler's memory events."""
 from contextlib import contextmanager, nullcontext

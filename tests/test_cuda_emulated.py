@@ -70,7 +70,7 @@ def stops_ending_rows_at(answers, ends):
 
 
 @pytest.mark.parametrize("kw, ends", [
-    (dict(temperature=0), [1, 1, 3, 3, 5, 5, 9, 9, 11, 11, None, None]),  # greedy: a prompt's two rows are alike
+    (dict(temperature=0), [1, 1, 3, 3, 5, 5, 9, 9, 11, 11, None, None]),  # greedy: a prompt's 2 rows alike
     (dict(top_k=20, repetition_penalty=1.1, seed=1), [0, 1, 2, 2, 3, 4, 9, 10, 11, 17, 18, None]),
 ], ids=["greedy", "top_k+penalty"])
 def test_graph_decoding_equals_eager_as_the_batch_shrinks(lively, kw, ends):
