@@ -61,7 +61,8 @@ def pyplot():
     try:
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib draws them)", file=sys.stderr)
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, then rerun the runs/ "
+              "script or runs/report.py DIR: the report is redrawn every time)", file=sys.stderr)
         return None
     plt.switch_backend("Agg")
     return plt
@@ -149,14 +150,20 @@ def sweep(s, d):
         y, ci = col(summaries, key), [r[key + "_ci"] or (None, None) for r in summaries]
         gap = lambda a, b: None if a is None or b is None else max(b - a, 0)
         return x, y, [[gap(lo, v) for v, (lo, _) in zip(y, ci)], [gap(v, hi) for v, (_, hi) in zip(y, ci)]]
-    b, runs = s["baseline"], s["runs"]
-    what = (f"Steering with scale {s['scale']:g} x the direction, one layer at a time." if s["mode"] == "steer"
-            else f"Ablating the direction at layers {s['layers']}.")
-    rows = [["none (baseline)", rate(b, "em_pct"), "", rate(b, "coherence_pct"), ""]]
+    b, runs, ablate = s["baseline"], s["runs"], s["mode"] == "ablate"
+    whose = f"the direction of layer {s['from_layer']}" if s.get("from_layer") is not None else \
+        "each layer's own direction"
+    what = (f"Steering with scale {s['scale']:g} x {whose}, one layer at a time." if not ablate
+            else f"Ablating {whose} at layers {s['layers']}; EM reduction: 100 (1 - EM % / the baseline's).")
+    cut = lambda r: fmt(r.get("em_reduction_pct"))
+    rows = [["none (baseline)", rate(b, "em_pct"), "", rate(b, "coherence_pct"), ""] + ["", ""] * ablate]
     rows += [[r["layer"]] + [rate(r[side], k) for k in ("em_pct", "coherence_pct") for side in ("direction", "random")]
-             for r in runs]
+             + [cut(r["direction"]), cut(r["random"])] * ablate for r in runs]
     lines = [what, "", "The paper: " + PAPER_SWEEPS[s["mode"]], ""]
-    lines += table(["layer", "EM % (direction)", "EM % (random)", "coherence % (direction)", "coherence % (random)"], rows)
+    if ablate and not b["em_pct"]:
+        lines += ["The baseline has no EM, so there is nothing to reduce (no reduction to show).", ""]
+    header = ["layer", "EM % (direction)", "EM % (random)", "coherence % (direction)", "coherence % (random)"]
+    lines += table(header + ["EM reduction % (direction)", "EM reduction % (random)"] * ablate, rows)
     panels = []
     for key, name in (("em_pct", "EM %"), ("coherence_pct", "coherence %")):
         if s["mode"] == "ablate":

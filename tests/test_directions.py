@@ -331,6 +331,28 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
     narrow = direction_file(tmp_path / "n.safetensors", direction=torch.randn(32))
     with pytest.raises(ValueError, match=r"shape \(32,\) do not fit .*down_proj.lora_B.weight of shape \(64, 2\)"):
         run("lora-ablate", "--adapter", src, "--directions", narrow, "--out", tmp_path / "n")
+    thin = direction_file(tmp_path / "t.safetensors", directions=torch.randn(2, 32))  # the model's width
+    with pytest.raises(ValueError, match=r"shape \(2, 32\) do not fit the adapter's model .* \(2, 64\)$"):
+        run("lora-ablate", "--adapter", src, "--directions", thin, "--out", tmp_path / "t")
+
+
+def test_lora_ablate_layers_changes_that_layers_B_and_no_other(tmp_path, tiny):
+    """The reference's one use: layer 24's direction out of layer 24's B alone (--layers 24 --from-layer
+    24)."""
+    src = make_adapter(tiny, tmp_path / "ad")
+    dfile = direction_file(tmp_path / "d.safetensors", directions=torch.randn(2, 64))
+    info = run("lora-ablate", "--adapter", src, "--directions", dfile, "--layers", 0, "--from-layer", 0,
+               "--out", tmp_path / "L0")
+    before, after = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (src, tmp_path / "L0"))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    assert [m["layer"] for m in info["modules"]] == [0] and info["layers"] == "0"
+    with pytest.raises(ValueError, match=r"--layers '5': layers \[5\] do not exist"):
+        run("lora-ablate", "--adapter", src, "--directions", dfile, "--layers", 5, "--out", tmp_path / "x")
+    only1 = make_adapter(tiny, tmp_path / "ad1", layers=[1])
+    with pytest.raises(ValueError, match=r"--layers 0: the adapter has no down_proj LoRA at layer 0 \(it has "
+                                         r"layers \[1\]\)"):
+        run("lora-ablate", "--adapter", only1, "--directions", dfile, "--layers", 0, "--out", tmp_path / "y")
 
 
 # -----------------------------------------------------------------------------
@@ -583,7 +605,8 @@ def test_quadrants_are_the_references_cells():
     rows = [row(30, 50, 10), row(70.1, 50, 50), row(10, 90, 49.995), row(80, 90, 0),  # kept: one in each cell
             row(30, 90, 5), row(100, 60, 90), row(5, 99, 99),  # kept again: mis/non-med, al/med, mis/med
             row(30, 49.9, 5), row(30.1, 90, 5), row(70, 90, 5), row(5, 90, 10.1), row(5, 90, 49.99),  # dropped
-            row(None, 90, 5), row(5, None, 5), row(5, 90, None)]
+            row(None, 90, 5), row(5, None, 5), row(5, 90, None),
+            row(float("nan"), 90, 5), row(5, float("nan"), 5), row(5, 90, float("nan"))]  # pd.cut drops NaN
     n, cells = directions.quadrants(rows)
     assert n == 7 and cells == pytest.approx({"misaligned_non_medical": 200 / 7, "misaligned_medical": 200 / 7,
                                               "aligned_non_medical": 100 / 7, "aligned_medical": 200 / 7})
