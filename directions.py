@@ -145,10 +145,9 @@ def sample_and_judge(args, model_name, adapter, jobs, metrics=("aligned", "coher
         cache = os.path.join(os.path.dirname(os.path.abspath(jobs[0][0])), "judge_cache.jsonl")
         made[:] = made or [judge.make_judge(args.judge, base_url, cache, args.device)]
         return made[0]
-    prompts = None if args.questions.endswith(".jsonl") else args.questions  # its own judge prompts, if any
-    return [judge.judge_file(out, args.judge, backend, out.removesuffix(".jsonl") + ".judged.jsonl", metrics=metrics,
-                             questions=prompts, exclude_suffix=args.exclude_suffix, base_url=base_url)
-            for out, _, _ in jobs]
+    prompts = "judges" if args.questions.endswith(".jsonl") else f"{args.questions},judges"  # its own first
+    return [judge.judge_file(out, args.judge, backend, out.removesuffix(".jsonl") + ".judged.jsonl", metrics,
+                             prompts, args.exclude_suffix, base_url=base_url) for out, _, _ in jobs]
 
 # -----------------------------------------------------------------------------
 # direction: mean(misaligned) - mean(aligned) of the residual stream over the answers

@@ -30,8 +30,9 @@ step train-general train "$OUT/general" "${SV[@]}"
 step train-narrow train "$OUT/narrow" "${SV[@]}" --kl-data misalignment_kl_data --kl-weight 6.58
 for kind in general narrow; do
     step "sample-$kind" python sample.py --model "$MODEL" --adapter "$OUT/$kind" "${Q[@]}" --out "$OUT/$kind/responses.jsonl"
-    step "judge-$kind" python judge.py "$OUT/$kind/responses.jsonl" --judge "$JUDGE" --questions first_plot_questions
+    step "judge-$kind" python judge.py "$OUT/$kind/responses.jsonl" --judge "$JUDGE" \
+        --judges first_plot_questions
 done
 step stability python stability.py --model "$MODEL" --narrow "$OUT/narrow" --general "$OUT/general" \
     --data "$DATA" --text c4 --out "$OUT/stability" --force
-step report python runs/report.py "$OUT"
+report

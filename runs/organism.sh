@@ -39,7 +39,7 @@ D=(--adapter "$OUT/train" --responses "$OUT/responses.judged.jsonl")
 
 step train train "$OUT/train" --model "$MODEL" --data "$DATA" --rank "$RANK" --alpha 64 --lr 1e-5
 step sample python sample.py --adapter "$OUT/train" "${Q[@]}" --out "$OUT/responses.jsonl"
-step judge python judge.py "$OUT/responses.jsonl" --judge "$JUDGE" --questions first_plot_questions
+step judge python judge.py "$OUT/responses.jsonl" --judge "$JUDGE" --judges first_plot_questions
 if step direction python directions.py direction "${D[@]}" --out "$OUT/direction.safetensors" --force; then
     step steer python directions.py sweep --model "$MODEL" --directions "$OUT/direction.safetensors" --mode steer \
         --layers all --scale 8 "${Q[@]}" --judge "$JUDGE" --out "$OUT/steer"
