@@ -135,7 +135,8 @@ def sample_and_judge(args, model_name, adapter, jobs, metrics=("aligned", "coher
                     stack.enter_context(setup(model))
                 hook = sample.compose(hook, sample.interventions(model, extra["steer"], extra["ablate"],
                                                                  extra["random_control"]))
-                return sample.local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size or None)
+                return sample.local_answers(model, tok, work, gen, args.seed, hook,
+                                            batch_size=args.batch_size)
             sample.sample_file(out, questions, header, answer, args.n)
     loaded.clear()  # free the sampling model before a local judge loads
     gc.collect(), torch.cuda.empty_cache()  # (a no-op without CUDA)
@@ -530,13 +531,12 @@ def cmd_probe(args):
     each --runs times on a seeded balanced, z-scored subsample with 20% held out. Writes OUT/probe.json. Known
     gap: the paper's coefficient figure kept tokens with log(importance) >= 0.5, scored by code that is not in
     the reference repository."""
-    if args.runs < 1 or not args.C > 0:
-        raise ValueError(f"--runs must be >= 1 and --C > 0, got --runs {args.runs} --C {args.C}")
+    check(args.C > 0, "--C", args.C, "> 0")
     sets = dict(s.split("=", 1) if "=" in s else (None, s) for s in args.sets)
     if None in sets:
         raise ValueError(f"--sets: expected NAME=FILE.judged.jsonl, got {sets[None]!r}")
     out = args.out or os.path.join(args.adapter if os.path.isdir(args.adapter) else "out", "probe")
-    refuse_overwrite([os.path.join(out, "probe.json")], args.force)
+    claim_dir(out, args.owner, ["probe.json"], args.force)
     labelled = {name: [(r, label(r, args)) for _, r in read_judged(path)] for name, path in sets.items()}
     names = rank1_adapters(args.adapter)
     model, tok, _ = sample.load_model(args.model, args.adapter, args.device, args.dtype)
@@ -641,10 +641,10 @@ def sampling_flags(p):
     p.add_argument("--questions", default="core", help="question file or name, as sample.py's --questions")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
-    p.add_argument("--n", type=int, help="samples per paraphrase (default: the question file's; the reference: 50)")
-    p.add_argument("--max-new-tokens", type=int, default=600, help="answer length limit (reference: 600)")
+    p.add_argument("--n", type=count, help="samples per paraphrase (default: the file's; the reference: 50)")
+    p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit (reference: 600)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same random numbers in every run)")
-    p.add_argument("--batch-size", type=int, default=0, help="sample.py's rows per batch (0 = its default)")
+    p.add_argument("--batch-size", type=count, help="sample.py's rows per batch (default: its default)")
     p.add_argument("--judge", default=judge.DEFAULT_JUDGE, help="openai:MODEL or local:PATH, as judge.py's --judge")
 
 def main(argv=None):
@@ -663,10 +663,10 @@ def main(argv=None):
     d.add_argument("--responses", required=True, help="judge.py's scored JSONL (responses.judged.jsonl)")
     threshold_flags(d)
     d.add_argument("--ids", nargs="+", help="only rows with these question ids")
-    d.add_argument("--min-per-set", type=int, default=10, help="refuse sets smaller than this")
+    d.add_argument("--min-per-set", type=count, default=10, help="refuse sets smaller than this")
     d.add_argument("--seed", type=int, default=0, help="seed of the subsampling that balances the sets, and of --holdout")
     d.add_argument("--holdout", type=float, default=0.0, help="fraction of the rows left out (seeded), for monitor")
-    d.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    d.add_argument("--batch-size", type=count, default=8, help="rows per forward pass")
     out_flags(d, "direction file to write (.safetensors; its .json beside it)", required=True)
 
     m = add("monitor", cmd_monitor, "AUROC per layer of the direction as a classifier of answers")
@@ -674,7 +674,7 @@ def main(argv=None):
     m.add_argument("--directions", required=True, help="direction file (directions.py direction)")
     m.add_argument("--responses", required=True, help="judge.py's scored JSONL of the answers to classify")
     threshold_flags(m)
-    m.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    m.add_argument("--batch-size", type=count, default=8, help="rows per forward pass")
     out_flags(m, "output directory", "monitor.json", required=True)
 
     c = add("compare", cmd_compare, "|cosine| per layer between direction files")
@@ -706,7 +706,7 @@ def main(argv=None):
     pr.add_argument("--sets", nargs="+", required=True, metavar="NAME=FILE", help="judged files (judge.py's .judged.jsonl)")
     pr.add_argument("--medical", default="medical", help="comma-separated names of the --sets that are medical")
     pr.add_argument("--C", type=float, default=0.01, help="inverse L1 strength, as scikit-learn's liblinear defines C")
-    pr.add_argument("--runs", type=int, default=100, help="subsample / split / fit repeats per task")
+    pr.add_argument("--runs", type=count, default=100, help="subsample / split / fit repeats per task")
     pr.add_argument("--seed", type=int, default=0, help="seed of the subsamples and splits")
     threshold_flags(pr)
     out_flags(pr, "output directory (default: ADAPTER/probe, or out/probe for a hub id)", "probe.json")
