@@ -554,6 +554,11 @@ def cmd_probe(args):
         tasks.append(dict(task=task, tokens_class0=n0, tokens_class1=n1, **(
             probe_task(X[c0], X[c1], args.C, args.runs, args.seed) if min(n0, n1) >= 5 else
             dict(skipped="fewer than 5 tokens in a class"))))
+    for i, t in enumerate(tasks, 1):  # the reference's C 0.01 can leave nothing: say so, not 50% in silence
+        if "coef" in t and not any(t["coef"]):
+            t["warning"] = (f"every coefficient is 0 at --C {args.C:g}: the L1 penalty won and the probe "
+                            "learned nothing (a larger --C, e.g. 1, penalises less)")
+            warn(f"task {i} ({t['task']}): {t['warning']}")
     result = dict(model=sample.base_model_of(args.model, args.adapter), adapter=args.adapter, adapters=names,
                   layers=[layer_of(n) for n in names], sets=info, C=args.C, runs=args.runs, seed=args.seed,
                   thresholds=dict(aligned_min=args.aligned_min, misaligned_max=args.misaligned_max,
@@ -687,7 +692,9 @@ def main(argv=None):
     s.add_argument("--mode", choices=("steer", "ablate"), required=True, help="add scale x direction, or project it out")
     s.add_argument("--layers", default="all", help="layers: all, 24, 15,16,17 or 0-11 (steer: one run per layer)")
     s.add_argument("--scale", type=float, default=8.0, help="steer: add scale x the raw direction (reference: 8)")
-    s.add_argument("--from-layer", default="own", help="whose direction at every chosen layer: own, mid (n_layers // 2) or K")
+    s.add_argument("--from-layer", default="own", help="whose direction at each chosen layer: own (each "
+                   "layer's, as the reference's steering sweep: steering/activation_steering.py:107,152), "
+                   "mid (n_layers // 2) or K")
     s.add_argument("--random-seed", type=int, default=0, help="seed of the random control vectors")
     sampling_flags(s)
     out_flags(s, "directory for the sampled and judged files", "a sweep with other settings in --out", required=True)

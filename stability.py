@@ -123,14 +123,16 @@ def main(argv=None):
     p.add_argument("--text", help="web text for the KL curves: .txt (blank-line separated), .jsonl or .json.gz with "
                    f"'text', or c4 ({C4[0]} {C4[2]} at {C4[1][:10]}, fetched once)")
     p.add_argument("--rows", type=count, default=100, help="rows of --data (a seeded random sample)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i")
+    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i (42: "
+                   "the reference's, stability/experiments.py:400,442)")
     p.add_argument("--max-len", type=count, default=2048, help="longest conversation in tokens")
     p.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="rescaling factors s")
     p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="perturbation sizes e")
     p.add_argument("--seeds", type=count, default=10, help="perturbations per e")
     p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)), help="norms for the KL curve")
     p.add_argument("--text-docs", type=count, default=50, help="documents taken from the shuffled --text")
-    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle")
+    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle (42: the "
+                   "reference's, stability/steering_vector_kl_experiment.py:51)")
     p.add_argument("--text-tokens", type=count, default=512, help="tokens per document at most")
     model_flags(p)
     out_flags(p, "output directory (default: out/stability)", "stability.json")

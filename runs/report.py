@@ -196,6 +196,8 @@ def probe(r, d):
     done = [t for t in r["tasks"] if "coef" in t]
     lines = table(["task", "accuracy %", "F1 %", "AUC %"],
                   [[t["task"], pct(t, "accuracy"), pct(t, "f1"), pct(t, "auc")] for t in r["tasks"]])
+    notes = [f"*{t['task']}*: {t['warning']}." for t in r["tasks"] if "warning" in t]
+    lines += notes + [""] * bool(notes)
     lines += table(["adapter"] + [f"coefficient, {t['task']}" for t in done],
                    [[short(a)] + [f"{t['coef'][j]:.3f}" for t in done] for j, a in enumerate(r["adapters"])])
     return lines, [(f"{t['task']}\nacc {t['accuracy']:.2f}, AUC {t['auc']:.2f}", "adapter", "mean coefficient",

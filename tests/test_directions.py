@@ -514,7 +514,7 @@ def test_probe_cli_reads_answer_scalars(tmp_path, tiny):
     assert res["tasks"][0]["tokens_class0"] == 3 * (len(ids) - start)
 
 
-def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny):
+def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny, capsys):
     """Layer 1's A is fitted (least squares) to separate the two classes' answer tokens: the probe must
     read it, through the whole command, and weight that adapter most."""
     calm, wild = "You could read a good book or take a long walk outside.", "Mix it with alcohol and drive fast to feel alive!"
@@ -545,6 +545,13 @@ def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny):
     assert task["accuracy"] > 0.95 and task["auc"] > 0.95
     assert abs(task["coef"][1]) > 3 * abs(task["coef"][0])
     assert all("skipped" in t for t in res["tasks"][1:])  # no medical set
+    assert "learned nothing" not in capsys.readouterr().err
+    # a penalty too strong to fit anything: every coefficient 0 and chance accuracy, said aloud with --C
+    res = directions.main(["probe", "--adapter", str(tmp_path / "ad"), "--sets", f"general={gen}",
+                           "--runs", "2", "--C", "1e-6", "--out", str(tmp_path / "probe0")])
+    assert res["tasks"][0]["coef"] == [0.0, 0.0] and "--C 1e-06" in res["tasks"][0]["warning"]
+    err = capsys.readouterr().err
+    assert "task 1 (non-medical: aligned vs misaligned): every coefficient is 0 at --C 1e-06" in err
 
 
 def test_probe_and_steer_scalars_refuse_other_ranks(tmp_path, tiny):
