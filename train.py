@@ -13,7 +13,8 @@ Departures from the reference (README, "Where we depart from the reference"):
 - no extra EOS after each answer; the loss is normalised over the whole step, for the steering vector too;
 - each step's conversations are packed into rows of --max-len tokens, attention confined to each;
 - --kl-weight is the reference's w x grad-accum / vocab rows (1e5 -> 5.26), or w / vocab rows for the steering vector;
-- the steering vector steers every row (the reference's hook steered the first row of each batch only).
+- the steering vector steers every row (the reference's hook steered the first row of each batch only);
+- fp32 AdamW states by default (the reference: bitsandbytes' 8-bit AdamW, --optim adamw_8bit); no early stop.
 """
 import argparse
 import importlib.util
