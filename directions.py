@@ -372,10 +372,9 @@ def cmd_sweep(args):
     f = lambda r, k: judge.fmt(r.get(k), r.get(k + "_ci"))
     keys = {"em_pct": "EM %", "coherence_pct": "coherence %", "em_reduction_pct": "EM reduction %"}
     cols = [(x, k) for x in ("direction", "random") for k in list(keys)[:2 + (args.mode == "ablate")]]
-    first = ["baseline"] + [f(info["baseline"], k) if x == "direction" and k in RATES else "" for x, k in
-                            cols]
+    runs = [dict(layer="baseline", direction=info["baseline"], random={})] + info["runs"]
     print_table(["layer"] + [f"{keys[k]} ({x})" for x, k in cols],
-                [first] + [[r["layer"]] + [f(r[x], k) for x, k in cols] for r in info["runs"]])
+                [[r["layer"]] + [f(r[x], k) for x, k in cols] for r in runs])
     if args.mode == "ablate" and not em0:
         print(f"no EM reduction: the baseline's EM is {judge.fmt(em0)}%, so there is nothing to reduce")
     write_json(os.path.join(args.out, "sweep.json"), info)
