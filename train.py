@@ -75,7 +75,8 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="run exactly this many optimizer steps, cycling the data (overrides --epochs, as HF)")
     p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's (none on biases, norms)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay (none on biases and norms, as HF's Trainer)")
     p.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw",
                    help="adamw_8bit: the reference's bitsandbytes AdamW, 8-bit states (optional package)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
