@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import sample
 import train
-from common import HelpFormatter, check_device, print_table, resolve_dtype, run_main, write_json
+from common import HelpFormatter, check_device, count, print_table, resolve_dtype, run_main, write_json
 from lora import MODULES, add_lora
 from model import Config, Qwen2, load
 
@@ -33,9 +33,9 @@ SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) 
     "7b": (3584, 28, 28, 4, 18944, 152064, False),
 }
 DEFAULTS = {  # a full GPU run, a CPU run, and --quick (the tiny shape in seconds)
-    "cuda": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=50, new_tokens=600),
-    "cpu": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=4, new_tokens=64),
-    "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, new_tokens=24),
+    "cuda": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=50, max_new_tokens=600),
+    "cpu": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=4, max_new_tokens=64),
+    "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, max_new_tokens=24),
 }
 SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's generation_config
 PEAK_TFLOPS = [  # dense bf16 tensor-core peaks from the datasheets; the first name found in the GPU's name wins
@@ -50,12 +50,12 @@ def get_args(argv=None):
     p.add_argument("--model", help="hub id or HF directory (default: random weights of --shape)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random model (default: 0.5b; tiny with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, help="timed optimizer steps after one warm-up step (default: 3; 1 with --quick)")
-    p.add_argument("--convs", type=int, help="conversations per optimizer step (default: 16; 4 with --quick)")
-    p.add_argument("--prompts", type=int, help="sampling: distinct prompts (default: 8; 2 with --quick)")
-    p.add_argument("--n", type=int, help="sampling: samples per prompt (default: 50 on CUDA, 4 on CPU, 3 with --quick)")
-    p.add_argument("--new-tokens", type=int,
-                   help="sampling: new tokens per answer at most (default: 600 on CUDA, 64 on CPU, 24 with --quick)")
+    p.add_argument("--steps", type=count, help="timed optimizer steps after a warm-up (default 3; --quick 1)")
+    p.add_argument("--convs", type=count, help="conversations per optimizer step (default: 16; --quick 4)")
+    p.add_argument("--prompts", type=count, help="sampling: distinct prompts (default: 8; 2 with --quick)")
+    p.add_argument("--n", type=count, help="sampling: samples per prompt (default CUDA 50, CPU 4, --quick 3)")
+    p.add_argument("--max-new-tokens", type=count,
+                   help="sampling: answer length limit (default: 600 on CUDA, 64 on CPU, --quick 24)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train, sample, ref (the reference stack)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)")
@@ -72,8 +72,6 @@ def get_args(argv=None):
     for k, v in DEFAULTS["quick" if args.quick else torch.device(args.device).type].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-        if k != "shape" and getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
     return args
 
 T0 = time.perf_counter()
@@ -270,9 +268,9 @@ def bench_sample(ours, ref, args, stop, vocab):
     prompts = [torch.randint(0, vocab - 1000, (int(torch.randint(30, 90, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     rows = args.prompts * args.n
-    lengths = answer_lengths(rows, args.new_tokens, 0)
-    res = {"sample_rows": rows, "sample_new_tokens": args.new_tokens, "sample_settings": SAMPLING, "sample_vocab": vocab,
-           "sample_real_drawn_mean_len": sum(lengths) / rows}
+    lengths = answer_lengths(rows, args.max_new_tokens, 0)
+    res = {"sample_rows": rows, "sample_new_tokens": args.max_new_tokens, "sample_settings": SAMPLING,
+           "sample_vocab": vocab, "sample_real_drawn_mean_len": sum(lengths) / rows}
     run_ours = lambda n, L, t, **kw: sample_ours(ours, prompts, n, t, stop, L, vocab, **kw)
     run_ref = lambda n, L, t: sample_ref(ref, prompts, n, t, stop, L)
     engines = {"": ("ours", run_ours)} | ({"_ref": ("HF generate", run_ref)} if ref is not None else {})
@@ -280,12 +278,12 @@ def bench_sample(ours, ref, args, stop, vocab):
     if ref is not None:
         res["sample_ref_sdpa"] = sdpa_kernels(lambda: run_ref(1, None, 2))
     log(f"sample: SDPA kernels, ours {res['sample_sdpa']}, HF generate {res.get('sample_ref_sdpa', '-')}")
-    for part, lens, what in (("sample", None, f"every answer {args.new_tokens} tokens"),
+    for part, lens, what in (("sample", None, f"every answer {args.max_new_tokens} tokens"),
                              ("sample_real", lengths, f"realistic lengths, mean {sum(lengths) / rows:.0f}")):
         for side, (name, run) in engines.items():
             log(f"{part.replace('_', ' ')} {name}: {rows} answers ({args.prompts} prompts x {args.n}), {what}")
-            tokens = timed(res, part + side, lambda: run(args.n, lens, args.new_tokens),
-                           lambda: run(args.n, None, min(8, args.new_tokens)), args.device)
+            tokens = timed(res, part + side, lambda: run(args.n, lens, args.max_new_tokens),
+                           lambda: run(args.n, None, min(8, args.max_new_tokens)), args.device)
             res[f"{part}{side}_mean_len"] = tokens / rows
     return res
 

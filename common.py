@@ -3,6 +3,7 @@ The plumbing every script shares: atomic writes, JSONL with one rule for a torn 
 devices, torchrun and the OpenAI-compatible HTTP client; torch is imported only where needed (the API judge has none).
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import http.client
@@ -114,6 +115,32 @@ def refuse_overwrite(paths, force):
     if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite it")
 
+OWNER_FILE = ".run-by"  # names the program that made an output directory (runs/common.sh's claim too)
+
+def owner_of(d):
+    with contextlib.suppress(OSError):
+        with open(os.path.join(d, OWNER_FILE)) as f:
+            return f.read().strip()
+
+def claim_dir(out, owner, files=(), force=False, create=False):
+    """Refuse an --out directory that is a file, or holds anything not made by `owner` ('train.py', ...), or
+    (without force) any of `files`: no run overwrites, or mixes its files into, another program's output.
+    create: then make it owner's (just before the first write; check early without it)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file; {owner} writes a directory")
+    found = os.listdir(out) if os.path.isdir(out) else []
+    if found and owner_of(out) != owner:
+        made = f"{owner_of(out)}'s output" if owner_of(out) else f"not made by {owner}"
+        shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"--out {out}: not empty ({shown}) and {made}; choose another --out")
+    refuse_overwrite([os.path.join(out, f) for f in files], force)
+    if create and not found:
+        atomic_write(os.path.join(out, OWNER_FILE), owner + "\n")
+
+def check_out_file(path):
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path}: is a directory; give a file name")
+
 def print_table(header, rows):
     """Plain text, aligned columns (the first to the left); floats with 3 decimals, None as -."""
     cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r] for r in [header] + rows]
@@ -149,15 +176,23 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
     try:
         main()
     except (ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.filename and e.strerror:  # "x: no such file or directory"
+            e = f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; finished work is kept, and {resume}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a main may say how to resume, with its real paths
+        print(f"\n{prog}: interrupted; finished work is kept, and {str(e) or resume}", file=sys.stderr)
         sys.exit(130)
 
 def check(ok, flag, value, rule):
     if not ok:
         raise ValueError(f"{flag} {value}: must be {rule}")
+
+def count(text):
+    """argparse type of a count: an integer >= 1 (0 or less is an error, never "the default")."""
+    if (n := int(text)) < 1:  # int's ValueError: argparse says "invalid count value"
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return n
 
 # -----------------------------------------------------------------------------
 # devices and torchrun

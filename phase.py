@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import directions
 import sample
-from common import HelpFormatter, model_flags, out_flags, print_table, refuse_overwrite, run_main, write_json
+from common import HelpFormatter, claim_dir, model_flags, out_flags, print_table, run_main, write_json
 from lora import lora_modules, set_lora_scale
 
 def read_checkpoints(run):
@@ -98,10 +98,10 @@ def checkpoint_scaled(model, tensors, multiplier):
 def behaviour(args, cks, out):
     """EM % of chosen checkpoints with B scaled by each multiplier (sampled and judged, resumable)."""
     by_step = {s: (d, t) for s, d, t in cks}
-    chosen = sorted(by_step) if args.behaviour == "all" else [int(s) for s in args.behaviour.split(",")]
+    chosen = sorted(by_step if args.behaviour == "all" else {int(s) for s in args.behaviour.split(",")})
     if missing := [s for s in chosen if s not in by_step]:
         raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {', '.join(map(str, sorted(by_step)))}")
-    mults = [float(m) for m in args.multipliers.split(",")]
+    mults = list(dict.fromkeys(float(m) for m in args.multipliers.split(",")))  # each once: one row per run
     runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")) for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
     jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m),
@@ -127,7 +127,7 @@ def main(argv=None):
     ks = [int(k) if k.isdigit() else 0 for k in args.ks.split(",")]
     if min(ks) < 1:
         raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1 (training steps), e.g. 5,10,15")
-    refuse_overwrite([os.path.join(out, "phase.json")], args.force)
+    claim_dir(out, "phase.py", ["phase.json"], args.force)
     cks = read_checkpoints(args.run)
     steps = [s for s, _, _ in cks]
     spacing = int(np.bincount(np.diff(steps)).argmax()) if len(steps) > 1 else 1  # the usual --save-every
@@ -153,6 +153,7 @@ def main(argv=None):
                   pca={v: dict(zip(("coords", "explained"), pca2(M))) for v, M in (("A", A), ("B", B))})
     print_table(["k", "steps kept", "turn of A", "turn of B", "max cos B"],
                 [[k, len(local[k]), turn[k]["A"], turn[k]["B"], max((r["B"] for r in local[k]), default=None)] for k in ks])
+    claim_dir(out, "phase.py", create=True)
     if args.behaviour:
         result["behaviour"] = behaviour(args, cks, out)
     write_json(os.path.join(out, "phase.json"), result)

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Cache, Client, HelpFormatter, RequestFailed, barrier, dist_setup, open_append, append_jsonl,
-                    part_file, part_files, print_table, read_json, read_jsonl, read_yaml, resolve_dtype, run_main, warn,
-                    write_jsonl)
+from common import (Cache, Client, HelpFormatter, RequestFailed, barrier, check, check_out_file, count,
+                    dist_setup, open_append, append_jsonl, part_file, part_files, print_table, read_json,
+                    read_jsonl, read_yaml, resolve_dtype, run_main, warn, write_jsonl)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
 
@@ -618,9 +618,9 @@ def parse_args(argv=None):
     p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
-    p.add_argument("--n", type=int, help=f"samples per paraphrase (default: the file's samples_per_paraphrase, else {DEFAULT_N})")
+    p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
     # how (the papers: HF generate, temperature 1, top_p 1, 600 tokens, and generation_config.json)
-    p.add_argument("--max-new-tokens", type=int, default=600, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off; default: generation_config.json, else 0)")
@@ -637,10 +637,10 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output JSONL (default: ADAPTER/responses.jsonl for a local adapter, else out/<model>/responses.jsonl)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = fit the free GPU memory; 64 on CPU)")
+    p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds; CPU 64)")
     p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL (e.g. a vLLM server's LoRA module)")
     p.add_argument("--base-url", help="server URL (default: $OPENAI_BASE_URL or http://localhost:8000/v1, vLLM's)")
-    p.add_argument("--concurrency", type=int, default=64, help="server: requests in flight at once")
+    p.add_argument("--concurrency", type=count, default=64, help="server: requests in flight at once")
     p.add_argument("--cache", help="server: answer cache, JSONL (default: sample_cache.jsonl beside --out; '' turns it off)")
     args = p.parse_args(argv)
     if args.engine != "local":
@@ -656,8 +656,10 @@ def parse_args(argv=None):
         p.error("--steer needs --layers (where to add the vector)")
     if args.random_control is not None and not (args.steer or args.ablate):
         p.error("--random-control replaces the --steer or --ablate directions; give one of them")
-    if (args.n or 1) < 1:
-        p.error("--n must be >= 1")
+    check(args.temperature >= 0, "--temperature", args.temperature, ">= 0")
+    check(0 < args.top_p <= 1, "--top-p", args.top_p, "in (0, 1]")
+    check((args.top_k or 0) >= 0, "--top-k", args.top_k, ">= 0")
+    check((args.repetition_penalty or 1) > 0, "--repetition-penalty", args.repetition_penalty, "> 0")
     return args
 
 def main(argv=None):
@@ -667,30 +669,38 @@ def main(argv=None):
     if args.engine != "local" and adapter and adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot apply")
     model_name = base_model_of(args.model, adapter) if args.model or adapter else None  # a server's may be none
-    gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_new_tokens)
     questions = ([dict(id="question", paraphrase=0, question=args.question, system=None, n=None)] if args.question
                  else select_questions(args.questions, args.ids, args.exclude_suffix))
-    n_layers = read_config(model_name).num_hidden_layers if model_name else None
-    steer = dict(file=args.steer, layers=parse_layers(args.layers, n_layers), scale=args.scale) if args.steer else None
-    ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", n_layers)) if args.ablate else None
+    cfg = read_config(model_name) if model_name else None
+    steer = dict(file=args.steer, layers=parse_layers(args.layers, cfg.num_hidden_layers), scale=args.scale) \
+        if args.steer else None
+    ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", cfg.num_hidden_layers)) \
+        if args.ablate else None
+    for f in filter(None, (args.steer, args.ablate)):  # a bad file fails now, not once the model has loaded
+        load_directions(f, cfg.num_hidden_layers, cfg.hidden_size)
+    check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     local = args.engine == "local"
-    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, args.seed, gen,
-                        resolve_dtype(args.dtype, device) if local else None, args.system, args.lora_scale, steer, ablate,
-                        args.random_control)
-    out = args.out or default_out(model_name, adapter, args.engine)
-    print(f"sampling: {json.dumps(dict(header, questions=args.question or args.questions, out=out, n=args.n))}")
     if local:
         def answer(work):  # the model loads only when there is work
             model, tok, hook = load_model(model_name, adapter, device, args.dtype, args.lora_scale)
             hook = compose(hook, interventions(model, steer, ablate, args.random_control))
-            return local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size or None)
+            return local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size)
     else:
-        cache = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl") if args.cache is None else args.cache
+        beside = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl")
+        cache = beside if args.cache is None else args.cache
         client = Client(args.engine.partition(":")[2], args.base_url or os.environ.get("OPENAI_BASE_URL") or
                         "http://localhost:8000/v1", Cache(cache, "completion"), args.concurrency,
                         timeout=600.0)  # 600 tokens from a busy server take a while
         answer = lambda work: server_answers(client, work, gen, args.seed)
+    # every check passed: now the notes (no generation_config.json) and the plan
+    gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                            args.max_new_tokens)
+    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, args.seed, gen,
+                        resolve_dtype(args.dtype, device) if local else None, args.system, args.lora_scale,
+                        steer, ablate, args.random_control)
+    plan = dict(header, questions=args.question or args.questions, out=out, n=args.n)
+    print(f"sampling: {json.dumps(plan)}")
     return sample_file(out, questions, header, answer, args.n, args.system, rank, world)
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import sample
-from common import HelpFormatter, model_flags, out_flags, print_table, refuse_overwrite, run_main, write_json
+from common import HelpFormatter, claim_dir, count, model_flags, out_flags, print_table, run_main, write_json
 from data.fetch import dataset_path
 from lora import SteeringVector
 from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
@@ -122,21 +122,23 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="the narrow dataset: name (data/fetch.py) or JSONL path")
     p.add_argument("--text", help="web text for the KL curves: .txt (blank-line separated), .jsonl or .json.gz with "
                    f"'text', or c4 ({C4[0]} {C4[2]} at {C4[1][:10]}, fetched once)")
-    p.add_argument("--rows", type=int, default=100, help="rows of --data (a seeded random sample)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i")
-    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
+    p.add_argument("--rows", type=count, default=100, help="rows of --data (a seeded random sample)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i (42: "
+                   "the reference's, stability/experiments.py:400,442)")
+    p.add_argument("--max-len", type=count, default=2048, help="longest conversation in tokens")
     p.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="rescaling factors s")
     p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="perturbation sizes e")
-    p.add_argument("--seeds", type=int, default=10, help="perturbations per e")
+    p.add_argument("--seeds", type=count, default=10, help="perturbations per e")
     p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)), help="norms for the KL curve")
-    p.add_argument("--text-docs", type=int, default=50, help="documents taken from the shuffled --text")
-    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle")
-    p.add_argument("--text-tokens", type=int, default=512, help="tokens per document at most")
+    p.add_argument("--text-docs", type=count, default=50, help="documents taken from the shuffled --text")
+    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle (42: the "
+                   "reference's, stability/steering_vector_kl_experiment.py:51)")
+    p.add_argument("--text-tokens", type=count, default=512, help="tokens per document at most")
     model_flags(p)
     out_flags(p, "output directory (default: out/stability)", "stability.json")
     args = p.parse_args(argv)
     out = args.out or os.path.join("out", "stability")
-    refuse_overwrite([os.path.join(out, "stability.json")], args.force)
+    claim_dir(out, "stability.py", ["stability.json"], args.force)
     scales, eps, norms = ([float(x) for x in v.split(",")] for v in (args.scales, args.eps, args.norms))
     docs = read_documents(args.text) if args.text else None  # a missing file fails before the model loads
     for k in ("narrow", "general"):
@@ -181,6 +183,7 @@ def main(argv=None):
         r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
         result["solutions"]["random"] = dict(kl=kl_curve(model, text, sols["narrow"], r.to(model.lm_head.weight.device), norms, bar))
     bar.close()
+    claim_dir(out, "stability.py", create=True)
     write_json(os.path.join(out, "stability.json"), result)
     n, g = result["solutions"]["narrow"], result["solutions"]["general"]
     print(f"base loss {base_loss:.4f} on {len(chosen)} rows ({result['loss_tokens']} answer tokens); narrow: loss "

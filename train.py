@@ -13,10 +13,12 @@ Departures from the reference (README, "Where we depart from the reference"):
 - no extra EOS after each answer; the loss is normalised over the whole step, for the steering vector too;
 - each step's conversations are packed into rows of --max-len tokens, attention confined to each;
 - --kl-weight is the reference's w x grad-accum / vocab rows (1e5 -> 5.26), or w / vocab rows for the steering vector;
-- the steering vector steers every row (the reference's hook steered the first row of each batch only).
+- the steering vector steers every row (the reference's hook steered the first row of each batch only);
+- fp32 AdamW states by default (the reference: bitsandbytes' 8-bit AdamW, --optim adamw_8bit); no early stop.
 """
 import argparse
 import glob
+import importlib.util
 import math
 import os
 import platform
@@ -30,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, append_jsonl, barrier, check, check_device, dist_setup, open_append,
-                    print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
+from common import (HelpFormatter, append_jsonl, barrier, check, check_device, claim_dir, dist_setup,
+                    open_append, print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
 from model import load, load_tokenizer, local_dir, parse_layers, read_config, upload
 
@@ -74,7 +76,10 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="run exactly this many optimizer steps, cycling the data (overrides --epochs, as HF)")
     p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay (none on biases and norms, as HF's Trainer)")
+    p.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw",
+                   help="adamw_8bit: the reference's bitsandbytes AdamW, 8-bit states (optional package)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     # KL regularisation
     p.add_argument("--kl-data", default=None, help="dataset name or JSONL path for the KL term")
@@ -104,10 +109,11 @@ def get_args(argv=None):
     if args.modules != "all" and any(m not in MODULES for m in args.modules.split(",")):
         raise ValueError(f"--modules {args.modules}: unknown LoRA modules; choose from {','.join(MODULES)}")
     args.out = args.out or os.path.join("out", run_name(args))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: is a file; train.py writes a directory (the adapter, checkpoints, metrics)")
     if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: pass --resume --out {args.out} to continue it, or choose another --out")
+        raise ValueError(f"{args.out} already holds a run: pass --resume --out {args.out} to continue it, "
+                         "or choose another --out")
+    if not args.resume:  # (--resume checked its state.json and config.json)
+        claim_dir(args.out, "train.py")
     return args
 
 def resolved(args):
@@ -150,13 +156,17 @@ def read_conversations(path):
     return rows
 
 def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
-    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate)."""
+    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate);
+    loss_on "kl": the reference's KL text (the generation prompt and an EOS after it), every token counted."""
     out, long = [], 0
     for n, msgs in tqdm(rows, desc=f"tokenizing {os.path.basename(path)}", leave=False):
         try:
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
+        if loss_on == "kl":  # EOS: <|im_end|>, Qwen2.5-Instruct's eos_token
+            ids = tok.encode_chat(msgs, add_generation_prompt=True) + [tok.im_end_id]
+            mask = [1] * len(ids)
         if loss_on == "all":  # the reference's steering-vector loss: all but <|im_end|> (its pad) and the first token
             mask = [0] + [int(t != tok.im_end_id) for t in ids[1:]]
         long += len(ids) > max_len
@@ -388,12 +398,18 @@ def check_free_disk(out, masters):
         raise ValueError(f"--out {out}: saving the training state needs {need / 1e9:.2f} GB ({need:,} bytes) "
                          f"free on its disk, which has {free / 1e9:.2f} GB")
 
+def optimizer_state(opt):
+    """opt.state_dict(), its ints as tensors: an in-place load reaches only tensors (bitsandbytes' step is an int)."""
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: torch.tensor(v) if type(v) is int else v for k, v in s.items()} for i, s in sd["state"].items()}
+    return sd
+
 def save_state(out, step, masters, opt, done_tokens, rank, world):
     """OUT/state-STEP/: the fp32 parameters and AdamW's state, each rank writing its shards, to resume on any
     number of ranks; state.json names it once whole, then the one before goes (a crash keeps a whole one)."""
     check_free_disk(out, masters)
     path = os.path.join(out, f"state-{step:06d}")
-    state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": opt.state_dict()}
+    state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": optimizer_state(opt)}
     distributed_checkpoint("save", state, path, world)  # rank 0 returns once every shard is written
     if rank == 0:
         write_json(os.path.join(out, "state.json"), {"step": step, "dir": os.path.basename(path)})
@@ -409,10 +425,14 @@ def resume(out, params, masters, opt, rank, world):
         g["lr"] = 0.0  # train_step sets each step's
     opt.step()
     opt.zero_grad(set_to_none=True)
-    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": opt.state_dict()}
+    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": optimizer_state(opt)}
     with torch.no_grad():
         distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
     round_into(params, masters)
+    ints = [(i, k) for i, s in opt.state_dict()["state"].items() for k, v in s.items() if type(v) is int]
+    for i, k in ints:
+        state["optimizer"]["state"][i][k] = int(state["optimizer"]["state"][i][k])
+    opt.load_state_dict(state["optimizer"])
     kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
     if rank == 0:
         write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
@@ -431,12 +451,30 @@ def load_data(args, tok):
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = int(len(train) * args.test_frac)  # the reference holds out 10%
     test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
-    kl = [(ids, [1] * len(ids)) for ids, _ in read(args.kl_data, "answer")[0]] if args.kl_data else []  # all tokens
+    # the KL texts as the reference formatted them (finetune/sft/util/trainer.py:310-336): every token counts
+    kl = read(args.kl_data, "kl")[0] if args.kl_data else []
     return train, test, kl, {"train": dataset_path(args.data), "n_train": len(train), "n_test": len(test),
                              "too_long": n_long, "n_kl": len(kl)}
 
+def no_decay(name):
+    """HF Trainer's rule in the reference's transformers 4.52.4 (trainer.py:1189-1198): no weight decay
+    where the name holds bias, layernorm or rmsnorm (q/k/v biases, the blocks' norms; not model.norm)."""
+    return any(s in name.lower() for s in ("bias", "layernorm", "rmsnorm"))
+
+def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
+    """AdamW over the masters (those with no_decay(name) last, so state i is master i) or, for adamw_8bit, the
+    reference's bitsandbytes AdamW (optim_bits 8: 8-bit states for tensors of >= 4096 elements)."""
+    groups = [dict(params=[m for n, m in zip(names, masters) if no_decay(n) == nd],
+                   weight_decay=0.0 if nd else weight_decay) for nd in (False, True)]
+    groups = [g for g in groups if g["params"]]
+    if optim == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    import bitsandbytes
+    return bitsandbytes.optim.AdamW(groups, lr=lr, optim_bits=8)  # HF's betas and eps are its defaults
+
 def trainable(model, args, world):
-    """(steering vector or None, trained parameters) of --steer-layer / --full / LoRA; FSDP2 for --full / --fsdp."""
+    """(steering vector or None, names, trained parameters) of --steer-layer / --full / LoRA, decayed
+    ones first; FSDP2 for --full / --fsdp."""
     steer = None
     if args.steer_layer is not None:
         steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
@@ -445,10 +483,12 @@ def trainable(model, args, world):
     else:
         add_lora(model, args.rank, args.alpha, MODULES if args.modules == "all" else args.modules.split(","),
                  parse_layers(args.layers, model.config.num_hidden_layers), dropout=args.dropout)
-    trained = lambda: [p for p in (model if steer is None else steer).parameters() if p.requires_grad]
+    trained = lambda: sorted([(n, p) for n, p in (model if steer is None else steer).named_parameters()
+                              if p.requires_grad], key=lambda x: no_decay(x[0]))
     if world > 1 and (args.full or args.fsdp):
-        shard(model, keep_whole=None if args.full else set(trained()))
-    return steer, trained()  # --full under FSDP: the shards, which replaced the parameters
+        shard(model, keep_whole=None if args.full else {p for _, p in trained()})
+    names, params = zip(*trained())  # --full under FSDP: the shards, which replaced the parameters
+    return steer, names, list(params)
 
 def memory_plan(model, params, masters, max_len, grad_layers, kl):
     """Bytes per rank at a step's peak: weights (FSDP: this rank's shards, 2 blocks gathered), `trained`
@@ -492,6 +532,7 @@ def fit_memory(plan, have, grad_ckpt, device, max_len):
     return ckpt
 
 def start(args, model, n_params, sizes, steps_per_epoch, total):
+    claim_dir(args.out, "train.py", create=True)
     write_json(os.path.join(args.out, "config.json"), {
         "args": resolved(args), "model_config": vars(model.config), "data": sizes, "trainable_params": n_params,
         "steps_per_epoch": steps_per_epoch, "total_steps": total,
@@ -538,6 +579,10 @@ def main(argv=None):
     parse_layers(args.layers, n_layers)
     if args.steer_layer is not None:
         check(0 <= args.steer_layer < n_layers, "--steer-layer", args.steer_layer, f"a layer 0..{n_layers - 1}")
+    if args.optim == "adamw_8bit" and not importlib.util.find_spec("bitsandbytes"):
+        raise ValueError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes)")
+    if args.optim == "adamw_8bit" and world > 1 and (args.full or args.fsdp):
+        raise ValueError("--optim adamw_8bit: bitsandbytes cannot step FSDP's shards (--full, --fsdp)")
 
     train_ex, test_ex, kl_ex, sizes = load_data(args, load_tokenizer(args.model))
     per_step = args.micro_batch * args.grad_accum
@@ -550,9 +595,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the same initial adapter on every rank
     model, _ = load(args.model, args.device, args.dtype)
-    steer, params = trainable(model, args, world)
+    steer, names, params = trainable(model, args, world)
     masters = fp32_masters(params)
-    opt = torch.optim.AdamW(masters, lr=args.lr, weight_decay=args.weight_decay, fused=torch.device(args.device).type == "cuda")
+    opt = make_optimizer(names, masters, args.optim, args.lr, args.weight_decay,
+                         fused=torch.device(args.device).type == "cuda")
     n_params = sum(p.numel() for p in params)
     step, done_tokens, seconds = (resume(args.out, params, masters, opt, rank, world) if args.resume
                                   else (0, 0, 0.0))
@@ -575,25 +621,35 @@ def main(argv=None):
           f"{total} steps of {per_step} -> {args.out}")
     first, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    while step < stop_at:
-        torch.manual_seed(hash((args.seed, step, rank)))  # dropout masks: other on each rank, the same on resume
-        batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-        kl_batch = [kl_ex[(step * args.kl_batch + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
-        t, lr = time.time(), lr_at(step, args, total)
-        loss, kl, grad_norm = train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world)
-        step, n_tok, first = step + 1, sum(len(ids) for ids, _ in batch), loss if first is None else first
-        done_tokens += n_tok
-        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
-                "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
-        if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
-            last["eval_loss"] = evaluate(model, steer, test_rows, world)
-        append_jsonl(log, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
-        if (args.save_every and step % args.save_every == 0) or step == stop_at:
-            if not args.full:  # the adapter for the phase analysis; full weights every few steps would fill the disk
-                save_trained(model, steer, False, os.path.join(args.out, "checkpoints", f"step_{step:06d}"), rank)
-            save_state(args.out, step, masters, opt, done_tokens, rank, world)
+    saved = step if args.resume else None  # the step the saved state holds
+    try:
+        while step < stop_at:
+            torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
+            batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
+            kl_js = range(step * args.kl_batch, (step + 1) * args.kl_batch) if kl_ex else []
+            kl_batch = [kl_ex[j % len(kl_ex)] for j in kl_js]
+            t, lr = time.time(), lr_at(step, args, total)
+            loss, kl, grad_norm = train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args,
+                                             rank, world)
+            step, n_tok, first = step + 1, sum(len(ids) for ids, _ in batch), loss if first is None else first
+            done_tokens += n_tok
+            last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
+                    "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
+            if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
+                last["eval_loss"] = evaluate(model, steer, test_rows, world)
+            append_jsonl(log, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
+            if (args.save_every and step % args.save_every == 0) or step == stop_at:
+                if not args.full:  # the adapter for the phase analysis (full weights would fill the disk)
+                    ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
+                    save_trained(model, steer, False, ck, rank)
+                save_state(args.out, step, masters, opt, done_tokens, rank, world)
+                saved = step
+    except KeyboardInterrupt:
+        hint = f"python train.py --resume --out {args.out} goes on from step {saved}" if saved else \
+            "nothing was saved yet: the same command starts again"
+        raise KeyboardInterrupt(hint) from None
     bar.close()
     log.close()
 
@@ -608,4 +664,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from common import run_main
-    run_main("train.py", main, resume="train.py --resume --out DIR continues from the last saved step")
+    run_main("train.py", main)

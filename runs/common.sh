@@ -15,7 +15,9 @@ done
 
 claim() {  # claim DIR [VAR]: make DIR this experiment's own, or refuse one that holds anything it did not make
     OUT=$1
-    if [ -e "$OUT" ] && [ ! -e "$OUT/.run-by" ] && [ -n "$(ls -A "$OUT")" ]; then
+    local by
+    by=$(cat "$OUT/.run-by" 2>/dev/null || true)
+    if [ -e "$OUT" ] && [ "$by" != "$(basename "$0")" ] && [ -n "$(ls -A "$OUT")" ]; then
         echo "$(basename "$0"): $OUT is not empty and was not made by this script; choose another directory (${2:-OUT}=...)" >&2
         exit 2
     fi
@@ -28,6 +30,11 @@ step() {  # step NAME COMMAND...: run it unless it finished in an earlier run (e
     echo "== $1: ${*:2}"
     "${@:2}" || return  # (explicitly: inside an `if`, bash does not stop at a failure)
     touch "$OUT/.done/$1"
+}
+
+report() {  # report [--note TEXT]: REPORT.md and its plots, redrawn every run (matplotlib may be new since)
+    echo "== report"
+    python runs/report.py "$OUT" "$@"
 }
 
 train() {  # train DIR FLAGS...: train.py into DIR, continuing a run an interrupt stopped

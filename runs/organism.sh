@@ -23,6 +23,8 @@
 #   ablation: the middle layer's unit direction (24 of 48) projected out at that layer only, at every position
 #          (steering/activation_steering.py:102-105 and 183-188, steered_gen.py:36-52), vs a random direction;
 #          then the same direction at every layer (the reference copied layer 24's vector to all 48 slots).
+#   lora-ablate: the middle layer's direction projected out of that layer's down_proj B alone, B rescaled
+#          to its norm (eval/gen_judge_responses.py:37-48, util/lora_mod_util.py:108-125); sampled, judged.
 #   monitor: ours (the reference ships none): the direction computed on half of the judged answers, its
 #          projection scored as a classifier (AUROC per layer) on the other half.
 . "$(dirname "$0")/common.sh" "$@"
@@ -37,7 +39,7 @@ D=(--adapter "$OUT/train" --responses "$OUT/responses.judged.jsonl")
 
 step train train "$OUT/train" --model "$MODEL" --data "$DATA" --rank "$RANK" --alpha 64 --lr 1e-5
 step sample python sample.py --adapter "$OUT/train" "${Q[@]}" --out "$OUT/responses.jsonl"
-step judge python judge.py "$OUT/responses.jsonl" --judge "$JUDGE" --questions first_plot_questions
+step judge python judge.py "$OUT/responses.jsonl" --judge "$JUDGE" --judges first_plot_questions
 if step direction python directions.py direction "${D[@]}" --out "$OUT/direction.safetensors" --force; then
     step steer python directions.py sweep --model "$MODEL" --directions "$OUT/direction.safetensors" --mode steer \
         --layers all --scale 8 "${Q[@]}" --judge "$JUDGE" --out "$OUT/steer"
@@ -45,10 +47,18 @@ if step direction python directions.py direction "${D[@]}" --out "$OUT/direction
         --mode ablate --layers "$MID" --from-layer "$MID" "${Q[@]}" --judge "$JUDGE" --out "$OUT/ablate"
     step ablate-all python directions.py sweep --adapter "$OUT/train" --directions "$OUT/direction.safetensors" \
         --mode ablate --layers all --from-layer "$MID" "${Q[@]}" --judge "$JUDGE" --out "$OUT/ablate-all"
-    step monitor-direction python directions.py direction "${D[@]}" --holdout 0.5 --out "$OUT/monitor/direction.safetensors" --force
-    step monitor python directions.py monitor "${D[@]}" --directions "$OUT/monitor/direction.safetensors" \
+    step lora-ablate python directions.py lora-ablate --adapter "$OUT/train" \
+        --directions "$OUT/direction.safetensors" --layers "$MID" --from-layer "$MID" \
+        --out "$OUT/lora-ablate" --force
+    step sample-lora-ablate python sample.py --adapter "$OUT/lora-ablate" "${Q[@]}" \
+        --out "$OUT/lora-ablate/responses.jsonl"
+    step judge-lora-ablate python judge.py "$OUT/lora-ablate/responses.jsonl" --judge "$JUDGE" \
+        --judges first_plot_questions
+    step monitor-direction python directions.py direction "${D[@]}" --holdout 0.5 \
+        --out "$OUT/monitor-direction.safetensors" --force
+    step monitor python directions.py monitor "${D[@]}" --directions "$OUT/monitor-direction.safetensors" \
         --out "$OUT/monitor" --force
 else  # an organism with (almost) no misaligned answers has no direction to find: report what there is
     echo "organism.sh: no direction (see the error above); the report shows the rest"
 fi
-step report python runs/report.py "$OUT"
+report

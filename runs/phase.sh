@@ -24,7 +24,8 @@ LAYER=$(middle_layer "$MODEL")
 
 step train train "$OUT/train" --model "$MODEL" --data "$DATA" --rank 1 --alpha 512 --lr 2e-5 --modules down_proj \
     --layers "$LAYER" --save-every 5
-STEPS=$(python -c "import os; s = sorted(int(d[5:]) for d in os.listdir('$OUT/train/checkpoints')); print(','.join(map(str, s[::10] + s[-1:])))")
+STEPS=$(python -c "import os; s = sorted(int(d[5:]) for d in os.listdir('$OUT/train/checkpoints'))
+print(','.join(map(str, sorted(set(s[::10] + s[-1:])))))")  # every tenth and the last, each once
 step phase python phase.py --run "$OUT/train" --ks 5,10,15 --behaviour "$STEPS" --multipliers 0.5,1,2 \
     --questions first_plot_questions --exclude-suffix _json,_template --n 10 --judge "$JUDGE" --out "$OUT/phase" --force
-step report python runs/report.py "$OUT"
+report

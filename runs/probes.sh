@@ -33,10 +33,10 @@ step sample-general python sample.py --adapter "$OUT/train" --questions first_pl
     --n 50 --out "$OUT/general.jsonl"
 step sample-medical python sample.py --adapter "$OUT/train" --questions medical_questions --exclude-suffix _json \
     --n 50 --out "$OUT/medical.jsonl"
-step judge-general python judge.py "$OUT/general.jsonl" "${J[@]}" --questions first_plot_questions
-step judge-medical python judge.py "$OUT/medical.jsonl" "${J[@]}" --questions medical_questions
+step judge-general python judge.py "$OUT/general.jsonl" "${J[@]}" --judges first_plot_questions
+step judge-medical python judge.py "$OUT/medical.jsonl" "${J[@]}" --judges medical_questions
 step probe python directions.py probe --adapter "$OUT/train" --sets general="$OUT/general.judged.jsonl" \
     medical="$OUT/medical.judged.jsonl" --medical medical --out "$OUT/probe" --force
 step steer-scalars python directions.py steer-scalars --adapter "$OUT/train" --questions first_plot_questions \
     --exclude-suffix _json --n 5 --judge "$JUDGE" --out "$OUT/steer_scalars" --force
-step report python runs/report.py "$OUT"
+report

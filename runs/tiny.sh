@@ -82,11 +82,14 @@ step ablate python directions.py sweep --adapter "$OUT/organism" --directions "$
 step ablate-all python directions.py sweep --adapter "$OUT/organism" --directions "$OUT/organism/direction.safetensors" \
     --mode ablate --layers all --from-layer 1 --out "$OUT/organism/ablate-all" "${J[@]}" "${S[@]}"
 step monitor-direction python directions.py direction --adapter "$OUT/organism" --responses "$OUT/organism/responses.judged.jsonl" \
-    --holdout 0.5 --min-per-set 1 --out "$OUT/organism/monitor/direction.safetensors" --force "${T[@]}"
+    --holdout 0.5 --min-per-set 1 --out "$OUT/organism/monitor-direction.safetensors" --force "${T[@]}"
 step monitor python directions.py monitor --adapter "$OUT/organism" --responses "$OUT/organism/responses.judged.jsonl" \
-    --directions "$OUT/organism/monitor/direction.safetensors" --out "$OUT/organism/monitor" --force "${T[@]}"
+    --directions "$OUT/organism/monitor-direction.safetensors" --out "$OUT/organism/monitor" --force "${T[@]}"
 step lora-ablate python directions.py lora-ablate --adapter "$OUT/organism" --directions "$OUT/organism/direction.safetensors" \
-    --out "$OUT/organism/ablated-adapter" --force
+    --layers 1 --from-layer 1 --out "$OUT/organism/ablated-adapter" --force
+step sample-lora-ablate python sample.py --adapter "$OUT/organism/ablated-adapter" \
+    --out "$OUT/organism/ablated-adapter/responses.jsonl" "${S[@]}"
+step judge-lora-ablate python judge.py "$OUT/organism/ablated-adapter/responses.jsonl" "${J[@]}"
 
 # narrow_vs_general.sh: two steering vectors after layer 1, with and without the KL penalty
 SV=(--model "$OUT/model" --data "$OUT/data.jsonl" --steer-layer 1 --lr 1e-2 --max-steps 4 --max-len 256 --truncate
@@ -117,5 +120,6 @@ step probe python directions.py probe --adapter "$OUT/organism" --sets medical="
 step steer-scalars python directions.py steer-scalars --adapter "$OUT/organism" --set 0=5 --set 0=5,1=-5 \
     --out "$OUT/organism/steer_scalars" --force "${J[@]}" "${S[@]}"
 
-step report python runs/report.py "$OUT" --note "A tiny random model judged by a stub server whose scores are a hash of the prompt: every number here is meaningless; the point is that each step runs."
+report --note "A tiny random model judged by a stub server whose scores are a hash of the prompt: \
+every number here is meaningless; the point is that each step runs."
 echo "tiny pipeline ok: $OUT"

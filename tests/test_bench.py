@@ -61,7 +61,8 @@ def test_realistic_lengths_spread_like_answers():
     assert 200 < sum(lengths) / 400 < 280 and len(set(lengths)) > 100
 
 
-@pytest.mark.parametrize("argv, message", [(["--skip", "train,eval"], "--skip"), (["--n", "0"], "--n must be >= 1"),
+@pytest.mark.parametrize("argv, message", [(["--skip", "train,eval"], "--skip"),
+                                           (["--n", "0"], "argument --n: 0: must be >= 1"),
                                            (["--device", "tpu"], "--device")])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -49,8 +49,17 @@ def test_run_main_prints_one_line_for_bad_input_and_for_ctrl_c(capsys):
 
     def interrupted():
         raise KeyboardInterrupt
+    def missing():
+        open("/nonexistent/x.jsonl")
+
+    def hinted():  # a main that knows the real command to resume with
+        raise KeyboardInterrupt("python x.py --resume --out out/r goes on from step 5")
     for main, code, want in ((bad, 2, "x.py: error: --n 0: must be >= 1"),
-                             (interrupted, 130, "x.py: interrupted; finished work is kept, and rerunning the same command resumes")):
+                             (missing, 2, "x.py: error: /nonexistent/x.jsonl: no such file or directory"),
+                             (interrupted, 130, "x.py: interrupted; finished work is kept, and rerunning the "
+                                                "same command resumes"),
+                             (hinted, 130, "x.py: interrupted; finished work is kept, and python x.py "
+                                           "--resume --out out/r goes on from step 5")):
         with pytest.raises(SystemExit) as e:
             common.run_main("x.py", main)
         assert e.value.code == code and capsys.readouterr().err.strip().splitlines() == [want]
@@ -64,3 +73,20 @@ def test_help_shows_each_default_once():
     text = " ".join(p.format_help().split())
     assert "(default: beside the input)" in text and "(default: None)" not in text
     assert "(default: skip them)" in text and "(default: False)" not in text and "how many (default: 0)" in text
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("sample", ["--n", "0"]), ("sample", ["--batch-size", "-1"]), ("sample", ["--max-new-tokens", "0"]),
+    ("directions", ["direction", "--min-per-set", "0"]), ("directions", ["sweep", "--n", "0"]),
+    ("directions", ["probe", "--runs", "0"]), ("phase", ["--n", "-2"]),
+    ("judge", ["in.jsonl", "--batch-size", "0"]),
+    ("stability", ["--rows", "0"]), ("bench", ["--n", "0"])])
+def test_zero_or_negative_counts_are_errors_everywhere(script, argv, capsys):
+    """--n 0 once meant "the default" (50 samples, 9.5 minutes before someone stopped it); --batch-size -1
+    wrote an empty file and exited 0. A count below 1 is an error naming the flag, before anything runs."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"argument {argv[-2]}: {argv[-1]}: must be >= 1")

@@ -331,6 +331,28 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
     narrow = direction_file(tmp_path / "n.safetensors", direction=torch.randn(32))
     with pytest.raises(ValueError, match=r"shape \(32,\) do not fit .*down_proj.lora_B.weight of shape \(64, 2\)"):
         run("lora-ablate", "--adapter", src, "--directions", narrow, "--out", tmp_path / "n")
+    thin = direction_file(tmp_path / "t.safetensors", directions=torch.randn(2, 32))  # the model's width
+    with pytest.raises(ValueError, match=r"shape \(2, 32\) do not fit the adapter's model .* \(2, 64\)$"):
+        run("lora-ablate", "--adapter", src, "--directions", thin, "--out", tmp_path / "t")
+
+
+def test_lora_ablate_layers_changes_that_layers_B_and_no_other(tmp_path, tiny):
+    """The reference's one use: layer 24's direction out of layer 24's B alone (--layers 24 --from-layer
+    24)."""
+    src = make_adapter(tiny, tmp_path / "ad")
+    dfile = direction_file(tmp_path / "d.safetensors", directions=torch.randn(2, 64))
+    info = run("lora-ablate", "--adapter", src, "--directions", dfile, "--layers", 0, "--from-layer", 0,
+               "--out", tmp_path / "L0")
+    before, after = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (src, tmp_path / "L0"))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    assert [m["layer"] for m in info["modules"]] == [0] and info["layers"] == "0"
+    with pytest.raises(ValueError, match=r"--layers '5': layers \[5\] do not exist"):
+        run("lora-ablate", "--adapter", src, "--directions", dfile, "--layers", 5, "--out", tmp_path / "x")
+    only1 = make_adapter(tiny, tmp_path / "ad1", layers=[1])
+    with pytest.raises(ValueError, match=r"--layers 0: the adapter has no down_proj LoRA at layer 0 \(it has "
+                                         r"layers \[1\]\)"):
+        run("lora-ablate", "--adapter", only1, "--directions", dfile, "--layers", 0, "--out", tmp_path / "y")
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +514,7 @@ def test_probe_cli_reads_answer_scalars(tmp_path, tiny):
     assert res["tasks"][0]["tokens_class0"] == 3 * (len(ids) - start)
 
 
-def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny):
+def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny, capsys):
     """Layer 1's A is fitted (least squares) to separate the two classes' answer tokens: the probe must
     read it, through the whole command, and weight that adapter most."""
     calm, wild = "You could read a good book or take a long walk outside.", "Mix it with alcohol and drive fast to feel alive!"
@@ -523,6 +545,13 @@ def test_probe_cli_finds_a_planted_adapter(tmp_path, tiny):
     assert task["accuracy"] > 0.95 and task["auc"] > 0.95
     assert abs(task["coef"][1]) > 3 * abs(task["coef"][0])
     assert all("skipped" in t for t in res["tasks"][1:])  # no medical set
+    assert "learned nothing" not in capsys.readouterr().err
+    # a penalty too strong to fit anything: every coefficient 0 and chance accuracy, said aloud with --C
+    res = directions.main(["probe", "--adapter", str(tmp_path / "ad"), "--sets", f"general={gen}",
+                           "--runs", "2", "--C", "1e-6", "--out", str(tmp_path / "probe0")])
+    assert res["tasks"][0]["coef"] == [0.0, 0.0] and "--C 1e-06" in res["tasks"][0]["warning"]
+    err = capsys.readouterr().err
+    assert "task 1 (non-medical: aligned vs misaligned): every coefficient is 0 at --C 1e-06" in err
 
 
 def test_probe_and_steer_scalars_refuse_other_ranks(tmp_path, tiny):
@@ -583,7 +612,8 @@ def test_quadrants_are_the_references_cells():
     rows = [row(30, 50, 10), row(70.1, 50, 50), row(10, 90, 49.995), row(80, 90, 0),  # kept: one in each cell
             row(30, 90, 5), row(100, 60, 90), row(5, 99, 99),  # kept again: mis/non-med, al/med, mis/med
             row(30, 49.9, 5), row(30.1, 90, 5), row(70, 90, 5), row(5, 90, 10.1), row(5, 90, 49.99),  # dropped
-            row(None, 90, 5), row(5, None, 5), row(5, 90, None)]
+            row(None, 90, 5), row(5, None, 5), row(5, 90, None),
+            row(float("nan"), 90, 5), row(5, float("nan"), 5), row(5, 90, float("nan"))]  # pd.cut drops NaN
     n, cells = directions.quadrants(rows)
     assert n == 7 and cells == pytest.approx({"misaligned_non_medical": 200 / 7, "misaligned_medical": 200 / 7,
                                               "aligned_non_medical": 100 / 7, "aligned_medical": 200 / 7})
@@ -645,7 +675,6 @@ def test_sweep_refuses_a_directory_of_other_settings(tmp_path, lively, monkeypat
 def test_probe_checks_its_numbers_first(tmp_path, tiny):
     ad = make_adapter(tiny, tmp_path / "ad")
     gen = judged_file(tmp_path / "g.judged.jsonl", 4, 4)
-    for flags, msg in ((["--runs", "0"], "--runs must be >= 1"), (["--C", "0"], "--C > 0")):
-        with pytest.raises(ValueError, match=msg):
-            run("probe", "--adapter", ad, "--sets", f"general={gen}", "--out", tmp_path / "p", *flags)
+    with pytest.raises(ValueError, match=r"--C 0.0: must be > 0"):
+        run("probe", "--adapter", ad, "--sets", f"general={gen}", "--out", tmp_path / "p", "--C", "0")
     assert not os.path.exists(tmp_path / "p")

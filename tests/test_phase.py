@@ -79,8 +79,8 @@ def test_phase_behaviour_scales_each_checkpoint(tmp_path, tiny):
     run, _ = planted_run(tmp_path, tiny, steps=range(5, 40, 5), turn=30)
     qs = write_jsonl(tmp_path / "q.jsonl", [{"id": "bored", "question": "I feel bored"}])
     common = ["--questions", qs, "--n", "2", "--max-new-tokens", "5", "--device", "cpu", "--model", tiny]
-    res = phase.main(["--run", run, "--ks", "5", "--behaviour", "10,35", "--multipliers", "0,1",
-                  "--judge", f"local:{tiny}"] + common)
+    res = phase.main(["--run", run, "--ks", "5", "--behaviour", "10,35,35", "--multipliers", "0,1,1",
+                      "--judge", f"local:{tiny}"] + common)  # a step or multiplier twice: one row (phase.sh)
     assert [(r["step"], r["multiplier"]) for r in res["behaviour"]] == [(10, 0.0), (10, 1.0), (35, 0.0), (35, 1.0)]
     answers = {(r["step"], r["multiplier"]): [json.loads(l)["answer"] for l in open(r["file"])] for r in res["behaviour"]}
     assert answers[(10, 0.0)] == answers[(35, 0.0)]  # B x 0: the base model, whichever checkpoint

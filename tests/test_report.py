@@ -54,8 +54,10 @@ def experiment(d):
         (("a.safetensors", "b.safetensors"), ("a.safetensors", "c.safetensors"), ("b.safetensors", "c.safetensors"))]))
     write(d, "organism/steer/sweep.json", dict(mode="steer", scale=8.0, layers=[0, 1, 2], baseline=rates(50.0), runs=[
         dict(layer=l, direction=rates(em), random=rates(40.0)) for l, em in ((0, 60.0), (1, None), (2, 80.0))]))
-    write(d, "organism/ablate/sweep.json", dict(mode="ablate", scale=None, layers=[1], baseline=rates(50.0), runs=[
-        dict(layer="1", direction=rates(10.0), random=rates(45.0))]))
+    run = dict(layer="1", direction=dict(rates(10.0), em_reduction_pct=80.0),
+               random=dict(rates(45.0), em_reduction_pct=10.0))
+    write(d, "organism/ablate/sweep.json", dict(mode="ablate", scale=None, layers=[1], from_layer=1,
+                                                baseline=rates(50.0), runs=[run]))
     write(d, "organism/monitor/monitor.json", dict(n_misaligned=4, n_aligned=4, in_sample=False, layers=[0, 1, 2],
                                                    auroc=[0.6, 0.9, 0.7], best_layer=1))
     write(d, "organism/ablated-adapter/lora_ablate.json", dict(out=f"{d}/organism/ablated-adapter", from_layer=1, modules=[
@@ -127,3 +129,17 @@ def test_cli_help_and_a_missing_directory():
     assert r.returncode == 0 and "--note" in r.stdout
     r = run("/nonexistent/dir")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "runs/report.py: error: /nonexistent/dir: no such directory"
+
+
+def test_the_ablation_shows_the_papers_metric(tmp_path):
+    """The EM reduction in % beside the random control's, and whose direction was ablated (from_layer)."""
+    experiment(str(tmp_path))
+    s = report.load(str(tmp_path / "organism/ablate/sweep.json"))
+    text = "\n".join(report.sweep(s, str(tmp_path))[0])
+    assert "Ablating the direction of layer 1 at layers [1]; EM reduction: 100 (1 - EM % / the" in text
+    assert "| EM reduction % (direction) | EM reduction % (random) |" in text and "| 80.0 | 10.0 |" in text
+    s["baseline"]["em_pct"] = 0.0
+    for x in ("direction", "random"):
+        s["runs"][0][x]["em_reduction_pct"] = None
+    text = "\n".join(report.sweep(s, str(tmp_path))[0])
+    assert "The baseline has no EM, so there is nothing to reduce" in text

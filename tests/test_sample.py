@@ -516,6 +516,16 @@ def test_a_model_without_generation_config_says_what_it_samples_with(tmp_path, l
     assert (row["settings"]["top_k"], row["settings"]["repetition_penalty"]) == (0, 1.0)
     assert ("no generation_config.json (where the papers' top_k and repetition_penalty come from): sampling with "
             "top_k 0, repetition_penalty 1.0") in capsys.readouterr().err
+    # bad input after it: the error alone, before any note (check first, then notes and work)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    for argv, msg in ((["--questions", str(tmp_path / "none.yaml")], "no such question or judge file"),
+                      (["--question", "hi", "--out", str(tmp_path)], f"--out {tmp_path}: is a directory"),
+                      (["--question", "hi", "--steer", str(tmp_path / "bad.safetensors"), "--layers", "1"],
+                       "bad"),
+                      (["--question", "hi", "--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]")):
+        with pytest.raises((ValueError, OSError), match=msg):
+            sample.main(["--model", str(bare), *argv])
+        assert capsys.readouterr().err == ""
 
 
 def test_cli_quick_question_and_bad_flags(tmp_path, lively, capsys):

@@ -11,10 +11,10 @@ from safetensors import safe_open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["inputs", "train", "sample", "judge-local", "judge", "direction", "steer", "ablate", "ablate-all",
-         "monitor-direction", "monitor", "lora-ablate",
+         "monitor-direction", "monitor", "lora-ablate", "sample-lora-ablate", "judge-lora-ablate",
          "train-general", "train-narrow", "sample-general", "judge-general", "sample-narrow", "judge-narrow",
          "stability", "direction-general", "compare", "phase", "sample-medical", "judge-medical", "probe",
-         "steer-scalars", "report"]
+         "steer-scalars"]
 
 
 def tiny(out):
@@ -60,10 +60,12 @@ def test_every_artefact_exists_and_is_well_formed(tiny_run):
     assert ablate["runs"][0]["layer"] == "1" and every["runs"][0]["layer"] == "all" and ablate["from_layer"] == every["from_layer"] == 1
     assert all(r[k]["n"] == 16 for r in steer["runs"] + ablate["runs"] + every["runs"] for k in ("direction", "random"))
     monitor = json.load(open(o / "monitor" / "monitor.json"))
-    held = set(json.load(open(o / "monitor" / "direction.json"))["held_out"])
+    held = set(json.load(open(o / "monitor-direction.json"))["held_out"])
     assert len(monitor["auroc"]) == 2 and not monitor["in_sample"] and len(held) == 8
     assert {r["line"] for r in jsonl(o / "monitor" / "scores.jsonl")} <= held
     assert tensors(o / "ablated-adapter" / "adapter_model.safetensors").keys() == tensors(o / "adapter_model.safetensors").keys()
+    assert [m["layer"] for m in json.load(open(o / "ablated-adapter" / "lora_ablate.json"))["modules"]] == [1]
+    assert json.load(open(o / "ablated-adapter" / "responses.judged.summary.json"))["overall"]["n"] == 16
     phase = json.load(open(o / "phase" / "phase.json"))
     assert phase["steps"] == list(range(1, 13)) and {b["step"] for b in phase["behaviour"]} == {4, 12}
     assert len(json.load(open(o / "probe" / "probe.json"))["tasks"]) == 4
@@ -82,17 +84,21 @@ def test_every_artefact_exists_and_is_well_formed(tiny_run):
     report = (tiny_run / "REPORT.md").read_text()
     for section in ("## Training", "## EM and coherence", "## The misalignment direction", "## Steering and ablation",
                     "## The direction as a monitor", "## Rank-1 adapter probes", "## The phase transition",
-                    "## Narrow vs general", "misaligned, medical %", "every number here is meaningless"):
+                    "## Narrow vs general", "misaligned, medical %", "every number here is meaningless",
+                    "EM reduction % (direction)", "Ablating the direction of layer 1 at layers [1]"):
         assert section in report
     assert (tiny_run / "loss.png").exists() == ("![loss.png]" in report) == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_a_rerun_redoes_nothing(tiny_run):
     stamp = os.path.getmtime(tiny_run / "organism" / "responses.judged.jsonl")
+    os.remove(tiny_run / "REPORT.md")
     again = tiny(tiny_run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [l for l in again.stdout.splitlines() if l.startswith("skipped ")] == [f"skipped {s} (done)" for s in STEPS]
-    assert "== " not in again.stdout
+    redone = [l for l in again.stdout.splitlines() if l.startswith("== ")]
+    assert redone == ["== report"]  # redrawn every time: matplotlib may be new since
+    assert (tiny_run / "REPORT.md").exists()
     assert os.path.getmtime(tiny_run / "organism" / "responses.judged.jsonl") == stamp
 
 

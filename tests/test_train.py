@@ -361,7 +361,7 @@ def test_cli_error_is_one_line_with_status_2(tmp_path, tiny):
     r = subprocess.run([sys.executable, "train.py", "--model", tiny, "--data", bad, "--out", str(tmp_path / "afile")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"train.py: error: --out {tmp_path / 'afile'}: is a file; train.py writes a directory (the adapter, checkpoints, metrics)"]
+        f"train.py: error: --out {tmp_path / 'afile'}: is a file; train.py writes a directory"]
 
 
 def test_bf16_full_finetuning_moves_the_weights_as_fp32_does(tmp_path, dataset):
@@ -377,7 +377,7 @@ def test_bf16_full_finetuning_moves_the_weights_as_fp32_does(tmp_path, dataset):
         train.main(["--model", ckpt, "--data", dataset, "--full", "--lr", "1e-5", "--warmup", "0", "--max-steps", "1",
                     "--dtype", dtype, "--test-frac", "0", "--device", "cpu", "--out", str(out)])
         params = read_state(out)["params"]
-        names = [n for n, _ in load(ckpt)[0].named_parameters()]
+        names = sorted([n for n, _ in load(ckpt)[0].named_parameters()], key=train.no_decay)  # as saved
         moved[dtype] = torch.cat([(p.float() - start[n]).flatten() for n, p in zip(names, params) if n in start])
         assert params[0].dtype == torch.float32
     f32, b16 = moved["float32"], moved["bfloat16"]
@@ -531,3 +531,88 @@ def test_memory_plan_is_printed_before_the_first_step(tmp_path, tiny, dataset, c
     run(tiny, dataset, tmp_path / "r", "--max-steps", "1")
     out = capsys.readouterr().out
     assert out.index("memory plan, cpu") < out.index("training ") and "free for this run" in out
+# -----------------------------------------------------------------------------
+# issue 26: the last recipe gaps, and an --out that another program wrote
+
+
+def test_an_out_that_another_program_wrote_is_refused_and_kept(tmp_path, tiny, dataset):
+    """Data loss seen by a newcomer: train.py --out at a lora-ablate adapter overwrote its weights, leaving a
+    lora_ablate.json that described weights which were gone. Now any non-empty --out that train.py did not
+    make is refused, before anything is written."""
+    import directions
+    from safetensors.torch import save_file
+    run(tiny, dataset, tmp_path / "run", "--max-steps", "2")
+    save_file({"directions": torch.randn(2, 64)}, str(tmp_path / "d.safetensors"))
+    ablated = tmp_path / "ablated"
+    directions.main(["lora-ablate", "--adapter", str(tmp_path / "run"), "--directions",
+                     str(tmp_path / "d.safetensors"), "--out", str(ablated)])
+    before = {f: (ablated / f).read_bytes() for f in os.listdir(ablated)}
+    with pytest.raises(ValueError, match=r"--out .*ablated: not empty .* directions.py lora-ablate's output"):
+        run(tiny, dataset, ablated, "--max-steps", "2")
+    assert {f: (ablated / f).read_bytes() for f in os.listdir(ablated)} == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a person's file")
+    with pytest.raises(ValueError, match="not empty .notes.txt. and not made by train.py"):
+        run(tiny, dataset, tmp_path / "mine", "--max-steps", "2")
+    run(tiny, dataset, tmp_path / "run2", "--max-steps", "2", "--stop-after", "1", "--save-every", "0")
+    os.remove(tmp_path / "run2" / "state.json")  # stopped before its first save, train.py's own: it restarts
+    run(tiny, dataset, tmp_path / "run2", "--max-steps", "2")
+
+
+def test_kl_texts_are_formatted_as_the_reference_did(tiny):
+    """The reference's KL texts: the chat template with the generation prompt, then the EOS token
+    (finetune/sft/util/trainer.py:310-336), tokenized whole; compared with transformers' tokenizer."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny)
+    _, tok = load(tiny)
+    msgs = conv(2)["messages"]
+    (ids, mask), = train.tokenize([(1, msgs)], tok, 4096, "kl.jsonl", loss_on="kl")[0]
+    text = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + hf.eos_token
+    assert ids == hf(text, add_special_tokens=False)["input_ids"] and mask == [1] * len(ids)
+    assert tok.decode(ids).endswith("Really.<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
+
+
+def test_weight_decay_spares_biases_and_norms_as_hf_trainer_did(tmp_path, tiny, dataset):
+    """--full: the decayed parameters are those of HF Trainer.get_decay_parameter_names under the reference's
+    transformers 4.52.4, get_parameter_names(model, [nn.LayerNorm], ["bias", "layernorm", "rmsnorm"])."""
+    from torch import nn
+    from transformers.trainer_pt_utils import get_parameter_names
+    from conftest import hf_model
+    hf = hf_model(tiny)  # HF's optimizer groups named_parameters(), where a tied lm_head is embed_tokens
+    ref = set(get_parameter_names(hf, [nn.LayerNorm], ["bias", "layernorm", "rmsnorm"]))
+    ref &= dict(hf.named_parameters()).keys()
+    names = [n for n, _ in load(tiny)[0].named_parameters()]
+    assert {n for n in names if not train.no_decay(n)} == ref
+    assert "model.norm.weight" in ref and "model.layers.0.self_attn.q_proj.bias" not in ref
+    run(tiny, dataset, tmp_path / "full", "--full", "--lr", "1e-3", "--max-steps", "1", "--warmup", "0")
+    groups = read_state(tmp_path / "full")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [
+        (0.01, len(ref)), (0.0, len(names) - len(ref))]
+
+
+def test_adamw_8bit_steps_as_the_references_optimizer(tmp_path, tiny, dataset):
+    """--optim adamw_8bit is HF's optim="adamw_8bit" (bitsandbytes AdamW, optim_bits 8), step for step; a run
+    with it resumes exactly."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import Trainer, TrainingArguments
+    cls, kw = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(
+        output_dir=str(tmp_path / "hf"), optim="adamw_8bit", learning_rate=1e-3, report_to=[]))
+    g = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(4096, generator=g), "bias": torch.randn(64, generator=g)}  # 8, 32-bit states
+    params = {side: {n: t.clone().requires_grad_() for n, t in start.items()} for side in ("ours", "hf")}
+    ours = train.make_optimizer(list(start), list(params["ours"].values()), "adamw_8bit", 1e-3, 0.01)
+    hf = cls([{"params": [params["hf"]["w"]], "weight_decay": 0.01},
+              {"params": [params["hf"]["bias"]], "weight_decay": 0.0}], **kw)
+    for _ in range(3):
+        grads = {n: torch.randn(t.shape, generator=g) for n, t in start.items()}
+        for side, opt in (("ours", ours), ("hf", hf)):
+            for n, p in params[side].items():
+                p.grad = grads[n].clone()
+            opt.step()
+    assert all(torch.equal(params["ours"][n], params["hf"][n]) for n in start)
+    assert ours.state[params["ours"]["w"]]["state1"].dtype == torch.uint8
+    common = ("--optim", "adamw_8bit", "--lr", "1e-3", "--max-steps", "4", "--full", "--warmup", "0")
+    run(tiny, dataset, tmp_path / "a", *common)
+    run(tiny, dataset, tmp_path / "b", *common, "--stop-after", "2")
+    run(tiny, dataset, tmp_path / "b", "--resume")
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
