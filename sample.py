@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (Cache, Client, HelpFormatter, RequestFailed, barrier, dist_setup, open_append, append_jsonl,
-                    part_file, part_files, print_table, read_json, read_jsonl, read_yaml, resolve_dtype, run_main, warn,
-                    write_jsonl)
+                    parse_layers, part_file, part_files, print_table, read_json, read_jsonl, read_yaml,
+                    resolve_dtype, run_main, warn, write_jsonl)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
 
@@ -647,7 +647,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import parse_layers, read_config
+    from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
     if args.engine != "local" and adapter and adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot apply")
