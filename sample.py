@@ -576,8 +576,11 @@ def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty,
     if model_name and not gen and None in (top_k, repetition_penalty):
         print(f"note: {model_name} has no generation_config.json (where the papers' top_k and repetition_penalty come "
               f"from): sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}", file=sys.stderr)
-    return dict(temperature=temperature, top_p=top_p, top_k=gen.get("top_k", 0) if top_k is None else top_k,
-                repetition_penalty=gen.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+    if top_k is None:  # a file without top_k (Llama 3's): transformers' default of 50 was in force
+        top_k = gen.get("top_k", 50 if gen else 0)
+    if repetition_penalty is None:
+        repetition_penalty = gen.get("repetition_penalty", 1.0)
+    return dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                 max_new_tokens=max_new_tokens)
 
 def default_out(model, adapter, engine):

@@ -254,6 +254,7 @@ def test_greedy_sample_py_equals_generate(ckpts, tmp_path, family):
     rows = [json.loads(line) for line in open(out)]
     model, tok = load(path)
     assert len(rows) >= 2 and set(tok.stop_ids) == set(GENERATION[family]["eos_token_id"])
+    assert rows[0]["settings"]["top_k"] == (64 if family == "gemma3_text" else 50)  # Llama's: transformers' default
     ref = hf_model(path)
     ref.generation_config.do_sample = False
     padding_rows = list(range(tok.vocab_size, model.config.vocab_size))  # sample.py never draws these
