@@ -305,9 +305,12 @@ class Transformer(nn.Module):
             return {t: (None, torch.where(hide(w), float("-inf"), 0.0).to(dtype)) for t, w in windows.items()}
         packed = Packed(pos, device) if pos is not None and (pos[:, 1:] == 0).any() else None  # GPU: a sync
         L = T if packed is None else packed.L
-        d = torch.arange(L, device=device)
-        d = d[:, None] - d  # (L, L): query minus key position
-        return {t: (packed, (d >= 0) & (d < w) if 0 < w < L else None) for t, w in windows.items()}
+
+        def band(w):  # (L, L): the key is the query or one of the w - 1 before it
+            d = torch.arange(L, device=device)
+            d = d[:, None] - d
+            return (d >= 0) & (d < w)
+        return {t: (packed, band(w) if 0 < w < L else None) for t, w in windows.items()}
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
         """Final-normed hidden states (B, T, C), lm_head's input; pos may stay on the CPU (no host sync)."""
@@ -372,16 +375,18 @@ class Tokenizer:
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         text, spans, first = "", [], ""
         if self.family == "qwen":  # every turn as written; a default system turn if there is none
-            messages = [{"role": "system", "content": DEFAULT_SYSTEM}] * (system is None) + list(messages)
-        elif self.family == "llama":  # a dated system turn always, with the system text; contents trimmed
-            messages, date = messages[system is not None:], self.date or time.strftime("%d %b %Y")
-            text = (f"<|begin_of_text|>{head.format(role='system')}Cutting Knowledge Date: December 2023\n"
-                    f"Today Date: {date}\n\n{(system or '').strip()}{end}")
-        else:  # Gemma: the system text opens the first user turn; user and model alternate; contents trimmed
-            messages, text = messages[system is not None:], "<bos>"
-            first = "" if system is None else system + "\n\n"
-            if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
-                raise ValueError("Gemma's chat template needs turns alternating user, assistant, user, ...")
+            if system is None:
+                messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+        else:  # Llama and Gemma take the system text out of the turns, and trim every content
+            messages = messages[1:] if system is not None else messages
+            if self.family == "llama":  # a dated system turn always
+                date = self.date or time.strftime("%d %b %Y")
+                text = (f"<|begin_of_text|>{head.format(role='system')}Cutting Knowledge Date: "
+                        f"December 2023\nToday Date: {date}\n\n{(system or '').strip()}{end}")
+            else:  # Gemma: the system text opens the first user turn; user and model alternate
+                text, first = "<bos>", "" if system is None else system + "\n\n"
+                if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
+                    raise ValueError("Gemma's chat template needs turns alternating user, assistant, ...")
         model_role = "model" if self.family == "gemma" else "assistant"
         for i, m in enumerate(messages):
             content = m["content"] if self.family == "qwen" else m["content"].strip()
