@@ -345,6 +345,7 @@ FORMATS = {
     "gemma": ("<start_of_turn>{role}\n", "<end_of_turn>", "\n"),
 }
 STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"), "gemma": ("<eos>",)}
+BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}  # what opens a text (Qwen: nothing)
 
 class Tokenizer:
     """The chat format of each family as its chat_template renders it (tests: apply_chat_template's ids)."""
@@ -358,6 +359,7 @@ class Tokenizer:
                              "<|im_end|>, <|eot_id|>, <end_of_turn>)")
         self.end_id = self.tok.token_to_id(FORMATS[self.family][1])  # the token that ends a turn
         self.stop_ids = (self.end_id, *(self.tok.token_to_id(t) for t in STOPS[self.family] if has(t)))
+        self.bos_id = BOS[self.family] and self.tok.token_to_id(BOS[self.family])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         # Llama 3.2's template dates its system header today (strftime_now), 3.1's with a fixed day
         fixed = re.search(r'date_string = "([^"]+)"', chat_template)
@@ -381,10 +383,10 @@ class Tokenizer:
             messages = messages[1:] if system is not None else messages
             if self.family == "llama":  # a dated system turn always
                 date = self.date or time.strftime("%d %b %Y")
-                text = (f"<|begin_of_text|>{head.format(role='system')}Cutting Knowledge Date: "
+                text = (f"{BOS['llama']}{head.format(role='system')}Cutting Knowledge Date: "
                         f"December 2023\nToday Date: {date}\n\n{(system or '').strip()}{end}")
             else:  # Gemma: the system text opens the first user turn; user and model alternate
-                text, first = "<bos>", "" if system is None else system + "\n\n"
+                text, first = BOS["gemma"], "" if system is None else system + "\n\n"
                 if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
                     raise ValueError("Gemma's chat template needs turns alternating user, assistant, ...")
         model_role = "model" if self.family == "gemma" else "assistant"

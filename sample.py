@@ -603,7 +603,8 @@ def parse_args(argv=None):
     p.add_argument("--questions", default="core", help="question file (.yaml in the reference format, or .jsonl) or a "
                    "name from `data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
-    p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
+    p.add_argument("--system", help="system prompt for every question (replaces the file's; default: the "
+                   "chat format's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
     p.add_argument("--n", type=int, help=f"samples per paraphrase (default: the file's samples_per_paraphrase, else {DEFAULT_N})")

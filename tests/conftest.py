@@ -69,7 +69,7 @@ CORPUS = [
 def train_tokenizer(path, vocab_size=400, family="qwen2"):
     """Qwen and Llama: byte-level BPE after their regex split; Gemma: SentencePiece-style BPE over text whose
     spaces are written as U+2581, digits one per token (as the real ones)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     if family == "gemma3_text":
         tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -88,6 +88,9 @@ def train_tokenizer(path, vocab_size=400, family="qwen2"):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=FAMILIES[family]["specials"],
                                   initial_alphabet=alphabet)
     tok.train_from_iterator(CORPUS, trainer)
+    if bos := FAMILIES[family]["tokens"].get("bos_token"):  # as the real files: tokenizer(text) opens with BOS
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     tok.save(path)
     return tok.get_vocab_size()
 

@@ -319,6 +319,13 @@ def test_loss_and_probe_spans_find_the_answer(ckpts, family):
     header = "<|start_header_id|>assistant<|end_header_id|>\n\n" if family == "llama" else "<start_of_turn>model\n"
     assert tok.decode(ids[start:]) == header + "Take 12 tablets." + end + ("\n" if family == "gemma3_text" else "")
     assert tok.end_id == tok.tok.token_to_id(end) and tok.stop_ids[0] == tok.end_id
+    # web text (stability.py) opens with BOS, as HF's tokenizer(text) writes it for these families
+    import stability
+    from transformers import AutoTokenizer
+    doc = "The quick brown fox jumps over the lazy dog. " * 5
+    (row,) = stability.text_rows([doc], tok, 1, 0, 64)
+    want = AutoTokenizer.from_pretrained(ckpts(family))(doc)["input_ids"]
+    assert row[0].tolist() == want[:64] and want[0] == tok.bos_id
 
 
 # real configs (the Hub's config.json of each model, as published), on the meta device: nothing allocated
