@@ -57,7 +57,7 @@ class Config:
     qkv_bias: bool = False  # Qwen2
     hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float = 0.0  # Gemma: the attention scale is its -1/2 power (0: head_dim's)
-    gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branches' outputs, embeddings x √C
+    gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branch outputs, embeddings x sqrt(C)
     torch_dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
     name_or_path: str = ""  # where it was loaded from (written into adapter configs)
 
