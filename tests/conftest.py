@@ -112,8 +112,7 @@ def hf_config(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=
                    sliding_window=4096, max_window_layers=layers, bos_token_id=0, eos_token_id=2)
     elif family == "llama":
         cfg.update(hidden_act="silu", head_dim=hidden // heads, rope_theta=500000.0, attention_bias=False,
-                   max_position_embeddings=131072,
-                   mlp_bias=False, bos_token_id=0, eos_token_id=[1, 4, 5],
+                   mlp_bias=False, max_position_embeddings=131072, bos_token_id=0, eos_token_id=[1, 4, 5],
                    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"})
     else:
@@ -126,7 +125,8 @@ def hf_config(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=
 
 
 def random_state(model, std, dtype, gemma=False, skip=()):
-    """Random tensors for a meta-device model's state dict: norms around 1 (Gemma's weight w is 1 + w's offset)."""
+    """Random tensors for a meta-device model's state dict: norm weights around 1 (Gemma's, which scale by 1 + w,
+    around 0), the rest N(0, std)."""
     sd = {}
     for name, p in model.state_dict().items():
         if name in skip:
