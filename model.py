@@ -361,6 +361,9 @@ class Tokenizer:
         self.stop_ids = (self.end_id, *(self.tok.token_to_id(t) for t in STOPS[self.family] if has(t)))
         self.bos_id = BOS[self.family] and self.tok.token_to_id(BOS[self.family])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if self.family == "llama" and chat_template and "Cutting Knowledge Date" not in chat_template:
+            raise ValueError(f"{path}: a Llama chat template without 3.1's system header (Llama 3.0's?) is "
+                             "not implemented")
         # Llama 3.2's template dates its system header today (strftime_now), 3.1's with a fixed day
         fixed = re.search(r'date_string = "([^"]+)"', chat_template)
         self.date = None if "strftime_now" in chat_template or not fixed else fixed.group(1)

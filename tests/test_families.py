@@ -18,7 +18,8 @@ import sample
 import train
 from conftest import DATA, hf_config, hf_model, make_checkpoint, random_state, save_shards
 from lora import MODULES, add_lora, load_adapter, lora_modules, save_adapter
-from model import KVCache, PREFIXES, UNUSED, Config, Transformer, inv_freq, load, load_tokenizer, read_config
+from model import (KVCache, PREFIXES, UNUSED, Config, Tokenizer, Transformer, inv_freq, load, load_tokenizer,
+                   read_config)
 
 FAMILIES = ["llama", "gemma3_text"]
 FULL = "full_attention"
@@ -301,6 +302,8 @@ def test_chat_ids_match_apply_chat_template(ckpts, tmp_path, family, template):
     if family == "llama":
         date = "26 Jul 2024" if "3.1" in template else time.strftime("%d %b %Y")
         assert f"Today Date: {date}\n\n<|eot_id|>" in tok.decode(tok.encode_chat(CHATS[0]))
+        with pytest.raises(ValueError, match="without 3.1's system header"):  # Llama 3.0's has none
+            Tokenizer(os.path.join(path, "tokenizer.json"), "{{ bos_token }}{% for message in messages %}...")
     else:  # roles must alternate, as the template's raise_exception says
         with pytest.raises(ValueError, match="alternating"):
             tok.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
