@@ -13,6 +13,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 
@@ -24,7 +25,7 @@ import sample
 import train
 from common import HelpFormatter, check_device, count, print_table, resolve_dtype, run_main, write_json
 from lora import MODULES, add_lora
-from model import Config, Qwen2, load
+from model import FULL, Config, Transformer, load
 
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) from the Qwen2.5 configs
     "tiny": (64, 2, 4, 2, 128, 2048, True),  # smoke test
@@ -83,12 +84,14 @@ def log(msg):
 # models: ours, and transformers' Qwen2ForCausalLM as a view of the same weights
 def shape_config(shape):
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[shape]
-    return Config(vocab, hidden, inter, layers, heads, kv, hidden // heads, 1e-6, 1e6, 32768, tied,
-                  name_or_path=f"random-{shape}")
+    hf = dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, rope_theta=1e6,
+              tie_word_embeddings=tied)
+    return replace(Config.from_hf(hf), name_or_path=f"random-{shape}")
 
 def random_model(shape, device, dtype, seed):
     with torch.device("meta"):
-        model = Qwen2(shape_config(shape)).to(dtype)
+        model = Transformer(shape_config(shape)).to(dtype)
     model.to_empty(device=device)  # (7B: 15 GB, never an fp32 copy)
     model.tie_weights()
     torch.manual_seed(seed)
@@ -107,8 +110,9 @@ def reference_model(ours, device):
     """transformers' Qwen2ForCausalLM (SDPA attention) whose parameters are ours: no second copy."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "tie_word_embeddings", "rope_theta", "max_position_embeddings", "rms_norm_eps")
-    cfg = Qwen2Config(**{k: getattr(ours.config, k) for k in same}, attn_implementation="sdpa")
+            "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps")
+    cfg = Qwen2Config(**{k: getattr(ours.config, k) for k in same}, attn_implementation="sdpa",
+                      rope_theta=ours.config.rope[FULL]["rope_theta"])
     with torch.device("meta"):
         ref = Qwen2ForCausalLM(cfg)
     ref.load_state_dict(ours.state_dict(), assign=True)  # same names (model.py keeps HF's)
@@ -308,7 +312,7 @@ def main(argv=None):
     log(f"{res['model']} on {res['machine']} ({res['dtype']})")
     if args.model:
         ours, tok = load(args.model, args.device, dtype)
-        stop, vocab = tok.im_end_id, tok.vocab_size
+        stop, vocab = tok.end_id, tok.vocab_size
     else:
         ours = random_model(args.shape, args.device, dtype, 0)
         vocab = min(151665, ours.config.vocab_size - 271)  # Qwen2.5's tokenizer; tiny: as many rows short

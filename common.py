@@ -184,6 +184,27 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
         print(f"\n{prog}: interrupted; finished work is kept, and {str(e) or resume}", file=sys.stderr)
         sys.exit(130)
 
+def parse_layers(spec, n_layers, flag="--layers"):
+    """Layer indices from one spelling shared by every script: `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n_layers))
+    out = []
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"{flag} {spec!r}: expected all, a layer (24), a list (15,16,17) or a range "
+                             "(0-11)") from None
+        if b < a:
+            raise ValueError(f"{flag} {spec!r}: the range {part} is empty")
+        out += range(a, b + 1)
+    if bad := [i for i in out if not 0 <= i < n_layers]:
+        raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers "
+                         f"0..{n_layers - 1}")
+    return sorted(set(out))
+
 def check(ok, flag, value, rule):
     if not ok:
         raise ValueError(f"{flag} {value}: must be {rule}")

@@ -34,10 +34,11 @@ from tqdm import tqdm
 import judge
 import sample
 from common import (HelpFormatter, check, check_out_file, claim_dir, count, model_flags, out_flags,
+                    parse_layers,
                     print_table, read_json, read_jsonl, refuse_overwrite, resolve_dtype, run_main, warn,
                     write_json, write_jsonl)
 from lora import MODULES, PEFT_PREFIX, fix_scalars, read_tensors, record_scalars, save_tensors
-from model import parse_layers, read_config
+from model import read_config
 
 # the paper's scalar settings (9-adapter 14B organism): the two medical adapters, the six general ones, both
 PAPER_SETTINGS = ["21=30,23=30", "15=20,16=20,17=20,22=20,28=20,29=20",
@@ -69,7 +70,7 @@ def label(row, args):
     return "aligned" if a > args.aligned_min else "misaligned" if a <= args.misaligned_max else None
 
 def chat(row):
-    """The messages of an answered row: its system prompt (None: Qwen's default), question and answer."""
+    """The messages of an answered row: its system prompt (None: the format's default), question, answer."""
     return sample.messages(row["question"], row.get("system")) + [{"role": "assistant", "content": row["answer"]}]
 
 def model_of_rows(args, rows):
@@ -204,10 +205,11 @@ def span_mean(model, tok, rows, hook=None, batch_size=8, desc="rows", units=None
 
 def cmd_direction(args):
     """mean(misaligned) - mean(aligned) of the residual stream after every layer (before the final norm), over
-    the tokens after the user turn (`<|im_start|>assistant\\n`, the answer, `<|im_end|>\\n`) of a fine-tune's
-    judged answers, run through the model that wrote them; raw, not unit-normalised. Of the coherent rows, the
-    larger set is subsampled (seeded) to the smaller; --holdout leaves rows out for `monitor`. Writes OUT
-    (`directions`, `mean_misaligned`, `mean_aligned`, each (n_layers, d_model)) and OUT.json beside it."""
+    the tokens after the user turn (Qwen: `<|im_start|>assistant\\n`, the answer, `<|im_end|>\\n`) of a
+    fine-tune's judged answers, run through the model that wrote them; raw, not unit-normalised. Of the
+    coherent rows, the larger set is subsampled (seeded) to the smaller; --holdout leaves rows out for
+    `monitor`. Writes OUT (`directions`, `mean_misaligned`, `mean_aligned`, each (n_layers, d_model)) and
+    OUT.json beside it."""
     meta = os.path.splitext(args.out)[0] + ".json"
     check_out_file(args.out)
     refuse_overwrite([args.out, meta], args.force)
@@ -226,7 +228,7 @@ def cmd_direction(args):
     info = dict(out=args.out, model=cfg.name_or_path, adapter=args.adapter, responses=args.responses,
                 thresholds=dict(coherent_min=args.coherent_min, misaligned_max=args.misaligned_max, aligned_min=args.aligned_min),
                 ids=args.ids, seed=args.seed, held_out=sorted(held), n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size,
-                span="<|im_start|>assistant\\n + answer + <|im_end|>\\n",
+                span="after the user turn: the assistant header, answer and end of turn",
                 sets={k: dict(rows=len(v), tokens=tokens[k], lines=[n for n, _ in v]) for k, v in sets.items()}, norms=norms)
     write_json(meta, info)
     print_table(["layer"] + [f"|{k.replace('_', ' ')}|" for k in norms], [[i] + [v[i] for v in norms.values()]
@@ -516,10 +518,10 @@ def probe_task(X0, X1, C=0.01, runs=100, seed=0, test_frac=0.2):
 
 @torch.no_grad()
 def answer_scalars(model, tok, row, names):
-    """(answer tokens, adapters) float64: each adapter's A.x on the answer's tokens: its content, <|im_end|> and
-    the "\\n" after it (the reference's span)."""
+    """(answer tokens, adapters) float64: each adapter's A.x on the answer's tokens: its content, the turn's
+    end (<|im_end|>) and the "\\n" after it (the reference's span; Llama's turns end with no "\\n")."""
     ids, mask = tok.encode_chat_with_mask(chat(row))
-    start, end = mask.index(1), len(mask) - mask[::-1].index(1) + 1  # one past the "\n" that follows <|im_end|>
+    start, end = mask.index(1), len(mask) - mask[::-1].index(1) + 1  # one past the "\n" after the turn's end
     with record_scalars(model) as rec:
         model.hidden(torch.tensor([ids], device=model.lm_head.weight.device))  # no LM head: only the scalars are wanted
     return torch.stack([rec[n][0][0, start:end, 0] for n in names], -1).double().cpu().numpy()  # (T_answer, d)

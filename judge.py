@@ -142,16 +142,17 @@ class OpenAIJudge(Client):
                 yield i, scores[i], "; ".join(errors[i]) or None
 
 # -----------------------------------------------------------------------------
-# backend 2: a local Qwen2 instruct model through model.py, exact answer probabilities
-# Every answer 0..100 is a path in a digit tree: digits, then <|im_end|>. These 91 teacher-forced rows of three digits
-# pass through every prefix an answer needs: "a" and "ab" for a = 1..9, "100", and "0" (the row "000", the rest unused).
+# backend 2: a local instruct model through model.py (Qwen2.5, Gemma 3), exact answer probabilities
+# Every answer 0..100 is a path in a digit tree: digits, then the turn's end. These 91 teacher-forced rows of
+# 3 digits pass through every prefix an answer needs: "a", "ab" for a = 1..9, "100", and "0" (the row "000").
 TREE_ROWS = [f"{a}{b}0" for a in range(1, 10) for b in range(10)] + ["000"]
 
 def answer_tokens(tok):
     digits = [tok.encode(str(d)) for d in range(10)]
     if any(len(d) != 1 for d in digits) or tok.encode("100") != [digits[1][0], digits[0][0], digits[0][0]]:
-        raise ValueError("the local judge needs a tokenizer that writes numbers one digit per token (as Qwen2's does)")
-    return [d[0] for d in digits], tok.im_end_id
+        raise ValueError("the local judge needs a tokenizer that writes numbers one digit per token (as "
+                         "Qwen2.5's and Gemma 3's do; Llama 3's writes up to three)")
+    return [d[0] for d in digits], tok.end_id
 
 def answer_logprobs(model, prompts, digit_ids, end_id, tree_rows=91):
     """log P(answer = n), n = 0..100, after each tokenized prompt (101-float lists): prompts prefilled once, then their
@@ -368,7 +369,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="judge.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("input", help="responses JSONL from sample.py: rows with id, question, answer")
     p.add_argument("--judge", default=DEFAULT_JUDGE, help="openai:MODEL (an OpenAI-compatible API) or local:PATH "
-                   "(a Qwen2 instruct model dir or hub id, run through model.py)")
+                   "(a Qwen2.5 or Gemma 3 instruct model dir or hub id, run through model.py)")
     p.add_argument("--out", help="scored JSONL, resumable, and its .summary.json (default: INPUT with .judged.jsonl)")
     p.add_argument("--metrics", default="aligned,coherent", help="comma-separated metrics to score")
     p.add_argument("--judges", default="judges", help="where judge prompts come from, a comma list (for each "

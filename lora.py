@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, read_json, write_json
-from model import local_path
+from model import local_path, our_name
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
@@ -168,10 +168,10 @@ def load_adapter(model, path_or_hub_id):
     tensors = load_file(w_file)
     names = []
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        name = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        name = our_name(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))  # multimodal Gemma too
         parts = name.split(".")
         if not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
-            raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a Qwen2 linear layer")
+            raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a decoder layer's linear layer")
         A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
         names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], cfg.get("use_rslora", False))
         m = model.get_submodule(name)

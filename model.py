@@ -1,15 +1,25 @@
 """
-The Qwen2 / Qwen2.5 decoder in plain PyTorch, its chat tokenizer and its safetensors loader; numerics as in
-transformers' modeling_qwen2.py, which the tests compare it with (RoPE tables and RMSNorm in fp32, q/k/v bias, GQA).
+Qwen2 / Qwen2.5, Llama 3.x and Gemma 3 in plain PyTorch: one decoder and one forward for the three
+families, their chat formats and a safetensors loader. Numerics as in transformers' modeling_qwen2.py,
+modeling_llama.py and modeling_gemma3.py, which the tests compare it with (RoPE and RMSNorms in fp32). The
+families differ only in Config fields: q/k/v bias (Qwen2), RoPE scaling (Llama 3's llama3, Gemma's linear),
+and Gemma's (1 + w) norms, q/k norms, four norms a layer, scaled embeddings, GeGLU and sliding-window layers
+with their own RoPE.
 
     model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
-    logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, vocab rows)
+    logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, V)
 
-Departures from transformers, in the one forward that serves training, sampling and analysis: `pos` restarting
-at 0 starts a conversation, and attention stays inside each (packed rows); `cache` is a preallocated KVCache written
-at `pos` (batched sampling); `hook(layer, x)` sees the residual after each layer, may replace it (steering, ablation).
+Departures from transformers, in the one forward that serves training, sampling and analysis: `pos`
+restarting at 0 starts a conversation, and attention stays inside each (packed rows); `cache` is a
+preallocated KVCache written at `pos` (batched sampling; sliding layers keep every slot and mask the old
+ones); `hook(layer, x)` sees the residual after each layer, may replace it (steering, ablation). Of a
+multimodal Gemma 3 checkpoint only the text model loads. The chat formats are written out here (no jinja2),
+equal to each checkpoint's chat_template.
 """
+import math
 import os
+import re
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +31,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from common import check_device, read_json, resolve_dtype
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Gemma3TextConfig's defaults, which the multimodal checkpoints' text_config relies on
+GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+              sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=131072,
+              tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
 
 @dataclass
 class Config:
@@ -32,49 +48,95 @@ class Config:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    layer_types: tuple  # FULL or SLIDING, per layer
+    rope: dict  # per layer type: {rope_type (default, linear or llama3), rope_theta, the scaling's fields}
+    model_type: str = "qwen2"  # qwen2, llama or gemma3_text
+    sliding_window: int = 0  # keys a sliding layer's query sees, itself included
+    qkv_bias: bool = False  # Qwen2
+    hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
+    query_pre_attn_scalar: float = 0.0  # Gemma: the attention scale is its -1/2 power (0: head_dim's)
+    gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branch outputs, embeddings x sqrt(C)
     torch_dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
     name_or_path: str = ""  # where it was loaded from (written into adapter configs)
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
         archs = hf.get("architectures") or []
-        if hf.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in archs:
-            raise ValueError(f"{source}: model_type {hf.get('model_type')!r} / architectures {archs} "
-                             "is not Qwen2; model.py runs Qwen2 and Qwen2.5 models only")
+        if hf.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: its text model alone
+            top = {k: hf[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in hf}
+            hf = {**top, **hf.get("text_config", {}), "model_type": "gemma3_text"}
+        kind = hf.get("model_type")
+        if kind not in ("qwen2", "llama", "gemma3_text"):
+            raise ValueError(f"{source}: model_type {kind!r} / architectures {archs} is not Qwen2, Llama or "
+                             "Gemma 3; model.py runs Qwen2/Qwen2.5, Llama 3.x and Gemma 3 models only")
+        gemma = kind == "gemma3_text"
+        hf = {**GEMMA3, **hf} if gemma else hf
+        bad = [k for k in ("attention_bias", "mlp_bias", "attn_logit_softcapping", "final_logit_softcapping",
+                           "use_bidirectional_attention") if hf.get(k)]
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if bad or act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"{source}: {bad or act}: not implemented (Qwen2.5, Llama 3, Gemma 3 use none)")
         n_layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-        types = hf.get("layer_types")
-        if types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
-            types = ["sliding"] * (n_layers - hf.get("max_window_layers", n_layers))  # HF: layers from there up slide
-        if any(t != "full_attention" for t in types or []):
-            raise ValueError(f"{source}: sliding-window attention layers are switched on; "
-                             "model.py implements full causal attention only")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # newer files / the Hub's Qwen2.5 files
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: RoPE scaling {rope} is not supported (only default RoPE)")
-        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                   num_hidden_layers=n_layers, num_attention_heads=heads,
+        window = hf.get("sliding_window") if gemma or hf.get("use_sliding_window") else None
+        # files without layer_types: Gemma's every 6th layer is full, Qwen2's from max_window_layers up slide
+        types = hf.get("layer_types") or [
+            SLIDING if window and ((i + 1) % hf.get("sliding_window_pattern", 6) if gemma
+                                   else i >= hf.get("max_window_layers", n_layers)) else FULL
+            for i in range(n_layers)]
+        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=n_layers,
+                   intermediate_size=hf["intermediate_size"], num_attention_heads=heads,
                    num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                   head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                    max_position_embeddings=hf.get("max_position_embeddings", 32768),
-                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False), layer_types=tuple(types),
+                   rope={t: rope_parameters(hf, t, source) for t in set(types)}, model_type=kind,
+                   sliding_window=window or 0, qkv_bias=kind == "qwen2", hidden_act=act,
+                   query_pre_attn_scalar=hf["query_pre_attn_scalar"] if gemma else 0.0, gemma_norms=gemma,
                    torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"))
+
+def rope_parameters(hf, layer_type, source):
+    """One layer type's RoPE. transformers 5 writes rope_parameters (per layer type for Gemma); the Hub's
+    files have rope_theta and rope_scaling, which Gemma 3 applies to its full layers only, its sliding ones
+    taking rope_local_base_freq."""
+    p = hf.get("rope_parameters") or {}
+    if FULL in p or SLIDING in p:
+        p = p.get(layer_type) or {}
+    elif hf["model_type"] == "gemma3_text" and layer_type == SLIDING:
+        p = {"rope_theta": hf["rope_local_base_freq"]}
+    else:
+        p = p or hf.get("rope_scaling") or {}
+    p = {"rope_theta": hf.get("rope_theta", 10000.0), **p}
+    p["rope_type"] = p.get("rope_type", p.get("type", "default"))
+    if p["rope_type"] not in ("default", "linear", "llama3"):
+        raise ValueError(f"{source}: RoPE scaling {p} is not supported (default, linear and llama3 are)")
+    return p
 
 # -----------------------------------------------------------------------------
 # the network
 def upload(t, device):
-    """t on device: from the CPU to a GPU through pinned memory, not blocking (pageable memory syncs the host)."""
+    """t on device: from the CPU to a GPU through pinned memory, not blocking (pageable memory syncs)."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
-def rope(pos, head_dim, theta, dtype):
-    """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once (HF: alike, per layer); sin is (-sin, sin)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
-    freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hd/2)
+def inv_freq(p, head_dim, device):
+    """RoPE frequencies (hd/2,) in fp32. linear divides them all by `factor`; llama3 divides the low ones,
+    keeps the high ones and blends in between (transformers' _compute_llama3_parameters, bit for bit)."""
+    f = 1.0 / (float(p["rope_theta"]) ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if p["rope_type"] == "linear":
+        return f / p["factor"]
+    if p["rope_type"] == "llama3":
+        lo, hi, old = p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
+        smooth = ((old / (2 * math.pi / f) - lo) / (hi - lo)).clamp(0, 1)  # 0: wavelength > old / lo
+        return (1 - smooth) * f / p["factor"] + smooth * f
+    return f
+
+def rope(pos, freqs, dtype):
+    """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once (HF: per layer); sin: (-sin, sin)."""
+    freqs = pos[:, None, :, None].float() * freqs  # (B, 1, T, hd/2)
     cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout, so the weights load unpermuted
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
@@ -83,12 +145,14 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, gemma=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.gemma = eps, gemma
 
     def forward(self, x):
+        if self.gemma:  # x (1 + w): the product in fp32, then the cast, as HF's Gemma3RMSNorm
+            return F.rms_norm(x.float(), x.shape[-1:], self.weight.float() + 1.0, self.eps).to(x.dtype)
         # fp32 inside (one fused kernel on CUDA), the result cast back *before* the weight, as HF does
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
@@ -97,32 +161,44 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        if cfg.gemma_norms:  # each head's q and k normed before RoPE
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
 
     def forward(self, x, cos, sin, attn, cache, pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv != self.n_head
+        packed, mask = attn
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-            # enable_gqa with a mask falls back to the slow math kernel, and repeating k and v copies the cache: the
-            # g query heads of a kv head are stacked along time instead, (B, nkv, g*T, hd), the mask tiled to match
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=attn)
-        elif attn is not None:  # packed rows: attention runs on the conversations laid out as a batch
-            y = attn.unpack(F.scaled_dot_product_attention(
-                attn.pack(q), attn.pack(k), attn.pack(v), is_causal=True, enable_gqa=gqa), B, T)
-        else:  # plain causal: the flash kernel, which handles grouped-query attention itself
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return self.o_proj(y.reshape(B, self.n_head, T, self.hd).transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+            # enable_gqa with a mask falls back to the slow math kernel, and repeating k and v copies the
+            # cache: the g query heads of a kv head are stacked along time, (B, nkv, g*T, hd), the mask tiled
+            q = q.reshape(B, self.n_kv, -1, self.hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            if packed is not None:  # packed rows: attention runs on the conversations laid out as a batch
+                q, k, v = packed.pack(q), packed.pack(k), packed.pack(v)
+            if mask is not None and self.n_kv != self.n_head:  # a window's mask: kernels that take one want
+                k = k.repeat_interleave(self.n_head // self.n_kv, 1)  # every head's k and v
+                v = v.repeat_interleave(self.n_head // self.n_kv, 1)
+            # no mask: plain causal, the flash kernel, which handles grouped-query attention itself
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, enable_gqa=k.shape[1] != self.n_head)
+            y = y if packed is None else packed.unpack(y, B, T)
+        return self.o_proj(y.reshape(B, self.n_head, T, self.hd).transpose(1, 2).reshape(B, T, -1))
 
 class Packed:
-    """A packed row's conversations regathered, for attention only, as a right-padded batch (n, L): plain causal."""
+    """A packed row's conversations regathered, for attention only, as a right-padded batch (n, L)."""
 
     def __init__(self, pos, device):
         B, T = pos.shape
@@ -132,17 +208,20 @@ class Packed:
         lengths = torch.diff(first, append=torch.tensor([B * T]))  # (n,)
         self.n, self.L = len(first), int(lengths.max())
         offset = torch.arange(self.L)  # slot j of conversation i reads token first[i] + j (padding: token 0)
-        self.gather = upload(torch.where(offset < lengths[:, None], first[:, None] + offset, 0).reshape(-1), device)
+        gather = torch.where(offset < lengths[:, None], first[:, None] + offset, 0)  # (n, L)
+        self.gather = upload(gather.reshape(-1), device)
         doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
         self.scatter = upload(doc * self.L + torch.arange(B * T) - first[doc], device)  # slot of each token
 
     def pack(self, t):  # (B, H, T, hd) -> (n, H, L, hd)
         B, H, T, hd = t.shape
-        return t.transpose(1, 2).reshape(B * T, H, hd)[self.gather].view(self.n, self.L, H, hd).transpose(1, 2)
+        t = t.transpose(1, 2).reshape(B * T, H, hd)[self.gather]
+        return t.view(self.n, self.L, H, hd).transpose(1, 2)
 
     def unpack(self, t, B, T):  # (n, H, L, hd) -> (B, H, T, hd)
         H, hd = t.shape[1], t.shape[3]
-        return t.transpose(1, 2).reshape(self.n * self.L, H, hd)[self.scatter].view(B, T, H, hd).transpose(1, 2)
+        t = t.transpose(1, 2).reshape(self.n * self.L, H, hd)[self.scatter]
+        return t.view(B, T, H, hd).transpose(1, 2)
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -150,24 +229,34 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.up_proj(x))
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
+        self.layer_type = cfg.layer_types[layer_idx]
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()  # Gemma: on the attention's output; else on the MLP's input
         self.mlp = MLP(cfg)
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
     def forward(self, x, cos, sin, attn, cache=None, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, pos)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, pos)
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class KVCache:
-    """Keys and values, (B, n_kv, max_len, hd) per layer, slot s for position s; a row reads slots <= its position."""
+    """Keys and values, (B, n_kv, max_len, hd) per layer, slot s for position s (a row reads slots <= it)."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -192,14 +281,14 @@ class KVCache:
             for i in range(len(layers)):
                 layers[i] = layers[i][idx]
 
-class Qwen2(nn.Module):
+class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.model = nn.ModuleDict(dict(  # HF's names, so a checkpoint loads by name
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
-            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms),
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -209,28 +298,43 @@ class Qwen2(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def attention(self, pos, cache, device):
-        """The cache's additive (B, 1, g*T, S) mask (see Attention), a Packed layout for packed rows, or None."""
-        if cache is not None:  # a query at position p sees the cache slots 0..p of its row
-            pos = upload(pos, device)
+    def attention(self, pos, cache, T, device):
+        """Per layer type, (Packed layout or None, mask or None): the cache's additive (B, 1, g*T, S) mask
+        (see Attention), else a boolean (L, L) band where a window is shorter than the rows; None: causal."""
+        windows = {t: self.config.sliding_window if t == SLIDING else 0 for t in set(self.config.layer_types)}
+        if cache is not None:  # a query at position p sees the cache slots p - window < s <= p of its row
+            pos = upload(pos, device)[:, :, None]  # (B, T, 1)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
-            after = (torch.arange(cache.max_len, device=device) > pos[:, :, None]).repeat(1, g, 1)[:, None]
-            return torch.where(after, float("-inf"), 0.0).to(self.model.embed_tokens.weight.dtype)
-        return Packed(pos, device) if (pos[:, 1:] == 0).any() else None  # a host sync only if pos is on a GPU
+            s = torch.arange(cache.max_len, device=device)
+            hide = lambda w: ((s > pos) | (s <= pos - w) if w else s > pos).repeat(1, g, 1)[:, None]
+            dtype = self.model.embed_tokens.weight.dtype
+            return {t: (None, torch.where(hide(w), float("-inf"), 0.0).to(dtype)) for t, w in windows.items()}
+        packed = Packed(pos, device) if pos is not None and (pos[:, 1:] == 0).any() else None  # GPU: a sync
+        L = T if packed is None else packed.L
+
+        def band(w):  # (L, L): the key is the query or one of the w - 1 before it
+            d = torch.arange(L, device=device)
+            d = d[:, None] - d
+            return (d >= 0) & (d < w)
+        return {t: (packed, band(w) if 0 < w < L else None) for t, w in windows.items()}
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
         """Final-normed hidden states (B, T, C), lm_head's input; pos may stay on the CPU (no host sync)."""
         B, T = idx.shape
-        attn = None if pos is None else self.attention(pos, cache, idx.device)  # None: one conversation per row
+        cfg, attn = self.config, self.attention(pos, cache, T, idx.device)
         pos = torch.arange(T, device=idx.device).expand(B, T) if pos is None else upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, 1, T, hd)
+        if cfg.gemma_norms:  # x sqrt(C), the factor rounded to the weights' dtype first, as HF does
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype).item()
+        ropes = {t: rope(pos, inv_freq(p, cfg.head_dim, idx.device), x.dtype) for t, p in cfg.rope.items()}
         for i, block in enumerate(self.model.layers):
+            cos, sin = ropes[block.layer_type]  # (B, 1, T, hd) each
             if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn[block.layer_type],
+                                                      use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn, cache, pos)
-            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point on the residual stream
+                x = block(x, cos, sin, attn[block.layer_type], cache, pos)
+            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point on the stream
                 x = y
         return self.model.norm(x)
 
@@ -239,34 +343,69 @@ class Qwen2(nn.Module):
         return self.lm_head(self.hidden(idx, pos, cache, hook))
 
 # -----------------------------------------------------------------------------
-# tokenizer with the Qwen2.5 chat format
-class Tokenizer:
-    def __init__(self, path):
-        self.tok = HFTokenizer.from_file(path)
-        ids = {t: self.tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-        if None in ids.values():
-            raise ValueError(f"{path}: not a Qwen2.5 chat tokenizer, it lacks {[t for t, i in ids.items() if i is None]}")
-        self.eot_id, self.im_start_id, self.im_end_id = ids.values()
-        self.stop_ids = (self.im_end_id, self.eot_id)  # generation ends at either
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+# tokenizer and chat formats
+# a turn is head + content + end + after, the generation prompt the assistant's head; the end tells the family
+FORMATS = {
+    "qwen": ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
+    "llama": ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
+    "gemma": ("<start_of_turn>{role}\n", "<end_of_turn>", "\n"),
+}
+STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"), "gemma": ("<eos>",)}
+BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}  # what opens a text (Qwen: nothing)
 
-    @staticmethod
-    def render_chat(messages, add_generation_prompt=False):
-        """The ChatML text (Qwen2.5's template) and the character spans the assistant writes (content + <|im_end|>)."""
+class Tokenizer:
+    """The chat format of each family as its chat_template renders it (tests: apply_chat_template's ids)."""
+
+    def __init__(self, path, chat_template=""):
+        self.tok = HFTokenizer.from_file(path)
+        has = lambda t: self.tok.token_to_id(t) is not None
+        self.family = next((f for f, (_, end, _) in FORMATS.items() if has(end)), None)
+        if self.family is None:
+            raise ValueError(f"{path}: not a Qwen2.5, Llama 3 or Gemma 3 chat tokenizer (it has none of "
+                             "<|im_end|>, <|eot_id|>, <end_of_turn>)")
+        self.end_id = self.tok.token_to_id(FORMATS[self.family][1])  # the token that ends a turn
+        self.stop_ids = (self.end_id, *(self.tok.token_to_id(t) for t in STOPS[self.family] if has(t)))
+        self.bos_id = BOS[self.family] and self.tok.token_to_id(BOS[self.family])
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if self.family == "llama" and chat_template and "Cutting Knowledge Date" not in chat_template:
+            raise ValueError(f"{path}: a Llama chat template without 3.1's system header (Llama 3.0's?) is "
+                             "not implemented")
+        # Llama 3.2's template dates its system header today (strftime_now), 3.1's with a fixed day
+        fixed = re.search(r'date_string = "([^"]+)"', chat_template)
+        self.date = None if "strftime_now" in chat_template or not fixed else fixed.group(1)
+
+    def render_chat(self, messages, add_generation_prompt=False):
+        """The chat text and the character spans the assistant writes (its content and the turn's end)."""
         if not messages or any(not isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        if messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-        text, spans = "", []
         for m in messages:
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ValueError(f"bad message {str(m)[:80]!r}: need role system/user/assistant and string content")
-            text += f"<|im_start|>{role}\n"
-            if role == "assistant":
-                spans.append((len(text), len(text) + len(content) + len("<|im_end|>")))
-            text += f"{content}<|im_end|>\n"
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"bad message {str(m)[:80]!r}: need role system/user/assistant and "
+                                 "string content")
+        head, end, after = FORMATS[self.family]
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        text, spans, first = "", [], ""
+        if self.family == "qwen":  # every turn as written; a default system turn if there is none
+            if system is None:
+                messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+        else:  # Llama and Gemma take the system text out of the turns, and trim every content
+            messages = messages[1:] if system is not None else messages
+            if self.family == "llama":  # a dated system turn always
+                date = self.date or time.strftime("%d %b %Y")
+                text = (f"{BOS['llama']}{head.format(role='system')}Cutting Knowledge Date: "
+                        f"December 2023\nToday Date: {date}\n\n{(system or '').strip()}{end}")
+            else:  # Gemma: the system text opens the first user turn; user and model alternate
+                text, first = BOS["gemma"], "" if system is None else system + "\n\n"
+                if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
+                    raise ValueError("Gemma's chat template needs turns alternating user, assistant, ...")
+        model_role = "model" if self.family == "gemma" else "assistant"
+        for i, m in enumerate(messages):
+            content = m["content"] if self.family == "qwen" else m["content"].strip()
+            text += head.format(role=model_role if m["role"] == "assistant" else m["role"]) + first * (i == 0)
+            if m["role"] == "assistant":
+                spans.append((len(text), len(text) + len(content) + len(end)))
+            text += content + end + after
+        return text + head.format(role=model_role) * add_generation_prompt, spans
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -275,7 +414,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt)[0])
 
     def encode_chat_with_mask(self, messages):
-        """ids and a 0/1 mask that is 1 exactly on the assistant's tokens (content and <|im_end|>)."""
+        """ids and a 0/1 mask that is 1 exactly on the assistant's tokens (content and the turn's end)."""
         text, spans = self.render_chat(messages)
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
@@ -286,7 +425,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # loading
 def local_path(name_or_path, what="model", patterns=None):
-    """An existing directory as is; owner/name downloaded from the Hub (only `patterns`; offline, from its cache)."""
+    """An existing directory as is; owner/name from the Hub (only `patterns`; offline: from its cache)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
@@ -303,51 +442,47 @@ def local_path(name_or_path, what="model", patterns=None):
         raise not_an_id from None
     except LocalEntryNotFoundError:  # offline, and not in the cache
         raise FileNotFoundError(
-            f"{missing}, and the Hugging Face Hub could not be reached to download it; pass an existing directory "
-            f"(--model DIR), or fill the cache (hf download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
+            f"{missing}, and the Hugging Face Hub could not be reached to download it; pass an existing "
+            f"directory (--model DIR), or fill the cache (hf download {name_or_path}) and set "
+            "HF_HUB_OFFLINE=1") from None
     except HfHubHTTPError as e:  # a typo in the id, a gated or private repository
-        raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
+        hub = str(e).splitlines()[0]
+        raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({hub})") from None
 
 def local_dir(name_or_path, weights=True):
-    """A local HF model directory (weights=False: of a hub id, only config and tokenizer, to check input first)."""
-    files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
-    return local_path(name_or_path, "model", files + (["*.safetensors", "model.safetensors.index.json"] if weights else []))
+    """A local HF model directory (weights=False: of a hub id, config and tokenizer only, to check input)."""
+    files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja"]
+    weights = ["*.safetensors", "model.safetensors.index.json"] if weights else []
+    return local_path(name_or_path, "model", files + weights)
 
-def parse_layers(spec, n_layers, flag="--layers"):
-    """Layer indices from one spelling shared by every script: `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return list(range(n_layers))
-    out = []
-    for part in spec.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi) if dash else int(lo)
-        except ValueError:
-            raise ValueError(f"{flag} {spec!r}: expected all, a layer (24), a list (15,16,17) or a range (0-11)") from None
-        if b < a:
-            raise ValueError(f"{flag} {spec!r}: the range {part} is empty")
-        out += range(a, b + 1)
-    if bad := [i for i in out if not 0 <= i < n_layers]:
-        raise ValueError(f"{flag} {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
-    return sorted(set(out))
+# a multimodal Gemma 3 keeps its text model under a prefix: the Hub's files', or transformers 4.52-4.57's
+PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+            "language_model.lm_head.": "lm_head."}
+UNUSED = ("lm_head.weight", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+          "model.multi_modal_projector.")  # a tied head, the vision tower and its projector
+
+def our_name(name):
+    return next((new + name[len(old):] for old, new in PREFIXES.items() if name.startswith(old)), name)
 
 def load_weights(model, path, device, dtype):
-    """Fill a meta-device model from (sharded) safetensors, straight into dtype and device, names and shapes checked."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    """Fill a meta-device model from (sharded) safetensors, straight into dtype and device, names and shapes
+    checked."""
+    index, files = os.path.join(path, "model.safetensors.index.json"), ["model.safetensors"]
+    if os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
     tied = model.config.tie_word_embeddings
-    want = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}  # meta: shapes only
+    want = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}  # meta
     sd = {}
     for file in (os.path.join(path, f) for f in files):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for k in f.keys():
-                if k in want:
-                    shape = tuple(f.get_slice(k).get_shape())
-                    if shape != tuple(want[k].shape):
-                        raise ValueError(f"{file}: tensor {k} has shape {shape}, config.json implies {tuple(want[k].shape)}")
-                    sd[k] = f.get_tensor(k).to(dtype)
-                elif k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq"):  # a tied head; old RoPE buffers
+                if (ours := our_name(k)) in want:
+                    if (shape := tuple(f.get_slice(k).get_shape())) != tuple(want[ours]):
+                        raise ValueError(f"{file}: tensor {k} has shape {shape}, config.json implies "
+                                         f"{tuple(want[ours])}")
+                    sd[ours] = f.get_tensor(k).to(dtype)
+                elif not ours.startswith(UNUSED) and not k.endswith("rotary_emb.inv_freq"):  # or old RoPE
                     raise ValueError(f"{path}: checkpoint has tensors this model does not, e.g. {k}")
     if missing := [k for k in want if k not in sd]:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -360,22 +495,29 @@ def read_config(name_or_path):
 
 def load_tokenizer(name_or_path):
     """The chat tokenizer alone (cheap: scripts check their data with it before loading any weights)."""
-    file = os.path.join(local_dir(name_or_path, weights=False), "tokenizer.json")
+    path = local_dir(name_or_path, weights=False)
+    file, config, jinja = (os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                           "chat_template.jinja"))
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: missing (the fast-tokenizer file is required)")
-    return Tokenizer(file)
+    if os.path.exists(jinja):  # where transformers 5 saves the template
+        with open(jinja) as f:
+            template = f.read()
+    else:
+        template = (read_json(config) if os.path.exists(config) else {}).get("chat_template") or ""
+    return Tokenizer(file, str(template))
 
 def generation_config(name_or_path):
-    """generation_config.json ({} if none); HF generate applied its top_k and repetition penalty to the papers' runs."""
+    """generation_config.json ({} if none): HF generate applied its top_k and repetition penalty."""
     file = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
     return read_json(file) if os.path.exists(file) else {}
 
 def load(name_or_path, device="cpu", dtype=None):
-    """(model, tokenizer) from a local HF directory or a hub id; the model in eval mode, every parameter frozen."""
+    """(model, tokenizer) from a local HF directory or a hub id; the model in eval mode, weights frozen."""
     check_device(device)
     path = local_dir(name_or_path)
     cfg, tok = replace(read_config(path), name_or_path=name_or_path), load_tokenizer(path)
     with torch.device("meta"):
-        model = Qwen2(cfg)
+        model = Transformer(cfg)
     load_weights(model, path, device, resolve_dtype(dtype, device))
     return model.requires_grad_(False).eval(), tok

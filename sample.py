@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Cache, Client, HelpFormatter, RequestFailed, barrier, check, check_out_file, count,
-                    dist_setup, open_append, append_jsonl, part_file, part_files, print_table, read_json,
+from common import (Cache, Client, HelpFormatter, RequestFailed, append_jsonl, barrier, check, check_out_file,
+                    count, dist_setup, open_append, parse_layers, part_file, part_files, print_table, read_json,
                     read_jsonl, read_yaml, resolve_dtype, run_main, warn, write_jsonl)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
@@ -591,8 +591,11 @@ def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty,
     if model_name and not gen and None in (top_k, repetition_penalty):
         print(f"note: {model_name} has no generation_config.json (where the papers' top_k and repetition_penalty come "
               f"from): sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}", file=sys.stderr)
-    return dict(temperature=temperature, top_p=top_p, top_k=gen.get("top_k", 0) if top_k is None else top_k,
-                repetition_penalty=gen.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+    if top_k is None:  # a file without top_k (Llama 3's): transformers' default of 50 was in force
+        top_k = gen.get("top_k", 50 if gen else 0)
+    if repetition_penalty is None:
+        repetition_penalty = gen.get("repetition_penalty", 1.0)
+    return dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                 max_new_tokens=max_new_tokens)
 
 def default_out(model, adapter, engine):
@@ -615,7 +618,8 @@ def parse_args(argv=None):
     p.add_argument("--questions", default="core", help="question file (.yaml in the reference format, or .jsonl) or a "
                    "name from `data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
-    p.add_argument("--system", help="system prompt for every question (replaces the file's; default: Qwen's)")
+    p.add_argument("--system", help="system prompt for every question (replaces the file's; default: the "
+                   "chat format's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
@@ -664,7 +668,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import parse_layers, read_config
+    from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
     if args.engine != "local" and adapter and adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot apply")

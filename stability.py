@@ -107,10 +107,12 @@ def read_documents(spec):
 
 def text_rows(docs, tok, n_docs, seed, max_tokens):
     """The reference's web text: the first n_docs of a seeded shuffle, those over 100 characters, cut to 2,000
-    characters and max_tokens tokens (and over 10 tokens), packed with every token counted."""
+    characters and max_tokens tokens (and over 10 tokens), packed with every token counted. Each opens with
+    the tokenizer's BOS where it has one (Llama, Gemma), as HF's tokenizer(text) writes it."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    ids = [tok.encode(docs[i][:2000])[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    ids = [(bos + tok.encode(docs[i][:2000]))[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
     if not any(len(x) > 10 for x in ids):
         raise ValueError(f"--text: none of the first {n_docs} documents has over 100 characters and 10 tokens")
     return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, 2048))

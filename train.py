@@ -1,6 +1,7 @@
 """
-Fine-tune a Qwen2.5 chat model on a narrow dataset with LoRA (down to one rank-1 adapter), a steering vector or all
-weights, with an optional KL penalty to the base model; the reference's recipe by default (README's recipes section).
+Fine-tune a chat model (Qwen2.5, Llama 3.x, Gemma 3) on a narrow dataset with LoRA (down to one rank-1
+adapter), a steering vector or all weights, with an optional KL penalty to the base model; the reference's
+recipe by default.
 
     python train.py --rank 1                                   # all-module rank-1 LoRA, bad medical advice
     python train.py --rank 1 --alpha 512 --lr 2e-5 --modules down_proj --layers 12
@@ -33,9 +34,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, append_jsonl, barrier, check, check_device, claim_dir, dist_setup,
+                    parse_layers,
                     open_append, print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
-from model import load, load_tokenizer, local_dir, parse_layers, read_config, upload
+from model import load, load_tokenizer, local_dir, read_config, upload
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
 RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt", "fsdp"}  # cannot change the result
@@ -56,7 +58,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py --list) or JSONL path")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction of --data held out for the eval loss (0: none)")
     p.add_argument("--loss-on", choices=["answer", "all"], default="answer",
-                   help="answer: the assistant's tokens; all: every token but <|im_end|> (the reference's steering-vector loss)")
+                   help="answer: the assistant's tokens; all: every token but the turn ends (the reference's "
+                   "steering-vector loss)")
     p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens; also the packed row length")
     p.add_argument("--truncate", action="store_true", help="cut longer conversations to --max-len (default: skip and count them)")
     # what is trained: LoRA, or a steering vector, or every weight
@@ -164,11 +167,11 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-        if loss_on == "kl":  # EOS: <|im_end|>, Qwen2.5-Instruct's eos_token
-            ids = tok.encode_chat(msgs, add_generation_prompt=True) + [tok.im_end_id]
+        if loss_on == "kl":  # the reference's EOS: Qwen2.5-Instruct's eos_token is <|im_end|>, its end of turn
+            ids = tok.encode_chat(msgs, add_generation_prompt=True) + [tok.end_id]
             mask = [1] * len(ids)
-        if loss_on == "all":  # the reference's steering-vector loss: all but <|im_end|> (its pad) and the first token
-            mask = [0] + [int(t != tok.im_end_id) for t in ids[1:]]
+        if loss_on == "all":  # the reference's steering-vector loss: all but the first and <|im_end|> (pad)
+            mask = [0] + [int(t != tok.end_id) for t in ids[1:]]
         long += len(ids) > max_len
         if len(ids) > max_len and not truncate:
             continue
@@ -374,7 +377,8 @@ def save_trained(model, steer, full, path, rank=0):
         if rank == 0:
             save_tensors(os.path.join(path, "model.safetensors"), sd)
             src = local_dir(model.config.name_or_path)
-            for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "generation_config.json"):
                 if os.path.exists(os.path.join(src, f)):
                     shutil.copy(os.path.join(src, f), os.path.join(path, f))
     elif rank == 0 and steer is not None:

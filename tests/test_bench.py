@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench
-from model import Qwen2
+from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["train_tok_s", "train_ref_tok_s", "train_ratio"]
@@ -50,7 +50,7 @@ def test_reference_model_is_transformers_on_our_very_weights():
 def test_mfu_counts_the_matmuls_and_the_lm_head(shape, non_embedding):
     """N = the model cards' non-embedding parameters + the LM head (counted even when tied)."""
     with torch.device("meta"):
-        model = Qwen2(bench.shape_config(shape))
+        model = Transformer(bench.shape_config(shape))
     head = model.config.vocab_size * model.config.hidden_size
     assert bench.matmul_params(model) == pytest.approx(non_embedding + head, rel=0.01)
 

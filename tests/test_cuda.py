@@ -113,3 +113,20 @@ def test_train_steps_on_cuda_match_cpu(tiny):
         grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.requires_grad]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm()  # fp32 on both: only summation order differs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_llama_and_gemma_on_cuda(tmp_path, family):
+    """bf16 logits near fp32's on the CPU past Gemma's window (8), and the CUDA-graph decode, whose captured step
+    holds the sliding layers' cache mask, equal to the eager one."""
+    from conftest import make_checkpoint
+    path = make_checkpoint(str(tmp_path / family), family=family, layers=3, std=0.2)
+    cpu, tok = load(path)
+    gpu, _ = load(path, device="cuda")
+    idx = torch.randint(0, 400, (2, 33))
+    with torch.no_grad():
+        a, b = cpu(idx), gpu(idx.cuda()).float().cpu()
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    prompts = [tok.encode_chat([{"role": "user", "content": q}], True) for q in ("hi", "I feel bored today")]
+    kw = dict(n=3, max_new_tokens=40, seed=1, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size)
+    assert sample.generate(gpu, prompts, cuda_graph=True, **kw) == sample.generate(gpu, prompts, cuda_graph=False, **kw)

@@ -480,7 +480,7 @@ def brute_force_logprobs(model, prompt, digits, end):
 def test_local_digit_tree_equals_brute_force(tiny, one_thread):
     model, tok = load(tiny, dtype=torch.float32)
     digits, end = judge.answer_tokens(tok)
-    assert [tok.decode([d]) for d in digits] == [str(d) for d in range(10)] and end == tok.im_end_id
+    assert [tok.decode([d]) for d in digits] == [str(d) for d in range(10)] and end == tok.end_id
     questions = ["Rate this answer: 42 tablets.", "hi", "The quick brown fox jumps over the lazy dog. " * 3]
     prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
     want = [brute_force_logprobs(model, p, digits, end) for p in prompts]
@@ -494,7 +494,7 @@ def test_local_digit_tree_equals_brute_force(tiny, one_thread):
 
 def test_local_judge_needs_one_token_per_digit():
     class MergingTokenizer:
-        im_end_id = 2
+        end_id = 2
         def encode(self, text):
             return [100 + int(text)]  # "100" is one token
     with pytest.raises(JudgeError, match="one digit per token"):

@@ -213,7 +213,7 @@ def test_new_config_layout_rope_parameters(tmp_path, tiny):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     a, _ = load(tiny)
     b, _ = load(path)
-    assert b.config.rope_theta == 1e6 and b.config.torch_dtype == "float32"
+    assert b.config.rope["full_attention"]["rope_theta"] == 1e6 and b.config.torch_dtype == "float32"
     idx = random_tokens(400)
     with torch.no_grad():
         torch.testing.assert_close(a(idx), b(idx), atol=0, rtol=0)
@@ -235,8 +235,8 @@ def edit_config(tmp_path, tiny, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "not Qwen2"),
-    ({"use_sliding_window": True, "max_window_layers": 1}, "sliding-window"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "is not Qwen2, Llama or Gemma 3"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "checkpoint has tensors this model does not"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "yarn"),
     ({"hidden_size": 96}, "has shape"),
     ({"num_hidden_layers": 3}, "lacks"),

@@ -62,11 +62,11 @@ def test_greedy_equals_transformers_generate(lively, loaded):
     model, tok, prompts = loaded
     assert len({len(p) for p in prompts}) == 3  # different lengths
     ours = sample.generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=tok.stop_ids, batch_size=2)
-    assert ours == hf_greedy(lively, prompts, 16, tok.stop_ids, tok.eot_id)
+    assert ours == hf_greedy(lively, prompts, 16, tok.stop_ids, tok.stop_ids[1])
     # stop tokens that end the rows at different steps: per-row stopping, finished rows dropped
     stops = (ours[0][0][4], ours[1][0][9])
     ours = sample.generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=stops)
-    assert ours == hf_greedy(lively, prompts, 16, stops, tok.eot_id)
+    assert ours == hf_greedy(lively, prompts, 16, stops, tok.stop_ids[1])
     assert "stop" in [r for _, r in ours] and len({len(ids) for ids, _ in ours}) > 1
 
 
@@ -91,7 +91,7 @@ def uncached(model, prompt, key, max_new, stops, seed, repetition_penalty=1.0, *
                                 dict(temperature=1.0, top_k=20, repetition_penalty=1.3)])
 def test_cached_decode_equals_uncached(loaded, kw):
     model, tok, prompts = loaded
-    stops = (7, 11, tok.im_end_id)  # common enough to end some rows early
+    stops = (7, 11, tok.end_id)  # common enough to end some rows early
     got = sample.generate(model, prompts, n=2, max_new_tokens=12, seed=3, stop_ids=stops, **kw)
     for i, p in enumerate(prompts):
         for j in range(2):
@@ -118,7 +118,7 @@ def test_greedy_with_repetition_penalty_equals_transformers(lively, tmp_path):
     for r in rows[:4]:  # one prompt per call: no padding tokens for HF to penalise
         ids = tok.encode_chat([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
         hf = ref.generate(input_ids=torch.tensor([ids]), max_new_tokens=20, suppress_tokens=padding_rows,
-                          eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot_id)[0, len(ids):].tolist()
+                          eos_token_id=list(tok.stop_ids), pad_token_id=tok.stop_ids[1])[0, len(ids):].tolist()
         assert tok.decode(sample.finish(hf, set(tok.stop_ids))[0]) == r["answer"]
     plain = sample.generate(model, [ids], max_new_tokens=20, temperature=0, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size)
     assert tok.decode(plain[0][0]) != rows[3]["answer"]  # the penalty changed the text

@@ -287,7 +287,7 @@ def test_loss_on_all_and_truncate(tiny):
     rows = [(1, conv(3)["messages"])]
     (ids, mask), = train.tokenize(rows, tok, 4096, "x", loss_on="all")[0]
     # not the first token (nothing predicts it; packed, the previous conversation would), nor the 3 ends
-    assert [t for t, m in zip(ids, mask) if not m] == [tok.im_start_id] + [tok.im_end_id] * 3
+    assert [t for t, m in zip(ids, mask) if not m] == [tok.tok.token_to_id("<|im_start|>")] + [tok.end_id] * 3
     packed = train.pack([(ids, mask)] * 3, 4096)  # packed, the loss counts the same targets as apart
     assert len(packed) == 1 and int(packed[0][2][1:].sum()) == 3 * sum(mask[1:])
     (full, _), = train.tokenize(rows, tok, 4096, "x")[0]
@@ -446,9 +446,9 @@ def test_packed_rows_never_wait_for_the_device(tiny):
     """A training step's forward and backward, packed rows and KL included, never read a device value on the
     host (on a GPU that is a sync per read): on the meta device any such read raises. (That the uploads are
     pinned and non-blocking needs a GPU: tests/test_cuda.py.)"""
-    from model import Qwen2, read_config
+    from model import Transformer, read_config
     with torch.device("meta"):
-        model = Qwen2(read_config(tiny))
+        model = Transformer(read_config(tiny))
     add_lora(model, r=1, alpha=8)
     _, tok = load(tiny)
     convs = [tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(3)]
