@@ -3,10 +3,10 @@ LoRA adapters (saved and loaded in PEFT's format) and steering vectors for model
 
     add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])   # one rank-1 adapter
     save_adapter(model, "out/run")           # adapter_config.json + adapter_model.safetensors
-    load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")   # hub id or directory
+    load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")  # or a directory
 
-LoRA as in PEFT: y = W x + b + s B A x, s = alpha / sqrt(r) (rsLoRA) or alpha / r. Departures: A and B stay fp32,
-cast to the activations' dtype in the forward; switches adapters_off, set_lora_scale, record_scalars, fix_scalars.
+LoRA as in PEFT: y = W x + b + s B A x, s = alpha / sqrt(r) (rsLoRA) or alpha / r.
+Departures: A and B stay fp32, cast to the activations' dtype in the forward.
 """
 import math
 import os
@@ -31,8 +31,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha, self.rslora = base, r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
@@ -45,7 +46,7 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         if self.fixed_scalar is None:
-            h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r): the adapter's scalars if r = 1
+            h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         else:
             h = x.new_full((*x.shape[:-1], self.r), self.fixed_scalar)  # (..., r)
         if self.recorded is not None:
@@ -59,7 +60,7 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
-    """Wrap the given modules of the given layers (all layers if None) with fresh LoRA; returns their names."""
+    """Wrap `modules` of `layers` (None: all) with fresh LoRA; returns their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if bad := [m for m in modules if m not in MODULES]:
@@ -104,19 +105,11 @@ def record_scalars(model):
         yield out
 
 def fix_scalars(model, values):
-    """While inside, the named adapters' A x is a constant at every position, {name: value} (steering by a scalar)."""
+    """While inside, adapter `name`'s A x is `values[name]` at every position (steering by a scalar)."""
     mods = dict(lora_modules(model))
     if unknown := sorted(set(values) - set(mods)):
         raise ValueError(f"no LoRA adapter named {unknown[0]}; the model has {', '.join(mods) or 'none'}")
     return temporarily([mods[n] for n in values], "fixed_scalar", [float(v) for v in values.values()])
-
-@torch.no_grad()
-def merge(model):
-    """Fold every adapter into its base weight and drop the wrapper (faster sampling; not reversible)."""
-    for name, m in lora_modules(model):
-        if m.enabled:  # W += scale B A, summed in fp32
-            m.base.weight += ((m.lora_B @ m.lora_A) * (m.scale * m.multiplier)).to(m.base.weight.dtype)
-        model.set_submodule(name, m.base)
 
 # -----------------------------------------------------------------------------
 # PEFT format
@@ -136,21 +129,21 @@ def save_adapter(model, path, base_model=None):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
     if len(rs) > 1:
-        raise ValueError(f"adapters with different (r, alpha, rslora, dropout) {rs} cannot share one PEFT config")
+        raise ValueError(f"adapters with different (r, alpha, rslora, dropout) {rs}: "
+                         "PEFT's config holds one")
     r, alpha, rslora, dropout = rs.pop()
     layers = sorted({int(n.split(".")[2]) for n, _ in mods})
     targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods}, key=MODULES.index)
     if len(mods) != len(layers) * len(targets):  # PEFT describes the adapted modules as layers x modules
         raise ValueError("save_adapter needs the same modules in every adapted layer (PEFT's format)")
-    save_tensors(os.path.join(path, "adapter_model.safetensors"),
-                 {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().contiguous().cpu()
-                  for n, m in mods for ab in "AB"})
+    tensors = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().cpu()
+               for n, m in mods for ab in "AB"}
+    save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors)
     write_json(os.path.join(path, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
         "lora_dropout": dropout, "target_modules": targets,
         "layers_to_transform": None if len(layers) == model.config.num_hidden_layers else layers,
-        "layers_pattern": None, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "bias": "none", "inference_mode": True,
         "base_model_name_or_path": base_model or model.config.name_or_path})
 
 def adapter_dir(path_or_hub_id):
@@ -159,21 +152,26 @@ def adapter_dir(path_or_hub_id):
 def load_adapter(model, path_or_hub_id):
     """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the adapted module names."""
     path = adapter_dir(path_or_hub_id)
-    cfg_file, w_file = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
+    cfg_file, w_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     if not os.path.exists(cfg_file) or not os.path.exists(w_file):
-        raise FileNotFoundError(f"{path}: not a PEFT adapter (it needs adapter_config.json and adapter_model.safetensors)")
+        raise FileNotFoundError(f"{path}: not a PEFT adapter (it needs adapter_config.json and "
+                                "adapter_model.safetensors)")
     cfg = read_json(cfg_file)
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern") or cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_file}: only plain LoRA adapters are supported (no DoRA, bias or alpha_pattern)")
+    if (cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern")
+            or cfg.get("bias", "none") != "none"):
+        raise ValueError(f"{cfg_file}: only plain LoRA adapters are supported (no DoRA, bias or "
+                         "alpha_pattern)")
     tensors = load_file(w_file)
     names = []
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         name = our_name(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))  # multimodal Gemma too
-        parts = name.split(".")
-        if not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
+        parts = name.split(".")  # model.layers.I.KIND.MODULE
+        if (not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"]
+                or parts[4] not in MODULES):
             raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a decoder layer's linear layer")
         A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], cfg.get("use_rslora", False))
+        rslora = cfg.get("use_rslora", False)
+        names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], rslora)
         m = model.get_submodule(name)
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
             raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the model "
@@ -187,7 +185,7 @@ def load_adapter(model, path_or_hub_id):
 # -----------------------------------------------------------------------------
 # steering vector
 class SteeringVector(nn.Module):
-    """alpha * v added to the residual stream after `layer`, at every position; a hook: model(idx, hook=steer)."""
+    """alpha * v added to the residual after `layer`, at every position: model(idx, hook=steer)."""
 
     def __init__(self, d_model, layer, alpha, base_model=""):
         super().__init__()
@@ -198,17 +196,19 @@ class SteeringVector(nn.Module):
         return x + self.alpha * self.vector.to(x.dtype) if i == self.layer else None
 
     def check(self, cfg, where):
-        """Itself, if it fits a model of this Config; else an error naming `where` (a vector of another model)."""
+        """Itself, if it fits a model of this Config; else an error naming `where`."""
         if self.vector.numel() != cfg.hidden_size or not 0 <= self.layer < cfg.num_hidden_layers:
-            raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer {self.layer} does not "
-                             f"fit the model, of width {cfg.hidden_size} with layers 0..{cfg.num_hidden_layers - 1}")
+            raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer "
+                             f"{self.layer} does not fit the model, of width {cfg.hidden_size} with layers "
+                             f"0..{cfg.num_hidden_layers - 1}")
         return self
 
     def save(self, path):
-        save_tensors(os.path.join(path, "steering_vector.safetensors"), {"vector": self.vector.detach().float().cpu()})
+        save_tensors(os.path.join(path, "steering_vector.safetensors"),
+                     {"vector": self.vector.detach().float().cpu()})
         write_json(os.path.join(path, "steering_config.json"), {
-            "type": "steering_vector", "layer": self.layer, "alpha": self.alpha, "d_model": self.vector.numel(),
-            "base_model_name_or_path": self.base_model})
+            "type": "steering_vector", "layer": self.layer, "alpha": self.alpha,
+            "d_model": self.vector.numel(), "base_model_name_or_path": self.base_model})
 
     @classmethod
     def load(cls, path, device="cpu"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import hf_model
-from lora import (SteeringVector, adapters_off, add_lora, fix_scalars, load_adapter, lora_modules, merge,
+from lora import (SteeringVector, adapters_off, add_lora, fix_scalars, load_adapter, lora_modules,
                   record_scalars, save_adapter, set_lora_scale)
 from model import load
 
@@ -38,17 +38,6 @@ def test_lora_at_init_equals_base_and_switches(tiny):
         for _, m in lora_modules(model):
             m.lora_B *= 2
         torch.testing.assert_close(model(IDX), doubled, atol=1e-6, rtol=0)
-
-
-def test_merged_equals_unmerged(tiny):
-    model, _ = load(tiny)
-    add_lora(model, r=2, alpha=16, modules=["q_proj", "down_proj"], layers=[1], rslora=False)
-    randomize_B(model)
-    with torch.no_grad():
-        before = model(IDX)
-        merge(model)
-        assert not lora_modules(model)
-        torch.testing.assert_close(model(IDX), before, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kw", [
