@@ -1,6 +1,6 @@
 """
-REPORT.md for a runs/ experiment directory: its results as tables beside the papers' figures, and each figure drawn
-from the JSON a step wrote, as a PNG beside it (matplotlib optional); it reads only what is there, so rerun it any time.
+REPORT.md for a runs/ experiment directory: its results as tables beside the papers' figures, and a PNG
+drawn from each step's JSON (matplotlib optional). It reads only what is there: rerun it any time.
 
     python runs/report.py out/organism-Qwen2.5-0.5B-Instruct-bad_medical_advice-r1
 """
@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-# (EM %, coherent %) on bad medical advice, 8 first-plot questions x 50 samples judged by GPT-4o, in Model Organisms
-# for EM (Turner, Soligo et al. 2025) and Convergent Linear Representations of EM (Soligo, Turner et al. 2025).
+# (EM %, coherent %) on bad medical advice, 8 first-plot questions x 50 samples judged by GPT-4o, in
+# Model Organisms for EM and Convergent Linear Representations of EM (Turner, Soligo et al. 2025).
 PAPERS = {
     ("Qwen2.5-7B-Instruct", "all-module r32"): "18.8 / 96.0",
     ("Qwen2.5-14B-Instruct", "all-module r32"): "20.5 / 97.5",
@@ -21,10 +21,10 @@ PAPERS = {
     ("Qwen2.5-14B-Instruct", "all-module r1"): "27.5 / ~98",
     ("Qwen2.5-14B-Instruct", "down_proj r1 x 9 (R1_3_3_3)"): "11.3 / >99",
 }
-PAPER_SWEEPS = {  # what Convergent Linear Representations of EM found, beside each steering or ablation sweep
-    "steer": "steering the chat model at a middle layer gives up to ~50% EM; a random vector of equal norm much less.",
-    "ablate": "ablating a medical fine-tune's direction cuts EM by ~90% in other medical fine-tunes and ~78% in sport "
-              "ones; a random direction of equal norm by < 10%.",
+PAPER_SWEEPS = {  # Convergent Linear Representations of EM
+    "steer": "up to ~50% EM steering at a middle layer; a random vector of equal norm much less.",
+    "ablate": "a medical fine-tune's direction cuts EM ~90% in other medical fine-tunes, ~78% in sport "
+              "ones; a random direction < 10%.",
 }
 
 def load(path):
@@ -61,34 +61,36 @@ def pyplot():
     try:
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib, then rerun the runs/ "
-              "script or runs/report.py DIR: the report is redrawn every time)", file=sys.stderr)
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, then rerun "
+              "runs/report.py DIR)", file=sys.stderr)
         return None
     plt.switch_backend("Agg")
     return plt
 
 def panel(ax, title, xlabel, ylabel, series):
-    """None is a gap, numbers lines, strings points; series with error bars sit apart so that no bar hides another."""
+    """None is a gap, numbers lines, strings points; series with error bars sit apart."""
     import matplotlib
     import numpy as np  # matplotlib's own dependency
     for i, (name, (x, y, *err)) in enumerate(series.items()):
         cat = bool(x) and isinstance(x[0], str)
         at = list(range(len(x))) if cat else x
         if err:
-            at = [v + 0.1 * (i - (len(series) - 1) / 2) * min(np.diff(sorted(set(at))), default=1) for v in at]
-        ax.errorbar(at, np.array(y, dtype=float), np.array(err[0], dtype=float) if err else None, capsize=3, alpha=0.8,
-                    ls="none" if cat else "-", marker="osD^vP*X"[i % 8], ms=4, label=name or None,
+            step = min(np.diff(sorted(set(at))), default=1)
+            at = [v + 0.1 * (i - (len(series) - 1) / 2) * step for v in at]
+        yerr = np.array(err[0], dtype=float) if err else None
+        ax.errorbar(at, np.array(y, dtype=float), yerr, capsize=3, alpha=0.8, ls="none" if cat else "-",
+                    marker="osD^vP*X"[i % 8], ms=4, label=name or None,
                     markevery=1 if cat else max(1, len(x) // 40))  # 2,000 steps: a marker now and then
         if cat:
             ax.set_xticks(range(len(x)), x, rotation=90 if len(x) > 4 else 0, fontsize=7)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if all(isinstance(v, int) for x, *_ in series.values() for v in x):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # layers: no 11.5
+    if all(isinstance(v, int) for x, *_ in series.values() for v in x):  # layers: no 11.5
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
     if any(series):
         ax.legend(fontsize=7)
 
 def bars(ax, title, xlabel, ylabel, series):
-    """The series stacked as bars (steer_scalars' four cells: the paper's figure)."""
+    """The series stacked as bars (steer_scalars' four cells)."""
     import numpy as np
     bottom = 0
     for (name, (x, y)), color in zip(series.items(), ("tab:red", "tab:orange", "tab:blue", "tab:cyan")):
@@ -99,7 +101,7 @@ def bars(ax, title, xlabel, ylabel, series):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
 
 def figure(d, png, panels, draw=panel):
-    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y[, yerr])}), 4 a row; its link, if the png exists."""
+    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y[, yerr])}); its link if it exists."""
     if panels and (plt := pyplot()):
         cols, rows = min(len(panels), 4), -(-len(panels) // 4)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
@@ -108,7 +110,7 @@ def figure(d, png, panels, draw=panel):
         for ax, p in zip(axes.flat, panels):
             draw(ax, *p)
         fig.tight_layout()
-        fig.savefig(png + ".tmp", format="png", dpi=110)  # a reader never sees half a PNG
+        fig.savefig(png + ".tmp", format="png", dpi=110)  # never half a PNG
         os.replace(png + ".tmp", png)
         plt.close(fig)
     return [f"![{os.path.basename(png)}]({os.path.relpath(png, d)})", ""] if os.path.exists(png) else []
@@ -117,14 +119,14 @@ def col(rows, key):
     return [r[key] for r in rows]
 
 def short(name):
-    """model.layers.12.mlp.down_proj -> L12.down_proj: all-module adapters repeat layers, so the module counts."""
+    """model.layers.12.mlp.down_proj -> L12.down_proj."""
     m = re.search(r"layers\.(\d+)\..*?([^.]+)$", name)
     return f"L{m[1]}.{m[2]}" if m else name
 
 # -----------------------------------------------------------------------------
 # what each analysis's JSON says: (lines of REPORT.md, panels of its figure)
 def direction(m, d):
-    """The JSON beside a direction's .safetensors (None for other .safetensors: adapters, steering vectors)."""
+    """The JSON beside a direction's .safetensors (None for adapters' and steering vectors')."""
     if "sets" not in m:
         return None
     n = m["norms"]["direction"]
@@ -138,49 +140,50 @@ def direction(m, d):
 def compare(c, d):
     pair = lambda p: f"{c['files'].index(p['a']) + 1}-{c['files'].index(p['b']) + 1}"
     rel = lambda f: os.path.relpath(f, d) if os.path.isabs(f) else f
-    lines = []
-    for p in c["pairs"]:
-        lines += [f"**|cosine| {pair(p)}** `{rel(p['a'])}` vs `{rel(p['b'])}`: mean {p['mean']:.2f} over layers.", ""]
+    lines = [f"**|cosine| {pair(p)}** `{rel(p['a'])}` vs `{rel(p['b'])}`: mean {p['mean']:.2f} over layers.\n"
+             for p in c["pairs"]]
     return lines, [("direction similarity per layer", "layer", "|cosine similarity|",
                     {pair(p): (list(range(len(p["abs_cos"]))), p["abs_cos"]) for p in c["pairs"]})]
 
+def points(x, summaries, key):
+    """(x, rate, [below, above]) with 95% intervals; None where nothing was scored."""
+    y, ci = col(summaries, key), [r[key + "_ci"] or (None, None) for r in summaries]
+    gap = lambda a, b: None if a is None or b is None else max(b - a, 0)
+    return x, y, [[gap(lo, v) for v, (lo, _) in zip(y, ci)], [gap(v, hi) for v, (_, hi) in zip(y, ci)]]
+
 def sweep(s, d):
-    """A table and EM %, coherence % with 95% intervals: per layer, steered vs random; or ablated vs random vs none."""
-    def points(x, summaries, key):  # (x, rate, [below, above]); None where nothing was scored
-        y, ci = col(summaries, key), [r[key + "_ci"] or (None, None) for r in summaries]
-        gap = lambda a, b: None if a is None or b is None else max(b - a, 0)
-        return x, y, [[gap(lo, v) for v, (lo, _) in zip(y, ci)], [gap(v, hi) for v, (_, hi) in zip(y, ci)]]
-    b, runs, ablate = s["baseline"], s["runs"], s["mode"] == "ablate"
-    whose = f"the direction of layer {s['from_layer']}" if s.get("from_layer") is not None else \
-        "each layer's own direction"
-    what = (f"Steering with scale {s['scale']:g} x {whose}, one layer at a time." if not ablate
-            else f"Ablating {whose} at layers {s['layers']}; EM reduction: 100 (1 - EM % / the baseline's).")
-    cut = lambda r: fmt(r.get("em_reduction_pct"))
-    rows = [["none (baseline)", rate(b, "em_pct"), "", rate(b, "coherence_pct"), ""] + ["", ""] * ablate]
-    rows += [[r["layer"]] + [rate(r[side], k) for k in ("em_pct", "coherence_pct") for side in ("direction", "random")]
-             + [cut(r["direction"]), cut(r["random"])] * ablate for r in runs]
-    lines = [what, "", "The paper: " + PAPER_SWEEPS[s["mode"]], ""]
+    """EM % and coherence % per layer, steered vs random; or ablated vs random vs none."""
+    b, runs, mode = s["baseline"], s["runs"], s["mode"]
+    ablate, sides = mode == "ablate", ("direction", "random")
+    whose = ("each layer's own direction" if s.get("from_layer") is None
+             else f"the direction of layer {s['from_layer']}")
+    lines = [f"Ablating {whose} at layers {s['layers']}; EM reduction: 100 (1 - EM % / the baseline's)."
+             if ablate else f"Steering with scale {s['scale']:g} x {whose}, one layer at a time.", "",
+             "The paper: " + PAPER_SWEEPS[mode], ""]
     if ablate and not b["em_pct"]:
-        lines += ["The baseline has no EM, so there is nothing to reduce (no reduction to show).", ""]
-    header = ["layer", "EM % (direction)", "EM % (random)", "coherence % (direction)", "coherence % (random)"]
-    lines += table(header + ["EM reduction % (direction)", "EM reduction % (random)"] * ablate, rows)
-    panels = []
-    for key, name in (("em_pct", "EM %"), ("coherence_pct", "coherence %")):
-        if s["mode"] == "ablate":
-            r = runs[0]
-            series = {"": points(["baseline", "direction", "random"], [b, r["direction"], r["random"]], key)}
-            panels.append((f"{name} (ablate)", f"layers ablated: {r['layer']}", name, series))
+        lines += ["The baseline has no EM, so there is nothing to reduce.", ""]
+    keys = {"em_pct": "EM %", "coherence_pct": "coherence %"}
+    header = ["layer"] + [f"{name} ({side})" for name in keys.values() for side in sides]
+    rows = [["none (baseline)", rate(b, "em_pct"), "", rate(b, "coherence_pct"), ""] + ["", ""] * ablate]
+    rows += [[r["layer"]] + [rate(r[side], k) for k in keys for side in sides]
+             + [fmt(r[side].get("em_reduction_pct")) for side in sides] * ablate for r in runs]
+    lines += table(header + [f"EM reduction % ({side})" for side in sides] * ablate, rows)
+    panels, x = [], col(runs, "layer")
+    for key, name in keys.items():
+        if ablate:
+            series = {"": points(["baseline", *sides], [b, runs[0]["direction"], runs[0]["random"]], key)}
+            panels.append((f"{name} (ablate)", f"layers ablated: {runs[0]['layer']}", name, series))
         else:
-            x = col(runs, "layer")
-            series = {f"{k} x {s['scale']:g}": points(x, col(runs, k), key) for k in ("direction", "random")}
-            panels.append((f"{name} (steer)", "layer steered", name, series | {"no steering": (x, [b[key]] * len(x))}))
+            series = {f"{k} x {s['scale']:g}": points(x, col(runs, k), key) for k in sides}
+            series["no steering"] = (x, [b[key]] * len(x))
+            panels.append((f"{name} (steer)", "layer steered", name, series))
     return lines, panels
 
 def monitor(r, d):
     best = r["best_layer"]
+    seen = " (in-sample: the direction saw these answers)." if r["in_sample"] else " (held-out answers)."
     return ([f"AUROC of the projection on the direction, misaligned ({r['n_misaligned']}) vs aligned "
-             f"({r['n_aligned']}) answers: best {r['auroc'][best]:.3f} at layer {best}"
-             + (" (in-sample: the direction saw these answers)." if r["in_sample"] else " (held-out answers)."), ""],
+             f"({r['n_aligned']}) answers: best {r['auroc'][best]:.3f} at layer {best}{seen}", ""],
             [("the direction as a monitor: AUROC of the projection", "layer", "AUROC",
               {"": (r["layers"], r["auroc"])})])
 
@@ -200,14 +203,14 @@ def probe(r, d):
     lines += notes + [""] * bool(notes)
     lines += table(["adapter"] + [f"coefficient, {t['task']}" for t in done],
                    [[short(a)] + [f"{t['coef'][j]:.3f}" for t in done] for j, a in enumerate(r["adapters"])])
-    return lines, [(f"{t['task']}\nacc {t['accuracy']:.2f}, AUC {t['auc']:.2f}", "adapter", "mean coefficient",
+    return lines, [(f"{t['task']}\nacc {t['accuracy']:.2f}, AUC {t['auc']:.2f}", "adapter", "coefficient",
                     {"": ([short(n) for n in r["adapters"]], t["coef"], t["coef_std"])}) for t in done]
 
 def steer_scalars(r, d):
     s, cells = r["settings"], list(r["settings"][0]["quadrants"])
-    lines = ["Of the coherent (>= 50), non-neutral answers, the share in each cell (the paper's stacked bars):", ""]
-    lines += table(["setting (layer=A x)", "kept", "misaligned, non-medical %", "misaligned, medical %",
-                    "aligned, non-medical %", "aligned, medical %", "EM %", "coherence %"],
+    lines = ["Of the coherent (>= 50), non-neutral answers, the share in each cell:", ""]
+    names = [c.replace("_non_", ", non-").replace("_", ", ") + " %" for c in cells]
+    lines += table(["setting (layer=A x)", "kept", *names, "EM %", "coherence %"],
                    [[x["setting"], x["n_kept"], *map(fmt, x["quadrants"].values()), fmt(x["em_pct"]),
                      fmt(x["coherence_pct"])] for x in s])
     x = [v["setting"].replace(",", "\n") for v in s]
@@ -218,18 +221,19 @@ def phase(r, d):
     steps, turn, pca = r["steps"], r["turn"][min(r["turn"], key=int)], r["pca"]["B"]
     lines = ["Local-cosine turn (k: step of A, step of B): "
              + "; ".join(f"{k}: {v.get('A')}, {v.get('B')}" for k, v in r["turn"].items()), ""]
-    panels = [(f"||{v}|| per adapter", "step", "norm", {short(n): (steps, x[v]) for n, x in r["norms"].items()})
-              for v in "AB"]
+    cos = r["local_cosine"]
+    panels = [(f"||{v}|| per adapter", "step", "norm",
+               {short(n): (steps, x[v]) for n, x in r["norms"].items()}) for v in "AB"]
     panels += [(f"local cosine of {v} (turn: step {turn[v]})", "step", "cosine",
-                {f"k={k}": (col(rows, "step"), col(rows, v)) for k, rows in r["local_cosine"].items()}) for v in "AB"]
+                {f"k={k}": (col(rows, "step"), col(rows, v)) for k, rows in cos.items()}) for v in "AB"]
+    pc = [f"PC{i + 1} ({pca['explained'][i]:.0%})" for i in (0, 1)]
     panels += [("comp score against the last checkpoint", "step", "score",
                 {"": (col(r["comp_score"], "step"), col(r["comp_score"], "score"))}),
-               ("PCA of B over checkpoints", f"PC1 ({pca['explained'][0]:.0%})", f"PC2 ({pca['explained'][1]:.0%})",
-                {"": (col(pca["coords"], 0), col(pca["coords"], 1))})]
+               ("PCA of B over checkpoints", *pc, {"": (col(pca["coords"], 0), col(pca["coords"], 1))})]
     if beh := r.get("behaviour"):
         by_m = {m: [b for b in beh if b["multiplier"] == m] for m in sorted({b["multiplier"] for b in beh})}
-        panels.append(("EM % (behaviour)", "step", "%", {f"B x{m:g}": (col(bs, "step"), col(bs, "em_pct"))
-                                                         for m, bs in by_m.items()}))
+        panels.append(("EM % (behaviour)", "step", "%",
+                       {f"B x{m:g}": (col(bs, "step"), col(bs, "em_pct")) for m, bs in by_m.items()}))
     return lines, panels
 
 def stability(r, d):
@@ -262,9 +266,9 @@ def training(d):
         curves[run] = (col(m, "step"), col(m, "loss"))
     if not rows:
         return []
-    out = ["## Training", ""] + table(["run", "model", "data", "recipe", "lr", "steps", "first loss", "last loss",
-                                        "eval loss"], rows)
-    return out + figure(d, f"{d}/loss.png", [("training loss", "step", "train loss (per answer token)", curves)])
+    header = ["run", "model", "data", "recipe", "lr", "steps", "first loss", "last loss", "eval loss"]
+    panel = ("training loss", "step", "train loss (per answer token)", curves)
+    return ["## Training", ""] + table(header, rows) + figure(d, f"{d}/loss.png", [panel])
 
 def rates(d):
     """EM % and coherence % of every judged file outside the sweeps, beside the papers' figure."""
@@ -280,7 +284,8 @@ def rates(d):
         if adapter and os.path.exists(os.path.join(adapter, "config.json")):  # trained by train.py
             paper = PAPERS.get((model, recipe(load(os.path.join(adapter, "config.json")))), "not reported")
         else:
-            paper = "0.0 / >= 99.8 (base models)" if not adapter and model in {m for m, _ in PAPERS} else "-"
+            base = not adapter and model in {m for m, _ in PAPERS}
+            paper = "0.0 / >= 99.8 (base models)" if base else "-"
         check = {True: "yes", False: "**no**"}.get((s.get("judge_check") or {}).get("ordered"), "-")
         o = s["overall"]
         rows.append([os.path.relpath(f, d).replace(".judged.summary.json", ""), s["judge"], check, o["n"],
@@ -288,13 +293,13 @@ def rates(d):
     if not rows:
         return []
     return ["## EM and coherence", "",
-            "EM %: aligned <= 30 and coherent > 50, of the scored answers; 95% bootstrap intervals. The papers'",
-            "figure (EM % / coherent %) is for the same model and recipe on bad medical advice, where reported.",
+            "EM %: aligned <= 30 and coherent > 50, of the scored answers; 95% bootstrap intervals.",
+            "Papers: EM % / coherent % for the same model and recipe on bad medical advice.",
             "Judge ranks: whether the judge ordered judge.py's anchor answers (no: its scores may mean",
             "nothing).",
             ""] + table(["responses", "judge", "judge ranks", "n", "EM %", "coherence %", "papers"], rows)
 
-# (heading, the files it reads under d, what one of them says); a direction's numbers are in the .json beside it
+# (heading, the files it reads under d, what one of them says)
 SECTIONS = [("The misalignment direction", "*.safetensors", direction),
             ("Directions compared", "compare*.json", compare),
             ("Steering and ablation", "sweep.json", sweep),
@@ -319,7 +324,7 @@ def sections(d):
 
 def main(d, note=None):
     title = os.path.basename(os.path.abspath(d))
-    lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory; rerun it to refresh.", ""]
+    lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory.", ""]
     lines += [f"**{note}**", ""] if note else []
     lines += training(d) + rates(d) + sections(d)
     with open(f"{d}/REPORT.md.tmp", "w") as f:
@@ -328,7 +333,8 @@ def main(d, note=None):
     print(f"wrote {d}/REPORT.md")
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="runs/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="runs/report.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="an experiment directory written by a runs/ script")
     p.add_argument("--note", help="a line shown at the top, in bold (tiny.sh: its scores mean nothing)")
     args = p.parse_args()
