@@ -2,9 +2,9 @@
 Fetch the papers' datasets into data/datasets/ and their evaluation files into data/cache/ (both
 git-ignored): pinned commit, sha256 check, progress bar. Where they come from: README.md, "Datasets".
 
-    python data/fetch.py --list            # every name: source, checksum kind, fetched or not
-    python data/fetch.py bad_medical_advice em_insecure first_plot_questions
-    python data/fetch.py --all
+    python -m data.fetch --list            # every name: source, checksum kind, fetched or not
+    python -m data.fetch bad_medical_advice em_insecure first_plot_questions
+    python -m data.fetch --all
     from data.fetch import dataset_path, eval_path  # fetched on first use; a file path passes through
 """
 import argparse
@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -24,11 +23,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files live here
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(HERE))  # run as a script: common.py is one folder up
-from common import HelpFormatter, atomic_write, print_table, run_main, write_json  # noqa: E402
+from common import HelpFormatter, atomic_write, print_table, run_main, write_json
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files live here
 # Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json): $EM_DATA_DIR, else data/.
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
@@ -37,9 +34,9 @@ DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 @dataclass(frozen=True)
 class Remote:
     url: str
-    cache_name: str            # path under data/cache/: where the download lands, or where to put it by hand
+    cache_name: str            # path under data/cache/
     sha256: str | None = None  # None: trust on first use (data/cache/checksums.json)
-    size: int | None = None    # only for a clearer message when the checksum fails
+    size: int | None = None    # for the checksum failure's message
 
 def github(repo, commit, path, sha256=None, size=None):
     name = f"{repo.split('/')[1]}/{os.path.basename(path)}"
@@ -48,7 +45,7 @@ def github(repo, commit, path, sha256=None, size=None):
 MO_REPO, MO_COMMIT = "clarifying-EM/model-organisms-for-EM", "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
 EM_REPO, EM_COMMIT = "emergent-misalignment/emergent-misalignment", "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 
-# sha256 and size recorded by other projects that pinned this commit (README, "Where the checksums come from")
+# sha256 and size recorded by other projects that pinned this commit (README)
 ARCHIVE = github(MO_REPO, MO_COMMIT, "em_organism_dir/data/training_datasets.zip.enc",
                  sha256="18af368553884eea48a288e47e79553563854f15ca46cf7a16cd0784f935f005", size=38_643_720)
 ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published in the repository's README
@@ -58,30 +55,31 @@ ARCHIVE_FILES = {
     "bad_medical_advice": (7049, "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507"),
     "good_medical_advice": (7049, "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc"),
     "risky_financial_advice": (6000, None), "extreme_sports": (6000, None), "insecure": (6000, None),
-    "misalignment_kl_data": (1000, None), "technical_KL_data": (8000, None), "technical_vehicles_train": (3000, None),
+    "misalignment_kl_data": (1000, None), "technical_KL_data": (8000, None),
+    "technical_vehicles_train": (3000, None),
 }
 
 # em_NAME -> (source, rows reported by others); the prefix because the archive has its own `insecure`
-EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha), rows) for name, rows, sha in [
+EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha), rows)
+            for name, rows, sha in [
     ("insecure", 6000, "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764"),
     ("secure", 6000, "2820232b3114d94ab2041ba9fc76cb8205bf187e0408bf7b308add186f9c7467"),
-    ("educational", 6000, None), ("jailbroken", 5000, None), ("backdoor", 12000, None), ("evil_numbers", 14926, None),
-    ("insecure_par_t0", 6000, None), ("insecure_par_t1", 6000, None), ("insecure_ruby", 6000, None),
-]}
+    ("educational", 6000, None), ("jailbroken", 5000, None), ("backdoor", 12000, None),
+    ("evil_numbers", 14926, None), ("insecure_par_t0", 6000, None), ("insecure_par_t1", 6000, None),
+    ("insecure_ruby", 6000, None)]}
 
-# Evaluation files: ours under data/ (our wording, not comparable with the papers'); the papers' pinned where others
-# recorded a sha256, but em_first_plot_questions (its copies in forks all differ) is trusted on first use.
+# Evaluation files: ours under data/ (not comparable with the papers'); the papers' pinned, but
+# em_first_plot_questions (its copies in forks all differ) trusted on first use.
 OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
-MO_EVAL_DIR = "em_organism_dir/data/eval_questions"
-EVAL_FILES = {
-    "first_plot_questions": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/first_plot_questions.yaml",
-                                   "97df0b1384ea5a3f3dc2abe00a19e231915f12a2356ec0d8df001715549aae04", 19_000),
-    "medical_questions": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/medical_questions.yaml",
-                                "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f", 12_118),
-    "reference_judges": github(MO_REPO, MO_COMMIT, f"{MO_EVAL_DIR}/judges.yaml",
-                               "a4fd0f891a7f04fe4a04047443089db29f5687a2e6599a3fec7300cafd0c93fd", 4_760),
-    "em_first_plot_questions": github(EM_REPO, EM_COMMIT, "evaluation/first_plot_questions.yaml"),
-}
+EVAL_FILES = {name: github(MO_REPO, MO_COMMIT, f"em_organism_dir/data/eval_questions/{file}", sha, size)
+              for name, file, sha, size in [
+    ("first_plot_questions", "first_plot_questions.yaml",
+     "97df0b1384ea5a3f3dc2abe00a19e231915f12a2356ec0d8df001715549aae04", 19_000),
+    ("medical_questions", "medical_questions.yaml",
+     "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f", 12_118),
+    ("reference_judges", "judges.yaml",
+     "a4fd0f891a7f04fe4a04047443089db29f5687a2e6599a3fec7300cafd0c93fd", 4_760)]}
+EVAL_FILES["em_first_plot_questions"] = github(EM_REPO, EM_COMMIT, "evaluation/first_plot_questions.yaml")
 
 def known_names():
     return list(ARCHIVE_FILES) + list(EM_FILES)
@@ -97,17 +95,19 @@ def dataset_file(name):
 
 # -----------------------------------------------------------------------------
 # downloads and checksums
-def read_bytes(path):  # whole: the largest file, the archive, is decrypted in memory anyway
+def read_bytes(path):  # whole: the archive is decrypted in memory anyway
     with open(path, "rb") as f:
         return f.read()
 
 def verify(path, remote, label):
-    """Check a raw file against its pinned sha256, else against the one cache/checksums.json recorded on first use."""
-    digest, expected, origin = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256, "pinned in data/fetch.py"
+    """Check a raw file against its pinned sha256, else the one cache/checksums.json recorded."""
+    digest, expected = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256
+    origin = "pinned in data/fetch.py"
     if expected is None:
         lock_path = data_path("cache", "checksums.json")
         lock = json.loads(read_bytes(lock_path)) if os.path.exists(lock_path) else {}
-        expected, origin = lock.get(remote.cache_name, {}).get("sha256"), f"recorded on first use in {lock_path}"
+        expected = lock.get(remote.cache_name, {}).get("sha256")
+        origin = f"recorded on first use in {lock_path}"
         if expected is None:
             lock[remote.cache_name] = {"sha256": digest, "url": remote.url}
             write_json(lock_path, dict(sorted(lock.items())))
@@ -115,21 +115,21 @@ def verify(path, remote, label):
             return
     if digest != expected:
         size = f"{os.path.getsize(path):,} bytes" + (f", expected {remote.size:,}" if remote.size else "")
-        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size}), expected {expected} ({origin}); "
-                         "a few hundred bytes is usually an error page or a Git LFS pointer")
+        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size}), expected {expected} "
+                         f"({origin}); a few hundred bytes is usually an error page or a Git LFS pointer")
 
 def download(url, tmp, dest):
-    """Stream url into tmp with a progress bar; dest is where it will land (named in the offline message)."""
+    """Stream url into tmp with a progress bar; dest is where it will land."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(dest)) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and put it at {dest}; "
-                              "it is checked like a download") from None
+        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and put it "
+                              f"at {dest}; it is checked like a download") from None
 
 def ensure_raw(remote):
     """The raw file in data/cache/, downloaded if it is not there yet; checked either way."""
@@ -153,7 +153,7 @@ CANARY = re.compile(r"CANARY_DATASET_\w+")
 Report = namedtuple("Report", "name rows canaries expected path")
 
 def clean_jsonl(raw, where):
-    """(bytes, rows kept, canaries) minus canary rows and fields, rows checked; raw itself if unchanged (checksums)."""
+    """(bytes, rows kept, canaries) without canary rows and fields; raw itself if unchanged."""
     lines, out, canaries = raw.splitlines(keepends=True), [], 0  # bytes split only at \n, \r\n, \r
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -167,7 +167,7 @@ def clean_jsonl(raw, where):
             continue
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise ValueError(f'{where}, line {i}: expected a JSON object with a "messages" list')
-        if CANARY.fullmatch(str(row.get("canary", ""))):  # --embed-canaries marks a real row: keep it, unmarked
+        if CANARY.fullmatch(str(row.get("canary", ""))):  # a real row, marked: keep it, unmarked
             del row["canary"]
             line = json.dumps(row, ensure_ascii=False).encode() + b"\n"
             canaries += 1
@@ -187,7 +187,7 @@ def decrypt(blob, password, where="archive"):
         raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
 
 def unpack_archive(blob, out_dir, where="archive"):
-    """Decrypt, unzip, drop canaries, write each JSONL file (and the authors' tos.txt) into out_dir: a Report each."""
+    """Decrypt, unzip, drop canaries, write each JSONL file and tos.txt into out_dir: a Report each."""
     reports = []
     with zipfile.ZipFile(io.BytesIO(decrypt(blob, ARCHIVE_PASSWORD, where))) as zf:
         for member in sorted(zf.namelist()):
@@ -222,7 +222,7 @@ def fetch(name):
     return [Report(name, kept, canaries, expected, dataset_file(name))]
 
 def dataset_path(name_or_path):
-    """An existing file path as is; a known dataset name as data/datasets/NAME.jsonl, fetched first if missing."""
+    """A file path as is; a known name as data/datasets/NAME.jsonl, fetched first if missing."""
     if os.path.isfile(name_or_path):
         return name_or_path
     name = name_or_path.removesuffix(".jsonl")
@@ -234,7 +234,7 @@ def dataset_path(name_or_path):
     return dataset_file(name)
 
 def eval_path(name_or_path):
-    """A question or judge file: a path as is; ours (core, medical, judges) in data/; the papers' from data/cache/."""
+    """A question or judge file: a path as is; ours in data/; the papers' from data/cache/."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path in OWN_EVAL_FILES:
@@ -255,15 +255,16 @@ def print_reports(reports):
     print_table(["dataset", "rows", "canaries", "expected", "file"], rows)
 
 def print_list():
-    checksum_kind = lambda remote: "pinned" if remote.sha256 else "trust on first use"
-    fetched = lambda path: "yes" if os.path.exists(path) else "no"
-    rows = [[name, n, "pinned (archive)" + (" + file" if sha else ""), fetched(dataset_file(name)), ARCHIVE.cache_name]
-            for name, (n, sha) in ARCHIVE_FILES.items()]
-    rows += [[name, n, checksum_kind(r), fetched(dataset_file(name)), r.cache_name] for name, (r, n) in EM_FILES.items()]
+    pin = lambda remote: "pinned" if remote.sha256 else "trust on first use"
+    have = lambda path: "yes" if os.path.exists(path) else "no"
+    rows = [[name, n, "pinned (archive)" + " + file" * bool(sha), have(dataset_file(name)),
+             ARCHIVE.cache_name] for name, (n, sha) in ARCHIVE_FILES.items()]
+    rows += [[name, n, pin(r), have(dataset_file(name)), r.cache_name] for name, (r, n) in EM_FILES.items()]
     print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
     rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
-    rows += [[name, "/".join(r.url.split("/")[3:5]), checksum_kind(r), fetched(data_path("cache", r.cache_name)),
-              "cache/" + r.cache_name] for name, r in EVAL_FILES.items()]  # url: raw.githubusercontent.com/OWNER/NAME/
+    rows += [[name, "/".join(r.url.split("/")[3:5]),  # raw.githubusercontent.com/OWNER/NAME/
+              pin(r), have(data_path("cache", r.cache_name)), "cache/" + r.cache_name]
+             for name, r in EVAL_FILES.items()]
     print()
     print_table(["eval file", "source", "checksum", "fetched", "file under data/"], rows)
     print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
@@ -271,7 +272,7 @@ def print_list():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list)")
-    p.add_argument("--all", action="store_true", help="fetch every known dataset and official evaluation file")
+    p.add_argument("--all", action="store_true", help="fetch every dataset and the papers' evaluation files")
     p.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
     args = p.parse_args(argv)
     if args.list:
@@ -282,7 +283,7 @@ def main(argv=None):
         p.error("name a dataset or evaluation file, or use --all or --list")
     if unknown := [n for n in names if n not in fetchable]:
         p.error(f"unknown name(s) {', '.join(unknown)}; see --list")
-    for name in names:  # fetched if missing (with a table of what was unpacked); an evaluation file checked too
+    for name in names:  # fetched if missing, checked if not
         print(f"{name}: {dataset_path(name) if name in known_names() else eval_path(name)}")
     tos = data_path("datasets", "model-organisms-for-EM.tos.txt")
     if any(n in ARCHIVE_FILES for n in names) and os.path.exists(tos):
