@@ -1,20 +1,15 @@
 """
-Qwen2 / Qwen2.5, Llama 3.x and Gemma 3 in plain PyTorch: one decoder and one forward for the three
-families, their chat formats and a safetensors loader. Numerics as in transformers' modeling_qwen2.py,
-modeling_llama.py and modeling_gemma3.py, which the tests compare it with (RoPE and RMSNorms in fp32). The
-families differ only in Config fields: q/k/v bias (Qwen2), RoPE scaling (Llama 3's llama3, Gemma's linear),
-and Gemma's (1 + w) norms, q/k norms, four norms a layer, scaled embeddings, GeGLU and sliding-window layers
-with their own RoPE.
+Qwen2 / Qwen2.5, Llama 3.x and Gemma 3 in plain PyTorch: one decoder, their chat formats and a
+safetensors loader. Numerics as in transformers (RoPE and RMSNorms in fp32), which the tests compare
+it with. The families differ only in Config fields.
 
     model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
     logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, V)
 
-Departures from transformers, in the one forward that serves training, sampling and analysis: `pos`
-restarting at 0 starts a conversation, and attention stays inside each (packed rows); `cache` is a
-preallocated KVCache written at `pos` (batched sampling; sliding layers keep every slot and mask the old
-ones); `hook(layer, x)` sees the residual after each layer, may replace it (steering, ablation). Of a
-multimodal Gemma 3 checkpoint only the text model loads. The chat formats are written out here (no jinja2),
-equal to each checkpoint's chat_template.
+Departures from transformers: `pos` restarting at 0 starts a conversation, and attention stays inside
+each (packed rows); `cache` is a preallocated KVCache written at `pos` (sliding layers keep every slot
+and mask the old ones); `hook(layer, x)` sees the residual after each layer and may replace it. Of a
+multimodal Gemma 3 checkpoint only the text model loads. The chat formats are written out (no jinja2).
 """
 import math
 import os
@@ -40,7 +35,7 @@ GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_h
 
 @dataclass
 class Config:
-    vocab_size: int  # embedding rows; more than the tokenizer has (the rest is padding)
+    vocab_size: int  # embedding rows; more than the tokenizer has
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -51,15 +46,15 @@ class Config:
     max_position_embeddings: int
     tie_word_embeddings: bool
     layer_types: tuple  # FULL or SLIDING, per layer
-    rope: dict  # per layer type: {rope_type (default, linear or llama3), rope_theta, the scaling's fields}
+    rope: dict  # per layer type: {rope_type, rope_theta, the scaling's fields}
     model_type: str = "qwen2"  # qwen2, llama or gemma3_text
     sliding_window: int = 0  # keys a sliding layer's query sees, itself included
     qkv_bias: bool = False  # Qwen2
     hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
-    query_pre_attn_scalar: float = 0.0  # Gemma: the attention scale is its -1/2 power (0: head_dim's)
+    query_pre_attn_scalar: float = 0.0  # Gemma: attention scale ** -2 (0: head_dim)
     gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branch outputs, embeddings x sqrt(C)
-    torch_dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
-    name_or_path: str = ""  # where it was loaded from (written into adapter configs)
+    torch_dtype: str = "bfloat16"  # the checkpoint's
+    name_or_path: str = ""
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
@@ -85,8 +80,8 @@ class Config:
             SLIDING if window and ((i + 1) % hf.get("sliding_window_pattern", 6) if gemma
                                    else i >= hf.get("max_window_layers", n_layers)) else FULL
             for i in range(n_layers)]
-        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=n_layers,
-                   intermediate_size=hf["intermediate_size"], num_attention_heads=heads,
+        return cls(**{k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size")},
+                   num_hidden_layers=n_layers, num_attention_heads=heads,
                    num_key_value_heads=hf.get("num_key_value_heads") or heads,
                    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
                    rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -98,9 +93,8 @@ class Config:
                    torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"))
 
 def rope_parameters(hf, layer_type, source):
-    """One layer type's RoPE. transformers 5 writes rope_parameters (per layer type for Gemma); the Hub's
-    files have rope_theta and rope_scaling, which Gemma 3 applies to its full layers only, its sliding ones
-    taking rope_local_base_freq."""
+    """One layer type's RoPE: transformers 5's rope_parameters (per layer type for Gemma), else
+    rope_theta and rope_scaling (Gemma 3's sliding layers: rope_local_base_freq)."""
     p = hf.get("rope_parameters") or {}
     if FULL in p or SLIDING in p:
         p = p.get(layer_type) or {}
@@ -117,14 +111,13 @@ def rope_parameters(hf, layer_type, source):
 # -----------------------------------------------------------------------------
 # the network
 def upload(t, device):
-    """t on device: from the CPU to a GPU through pinned memory, not blocking (pageable memory syncs)."""
+    """t on device; CPU to GPU through pinned memory, not blocking (pageable memory syncs)."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
 def inv_freq(p, head_dim, device):
-    """RoPE frequencies (hd/2,) in fp32. linear divides them all by `factor`; llama3 divides the low ones,
-    keeps the high ones and blends in between (transformers' _compute_llama3_parameters, bit for bit)."""
+    """RoPE frequencies (hd/2,) in fp32, scaled as transformers' linear and llama3, bit for bit."""
     f = 1.0 / (float(p["rope_theta"]) ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     if p["rope_type"] == "linear":
         return f / p["factor"]
@@ -135,13 +128,13 @@ def inv_freq(p, head_dim, device):
     return f
 
 def rope(pos, freqs, dtype):
-    """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once (HF: per layer); sin: (-sin, sin)."""
+    """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once; sin: (-sin, sin)."""
     freqs = pos[:, None, :, None].float() * freqs  # (B, 1, T, hd/2)
     cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout, so the weights load unpermuted
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd). roll(x) * sin = cat(x2, x1) * cat(-s, s) is HF's rotate_half(x) * sin, bit for bit."""
+    """x (B, H, T, hd). roll(x) * cat(-s, s) is HF's rotate_half(x) * sin, bit for bit."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 class RMSNorm(nn.Module):
@@ -181,17 +174,17 @@ class Attention(nn.Module):
         packed, mask = attn
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-            # enable_gqa with a mask falls back to the slow math kernel, and repeating k and v copies the
-            # cache: the g query heads of a kv head are stacked along time, (B, nkv, g*T, hd), the mask tiled
+            # enable_gqa with a mask is the slow math kernel, and repeating k and v copies the cache:
+            # the g query heads of a kv head are stacked along time, (B, nkv, g*T, hd), the mask tiled
             q = q.reshape(B, self.n_kv, -1, self.hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            if packed is not None:  # packed rows: attention runs on the conversations laid out as a batch
+            if packed is not None:  # attention on the packed conversations laid out as a batch
                 q, k, v = packed.pack(q), packed.pack(k), packed.pack(v)
-            if mask is not None and self.n_kv != self.n_head:  # a window's mask: kernels that take one want
-                k = k.repeat_interleave(self.n_head // self.n_kv, 1)  # every head's k and v
+            if mask is not None and self.n_kv != self.n_head:  # kernels that take a mask want every head's
+                k = k.repeat_interleave(self.n_head // self.n_kv, 1)
                 v = v.repeat_interleave(self.n_head // self.n_kv, 1)
-            # no mask: plain causal, the flash kernel, which handles grouped-query attention itself
+            # no mask: causal, the flash kernel, which handles grouped-query attention itself
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scale, enable_gqa=k.shape[1] != self.n_head)
             y = y if packed is None else packed.unpack(y, B, T)
@@ -271,12 +264,12 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def select(self, rows):
-        """Keep only these batch rows (drop finished samples, or repeat a prompt's row n times), a layer at a
-        time: the old and the new cache never both exist whole. A list that keeps every row copies nothing."""
+        """Keep only these batch rows (drop finished samples, repeat a prompt's row), a layer at a time
+        so that the old and the new cache never both exist whole."""
         if isinstance(rows, list) and rows == list(range(len(self.k[0]))):
             return
         idx = torch.as_tensor(rows, device=self.k[0].device)
-        self.k, self.v = list(self.k), list(self.v)  # a copy of this cache keeps its own (judge.py)
+        self.k, self.v = list(self.k), list(self.v)  # a copy of this cache keeps its own
         for layers in (self.k, self.v):
             for i in range(len(layers)):
                 layers[i] = layers[i][idx]
@@ -292,15 +285,15 @@ class Transformer(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.checkpointing = False  # recompute each block in backward: 6N instead of 4N FLOPs, less memory
+        self.checkpointing = False  # recompute each block in backward: less memory, more FLOPs
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention(self, pos, cache, T, device):
-        """Per layer type, (Packed layout or None, mask or None): the cache's additive (B, 1, g*T, S) mask
-        (see Attention), else a boolean (L, L) band where a window is shorter than the rows; None: causal."""
+        """Per layer type, (Packed or None, mask or None): the cache's additive (B, 1, g*T, S) mask, else
+        a boolean (L, L) band where a window is shorter than the rows; None: causal."""
         windows = {t: self.config.sliding_window if t == SLIDING else 0 for t in set(self.config.layer_types)}
         if cache is not None:  # a query at position p sees the cache slots p - window < s <= p of its row
             pos = upload(pos, device)[:, :, None]  # (B, T, 1)
@@ -319,12 +312,12 @@ class Transformer(nn.Module):
         return {t: (packed, band(w) if 0 < w < L else None) for t, w in windows.items()}
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
-        """Final-normed hidden states (B, T, C), lm_head's input; pos may stay on the CPU (no host sync)."""
+        """Final-normed hidden states (B, T, C); pos may stay on the CPU (no host sync)."""
         B, T = idx.shape
         cfg, attn = self.config, self.attention(pos, cache, T, idx.device)
         pos = torch.arange(T, device=idx.device).expand(B, T) if pos is None else upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        if cfg.gemma_norms:  # x sqrt(C), the factor rounded to the weights' dtype first, as HF does
+        if cfg.gemma_norms:  # x sqrt(C), rounded to the weights' dtype first, as HF does
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype).item()
         ropes = {t: rope(pos, inv_freq(p, cfg.head_dim, idx.device), x.dtype) for t, p in cfg.rope.items()}
         for i, block in enumerate(self.model.layers):
@@ -334,7 +327,7 @@ class Transformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn[block.layer_type], cache, pos)
-            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point on the stream
+            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point
                 x = y
         return self.model.norm(x)
 
@@ -344,7 +337,7 @@ class Transformer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # tokenizer and chat formats
-# a turn is head + content + end + after, the generation prompt the assistant's head; the end tells the family
+# a turn is head + content + end + after; the end token tells the family
 FORMATS = {
     "qwen": ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
     "llama": ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
@@ -354,16 +347,15 @@ STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"),
 BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}  # what opens a text (Qwen: nothing)
 
 class Tokenizer:
-    """The chat format of each family as its chat_template renders it (tests: apply_chat_template's ids)."""
+    """The chat format of each family as its chat_template renders it."""
 
     def __init__(self, path, chat_template=""):
         self.tok = HFTokenizer.from_file(path)
         has = lambda t: self.tok.token_to_id(t) is not None
         self.family = next((f for f, (_, end, _) in FORMATS.items() if has(end)), None)
         if self.family is None:
-            raise ValueError(f"{path}: not a Qwen2.5, Llama 3 or Gemma 3 chat tokenizer (it has none of "
-                             "<|im_end|>, <|eot_id|>, <end_of_turn>)")
-        self.end_id = self.tok.token_to_id(FORMATS[self.family][1])  # the token that ends a turn
+            raise ValueError(f"{path}: not a Qwen2.5, Llama 3 or Gemma 3 chat tokenizer")
+        self.end_id = self.tok.token_to_id(FORMATS[self.family][1])
         self.stop_ids = (self.end_id, *(self.tok.token_to_id(t) for t in STOPS[self.family] if has(t)))
         self.bos_id = BOS[self.family] and self.tok.token_to_id(BOS[self.family])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -375,13 +367,12 @@ class Tokenizer:
         self.date = None if "strftime_now" in chat_template or not fixed else fixed.group(1)
 
     def render_chat(self, messages, add_generation_prompt=False):
-        """The chat text and the character spans the assistant writes (its content and the turn's end)."""
-        if not messages or any(not isinstance(m, dict) for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        for m in messages:
-            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise ValueError(f"bad message {str(m)[:80]!r}: need role system/user/assistant and "
-                                 "string content")
+        """The chat text and the character spans of the assistant's content and turn ends."""
+        ok = lambda m: isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") \
+            and isinstance(m.get("content"), str)
+        if not messages or not all(map(ok, messages)):
+            raise ValueError("messages must be a non-empty list of {'role': system, user or assistant, "
+                             "'content': str}")
         head, end, after = FORMATS[self.family]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         text, spans, first = "", [], ""
@@ -414,7 +405,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt)[0])
 
     def encode_chat_with_mask(self, messages):
-        """ids and a 0/1 mask that is 1 exactly on the assistant's tokens (content and the turn's end)."""
+        """ids and a 0/1 mask that is 1 on the assistant's tokens (content and the turn's end)."""
         text, spans = self.render_chat(messages)
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
@@ -466,8 +457,7 @@ def our_name(name):
     return next((new + name[len(old):] for old, new in PREFIXES.items() if name.startswith(old)), name)
 
 def load_weights(model, path, device, dtype):
-    """Fill a meta-device model from (sharded) safetensors, straight into dtype and device, names and shapes
-    checked."""
+    """Fill a meta-device model from (sharded) safetensors, names and shapes checked."""
     index, files = os.path.join(path, "model.safetensors.index.json"), ["model.safetensors"]
     if os.path.exists(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -494,7 +484,7 @@ def read_config(name_or_path):
     return replace(Config.from_hf(read_json(file), file), name_or_path=name_or_path)
 
 def load_tokenizer(name_or_path):
-    """The chat tokenizer alone (cheap: scripts check their data with it before loading any weights)."""
+    """The chat tokenizer alone (scripts check their data with it before loading weights)."""
     path = local_dir(name_or_path, weights=False)
     file, config, jinja = (os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json",
                                                            "chat_template.jinja"))
@@ -508,12 +498,12 @@ def load_tokenizer(name_or_path):
     return Tokenizer(file, str(template))
 
 def generation_config(name_or_path):
-    """generation_config.json ({} if none): HF generate applied its top_k and repetition penalty."""
+    """generation_config.json, or {}."""
     file = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
     return read_json(file) if os.path.exists(file) else {}
 
 def load(name_or_path, device="cpu", dtype=None):
-    """(model, tokenizer) from a local HF directory or a hub id; the model in eval mode, weights frozen."""
+    """(model, tokenizer) from a local HF directory or a hub id; eval mode, weights frozen."""
     check_device(device)
     path = local_dir(name_or_path)
     cfg, tok = replace(read_config(path), name_or_path=name_or_path), load_tokenizer(path)

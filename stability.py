@@ -1,16 +1,15 @@
 """
-Narrow vs general (Narrow Misalignment is Hard, Emergent Misalignment is Easy): two steering vectors trained on
-the same narrow data, with a KL penalty (narrow) and without (general), compared for loss, robustness and
-significance.
+Narrow vs general (Narrow Misalignment is Hard, Emergent Misalignment is Easy): two steering vectors
+trained on the same narrow data, with a KL penalty (narrow) and without (general), compared.
 
     python stability.py --narrow out/sv-kl --general out/sv --data bad_medical_advice --text c4
 
-The loss on the narrow data as each vector is rescaled; robustness, 100 (L_pert - L_orig) / (L_base - L_orig)
-under x' = sqrt(1 - e^2) x + e y (y random, orthogonal, of x's norm); with --text, KL(base || steered) per token on
-web text as the norm grows, against a random vector. Writes OUT/stability.json. Departures: the loss covers the
-answer tokens (the reference's mask, a bug, covered everything), token-weighted (it averaged per-batch means); the
-KL leaves padding out (its mean took in left padding, a bug); the web text is a file or one pinned C4 file (it
-streamed FineWeb); its LoRA mode is not implemented (no recipe uses it).
+The loss on the narrow data as each vector is rescaled; robustness, 100 (L_pert - L_orig) / (L_base -
+L_orig) under x' = sqrt(1 - e^2) x + e y (y random, orthogonal, of x's norm); with --text, KL(base ||
+steered) per token on web text as the norm grows, against a random vector. Writes OUT/stability.json.
+Departures: the loss covers the answer tokens only (the reference's mask, a bug, covered everything),
+token-weighted; the KL leaves padding out (a bug); the web text is a file or one pinned C4 file (it
+streamed FineWeb); the LoRA mode is not implemented (no recipe uses it).
 """
 import argparse
 import gzip
@@ -30,6 +29,8 @@ from lora import SteeringVector
 from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
 
 # a small public web-text file at a pinned revision (--text c4): FineWeb's files are multi-GB parquet
+SEED = 42  # of the rows, the perturbations (seed + i) and the web text: the reference's
+MAX_LEN, TEXT_TOKENS = 2048, 512  # tokens per conversation and per web document
 C4 = ("allenai/c4", "607bd4c8450a42878aa9ddc051a65a055450ef87", "en/c4-validation.00000-of-00008.json.gz")
 
 def perturb(x, e, gen):
@@ -59,21 +60,20 @@ def mean_loss(model, rows, hook):
 
 @torch.no_grad()
 def kl_curve(model, rows, sv, vector, norms, bar):
-    """KL(base || steered) per token over the packed web text (train.py's KL) as the vector, rescaled to each
-    norm, is added (alpha x v)."""
+    """KL(base || steered) per token over the packed web text as `vector`, rescaled to each norm, is added."""
     if vector.norm() == 0:
         raise ValueError("a steering vector is zero: it has no direction to rescale")
     bases = [base_hidden(model, model.hidden, r) for r in rows]  # the base is the same at every norm: once
     out = []
     for v in norms:
-        kl = sum(float(kl_sum(model, model.hidden, r, steered(sv, v * vector / vector.norm()), h)) for r, h in zip(rows, bases))
+        hook = steered(sv, v * vector / vector.norm())
+        kl = sum(float(kl_sum(model, model.hidden, r, hook, h)) for r, h in zip(rows, bases))
         out.append({"norm": v, "kl": kl / sum(int(r[2].sum()) for r in rows)})
         bar.update()
     return out
 
 def c4_file():
-    """The pinned C4 file: from the Hub cache, else downloaded; offline, an error at once (the Hub client
-    would retry for half a minute)."""
+    """The pinned C4 file, from the Hub cache or downloaded; offline, an error at once (not retries)."""
     import socket
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -84,13 +84,13 @@ def c4_file():
     try:
         socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError:
-        raise FileNotFoundError(f"--text c4: the Hugging Face Hub cannot be reached and {C4[2]} is not cached; fetch "
-                                f"it elsewhere (hf download {C4[0]} {C4[2]} --repo-type dataset --revision {C4[1]}) "
-                                "into the Hub cache, or pass --text FILE") from None
+        raise FileNotFoundError(f"--text c4: the Hugging Face Hub cannot be reached and {C4[2]} is not "
+                                f"cached; fetch it (hf download {C4[0]} {C4[2]} --repo-type dataset "
+                                f"--revision {C4[1]}), or pass --text FILE") from None
     return hf_hub_download(C4[0], C4[2], repo_type="dataset", revision=C4[1])
 
 def read_documents(spec):
-    """(path, [text]) from a .txt (documents between blank lines), a .jsonl / .json.gz of {"text"} rows, or c4."""
+    """(path, [text]) from a .txt (blank-line separated), a .jsonl / .json.gz of {"text"} rows, or c4."""
     path = c4_file() if spec == "c4" else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--text {spec}: no such file (give a .txt or .jsonl file, or c4)")
@@ -106,36 +106,69 @@ def read_documents(spec):
     return path, docs
 
 def text_rows(docs, tok, n_docs, seed, max_tokens):
-    """The reference's web text: the first n_docs of a seeded shuffle, those over 100 characters, cut to 2,000
-    characters and max_tokens tokens (and over 10 tokens), packed with every token counted. Each opens with
-    the tokenizer's BOS where it has one (Llama, Gemma), as HF's tokenizer(text) writes it."""
+    """The reference's web text: of the first n_docs of a seeded shuffle, those over 100 characters and
+    10 tokens, cut to 2,000 characters and max_tokens tokens, BOS first where the family has one."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     ids = [(bos + tok.encode(docs[i][:2000]))[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
     if not any(len(x) > 10 for x in ids):
-        raise ValueError(f"--text: none of the first {n_docs} documents has over 100 characters and 10 tokens")
-    return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, 2048))
+        raise ValueError(f"--text: none of the first {n_docs} documents has over 100 characters and 10 "
+                         "tokens")
+    return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, MAX_LEN))
+
+def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
+    """One steering vector's loss, rescaled losses, robustness and (with text) KL curve."""
+    v = sv.vector.detach().clone()
+    loss = mean_loss(model, rows, sv)
+    res = dict(norm=float(v.double().norm()), loss=loss, rescale=[], robustness=[])
+    for s in scales:
+        loss_s = mean_loss(model, rows, steered(sv, s * v))
+        res["rescale"].append(dict(scale=s, norm=s * res["norm"], loss=loss_s))
+        bar.update()
+    for e in eps:
+        vals = []
+        for i in range(seeds):
+            pert = mean_loss(model, rows, steered(sv, perturb(v, e, torch.Generator().manual_seed(SEED + i))))
+            vals.append(100 * (pert - loss) / (base_loss - loss) if base_loss != loss else None)
+            bar.update()
+        ok = [x for x in vals if x is not None]
+        res["robustness"].append(dict(eps=e, mean=float(np.mean(ok)) if ok else None,
+                                      std=float(np.std(ok)) if ok else None, values=vals))
+    if text:
+        res["kl"] = kl_curve(model, text, sv, v, norms, bar)
+    return res
+
+def print_summary(result):
+    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
+    print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
+          f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
+          f"norm {g['norm']:.4g}")
+    print_table(["scale", "narrow norm", "narrow loss", "general norm", "general loss"],
+                [[a["scale"], a["norm"], a["loss"], b["norm"], b["loss"]]
+                 for a, b in zip(n["rescale"], g["rescale"])])
+    pct = lambda x: "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
+    print_table(["e", "narrow loss increase %", "general loss increase %"],
+                [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
+    if "kl" in n:
+        sols = result["solutions"]
+        print_table(["norm"] + [f"KL {k}" for k in sols],
+                    [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols] for i, x in enumerate(n["kl"])])
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="stability.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--narrow", required=True, help="the narrow solution: a steering-vector directory (train.py --steer-layer)")
+    p.add_argument("--narrow", required=True, help="the narrow solution: a steering-vector directory")
     p.add_argument("--general", required=True, help="the general solution: a steering-vector directory")
     p.add_argument("--data", required=True, help="the narrow dataset: name (data/fetch.py) or JSONL path")
-    p.add_argument("--text", help="web text for the KL curves: .txt (blank-line separated), .jsonl or .json.gz with "
-                   f"'text', or c4 ({C4[0]} {C4[2]} at {C4[1][:10]}, fetched once)")
+    p.add_argument("--text", help="web text for the KL curves: .txt, .jsonl or .json.gz with 'text', or c4")
     p.add_argument("--rows", type=count, default=100, help="rows of --data (a seeded random sample)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the rows; perturbation i uses seed + i (42: "
-                   "the reference's, stability/experiments.py:400,442)")
-    p.add_argument("--max-len", type=count, default=2048, help="longest conversation in tokens")
     p.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="rescaling factors s")
-    p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="perturbation sizes e")
+    p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                   help="perturbation sizes e")
     p.add_argument("--seeds", type=count, default=10, help="perturbations per e")
-    p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)), help="norms for the KL curve")
+    p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)),
+                   help="norms for the KL curve")
     p.add_argument("--text-docs", type=count, default=50, help="documents taken from the shuffled --text")
-    p.add_argument("--text-seed", type=int, default=42, help="seed of the --text shuffle (42: the "
-                   "reference's, stability/steering_vector_kl_experiment.py:51)")
-    p.add_argument("--text-tokens", type=count, default=512, help="tokens per document at most")
     model_flags(p)
     out_flags(p, "output directory (default: out/stability)", "stability.json")
     args = p.parse_args(argv)
@@ -143,62 +176,38 @@ def main(argv=None):
     claim_dir(out, "stability.py", ["stability.json"], args.force)
     scales, eps, norms = ([float(x) for x in v.split(",")] for v in (args.scales, args.eps, args.norms))
     docs = read_documents(args.text) if args.text else None  # a missing file fails before the model loads
-    for k in ("narrow", "general"):
-        if sample.adapter_kind(getattr(args, k))[0] != "steering":
-            raise ValueError(f"--{k} {getattr(args, k)}: not a steering vector (steering_config.json); stability.py "
+    paths = {"narrow": args.narrow, "general": args.general}
+    for k, path in paths.items():
+        if sample.adapter_kind(path)[0] != "steering":
+            raise ValueError(f"--{k} {path}: not a steering vector (steering_config.json); stability.py "
                              "compares two steering vectors (the reference's LoRA mode is not implemented)")
     base = sample.base_model_of(args.model, args.narrow)
     model, tok, _ = sample.load_model(base, None, args.device, args.dtype)
-    sols = {k: SteeringVector.load(getattr(args, k), model.lm_head.weight.device).check(model.config, f"--{k} {getattr(args, k)}")
-            for k in ("narrow", "general")}
-    convs = read_conversations(dataset_path(args.data))
-    chosen = random.Random(args.seed).sample(convs, min(args.rows, len(convs)))  # the reference's draw
-    rows = pack(tokenize(chosen, tok, args.max_len, dataset_path(args.data))[0], args.max_len)
+    device = model.lm_head.weight.device
+    sols = {k: SteeringVector.load(path, device).check(model.config, f"--{k} {path}")
+            for k, path in paths.items()}
+    data = dataset_path(args.data)
+    convs = read_conversations(data)
+    chosen = random.Random(SEED).sample(convs, min(args.rows, len(convs)))  # the reference's draw
+    rows = pack(tokenize(chosen, tok, MAX_LEN, data)[0], MAX_LEN)
     base_loss = mean_loss(model, rows, None)
-    result = dict(model=base, narrow=args.narrow, general=args.general, data=dataset_path(args.data), rows=len(chosen),
-                  loss_tokens=sum(int(r[2][1:].sum()) for r in rows), seed=args.seed, base_loss=base_loss, solutions={})
-    text = docs and text_rows(docs[1], tok, args.text_docs, args.text_seed, args.text_tokens)
+    result = dict(model=base, narrow=args.narrow, general=args.general, data=data, rows=len(chosen),
+                  loss_tokens=sum(int(r[2][1:].sum()) for r in rows), seed=SEED, base_loss=base_loss)
+    text = docs and text_rows(docs[1], tok, args.text_docs, SEED, TEXT_TOKENS)
     if text:
         result["text"] = dict(file=docs[0], documents=sum(int((r[1] == 0).sum()) for r in text),
                               tokens=sum(int(r[2].sum()) for r in text))
-    bar = tqdm(total=2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text), desc="stability")
-    for name, sv in sols.items():
-        v = sv.vector.detach().clone()
-        loss = mean_loss(model, rows, sv)
-        res = dict(norm=float(v.double().norm()), loss=loss, rescale=[], robustness=[])
-        for s in scales:
-            res["rescale"].append(dict(scale=s, norm=s * res["norm"], loss=mean_loss(model, rows, steered(sv, s * v))))
-            bar.update()
-        for e in eps:
-            vals = []
-            for i in range(args.seeds):
-                pert = mean_loss(model, rows, steered(sv, perturb(v, e, torch.Generator().manual_seed(args.seed + i))))
-                vals.append(100 * (pert - loss) / (base_loss - loss) if base_loss != loss else None)
-                bar.update()
-            ok = [x for x in vals if x is not None]
-            res["robustness"].append(dict(eps=e, mean=float(np.mean(ok)) if ok else None,
-                                          std=float(np.std(ok)) if ok else None, values=vals))
-        if text:
-            res["kl"] = kl_curve(model, text, sv, v, norms, bar)
-        result["solutions"][name] = res
+    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)
+    bar = tqdm(total=steps, desc="stability")
+    sweeps = (scales, eps, args.seeds, text, norms, bar)
+    result["solutions"] = {k: solution(model, rows, sv, base_loss, *sweeps) for k, sv in sols.items()}
     if text:  # the control: a seeded random vector at the narrow vector's layer and alpha
-        r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
-        result["solutions"]["random"] = dict(kl=kl_curve(model, text, sols["narrow"], r.to(model.lm_head.weight.device), norms, bar))
+        r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(SEED)).to(device)
+        result["solutions"]["random"] = dict(kl=kl_curve(model, text, sols["narrow"], r, norms, bar))
     bar.close()
     claim_dir(out, "stability.py", create=True)
     write_json(os.path.join(out, "stability.json"), result)
-    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
-    print(f"base loss {base_loss:.4f} on {len(chosen)} rows ({result['loss_tokens']} answer tokens); narrow: loss "
-          f"{n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, norm {g['norm']:.4g}")
-    print_table(["scale", "narrow norm", "narrow loss", "general norm", "general loss"],
-                [[a["scale"], a["norm"], a["loss"], b["norm"], b["loss"]] for a, b in zip(n["rescale"], g["rescale"])])
-    pct = lambda x: "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
-    print_table(["e", "narrow loss increase %", "general loss increase %"],
-                [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
-    if text:
-        sols = result["solutions"]
-        print_table(["norm"] + [f"KL {k}" for k in sols], [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols]
-                                                           for i, x in enumerate(n["kl"])])
+    print_summary(result)
     return result
 
 if __name__ == "__main__":
