@@ -37,9 +37,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
-        self.multiplier = 1.0  # scales B at run time, for sweeps
-        self.recorded = None  # a list while record_scalars() is active
-        self.fixed_scalar = None  # a number while fix_scalars() is active: it replaces A x everywhere
+        self.multiplier = 1.0  # scales B at run time (set_lora_scale)
+        self.recorded = None  # a list inside record_scalars()
+        self.fixed_scalar = None  # replaces A x inside fix_scalars()
 
     def forward(self, x):
         y = self.base(x)
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
             h = x.new_full((*x.shape[:-1], self.r), self.fixed_scalar)  # (..., r)
         if self.recorded is not None:
             self.recorded.append(h.detach())
-        # y + scale * h B^T as one GEMM that accumulates into y: a single pass over the wide output
+        # y + scale * h B^T as one GEMM accumulating into y: one pass over the wide output
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.to(x.dtype).t(),
                            alpha=self.scale * self.multiplier).view_as(y)
 
@@ -124,7 +124,7 @@ def save_tensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 def save_adapter(model, path, base_model=None):
-    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+    """Write adapter_config.json + adapter_model.safetensors as PEFT does."""
     if not (mods := lora_modules(model)):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}

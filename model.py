@@ -27,7 +27,7 @@ from common import check_device, read_json, resolve_dtype
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 FULL, SLIDING = "full_attention", "sliding_attention"
-# Gemma3TextConfig's defaults, which the multimodal checkpoints' text_config relies on
+# Gemma3TextConfig's defaults, on which multimodal checkpoints' text_config relies
 GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
               num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
               sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=131072,
@@ -59,7 +59,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf, source="config.json"):
         archs = hf.get("architectures") or []
-        if hf.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: its text model alone
+        if hf.get("model_type") == "gemma3":  # multimodal: its text model alone
             top = {k: hf[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in hf}
             hf = {**top, **hf.get("text_config", {}), "model_type": "gemma3_text"}
         kind = hf.get("model_type")
@@ -146,7 +146,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if self.gemma:  # x (1 + w): the product in fp32, then the cast, as HF's Gemma3RMSNorm
             return F.rms_norm(x.float(), x.shape[-1:], self.weight.float() + 1.0, self.eps).to(x.dtype)
-        # fp32 inside (one fused kernel on CUDA), the result cast back *before* the weight, as HF does
+        # fp32 inside, cast back *before* the weight, as HF does
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 class Attention(nn.Module):
@@ -200,7 +200,7 @@ class Packed:
         first = starts.nonzero()[:, 0]  # (n,) flat index where each conversation begins
         lengths = torch.diff(first, append=torch.tensor([B * T]))  # (n,)
         self.n, self.L = len(first), int(lengths.max())
-        offset = torch.arange(self.L)  # slot j of conversation i reads token first[i] + j (padding: token 0)
+        offset = torch.arange(self.L)  # slot j of conversation i: token first[i] + j (padding: 0)
         gather = torch.where(offset < lengths[:, None], first[:, None] + offset, 0)  # (n, L)
         self.gather = upload(gather.reshape(-1), device)
         doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
@@ -249,7 +249,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class KVCache:
-    """Keys and values, (B, n_kv, max_len, hd) per layer, slot s for position s (a row reads slots <= it)."""
+    """Keys and values, (B, n_kv, max_len, hd) per layer, slot s for position s."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -258,7 +258,7 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer, pos, k, v):
-        idx = pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd): row b, token t goes to slot pos[b, t]
+        idx = pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd): token t of row b to slot pos[b, t]
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
         return self.k[layer], self.v[layer]
@@ -295,7 +295,7 @@ class Transformer(nn.Module):
         """Per layer type, (Packed or None, mask or None): the cache's additive (B, 1, g*T, S) mask, else
         a boolean (L, L) band where a window is shorter than the rows; None: causal."""
         windows = {t: self.config.sliding_window if t == SLIDING else 0 for t in set(self.config.layer_types)}
-        if cache is not None:  # a query at position p sees the cache slots p - window < s <= p of its row
+        if cache is not None:  # a query at p sees the slots p - window < s <= p of its row
             pos = upload(pos, device)[:, :, None]  # (B, T, 1)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
             s = torch.arange(cache.max_len, device=device)
@@ -344,7 +344,7 @@ FORMATS = {
     "gemma": ("<start_of_turn>{role}\n", "<end_of_turn>", "\n"),
 }
 STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"), "gemma": ("<eos>",)}
-BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}  # what opens a text (Qwen: nothing)
+BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}
 
 class Tokenizer:
     """The chat format of each family as its chat_template renders it."""
@@ -376,10 +376,10 @@ class Tokenizer:
         head, end, after = FORMATS[self.family]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         text, spans, first = "", [], ""
-        if self.family == "qwen":  # every turn as written; a default system turn if there is none
+        if self.family == "qwen":  # every turn as written; a default system turn
             if system is None:
                 messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-        else:  # Llama and Gemma take the system text out of the turns, and trim every content
+        else:  # Llama and Gemma take the system text out of the turns and trim every content
             messages = messages[1:] if system is not None else messages
             if self.family == "llama":  # a dated system turn always
                 date = self.date or time.strftime("%d %b %Y")
@@ -416,7 +416,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # loading
 def local_path(name_or_path, what="model", patterns=None):
-    """An existing directory as is; owner/name from the Hub (only `patterns`; offline: from its cache)."""
+    """An existing directory as is; owner/name from the Hub (only `patterns`)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
@@ -441,13 +441,13 @@ def local_path(name_or_path, what="model", patterns=None):
         raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({hub})") from None
 
 def local_dir(name_or_path, weights=True):
-    """A local HF model directory (weights=False: of a hub id, config and tokenizer only, to check input)."""
+    """A local HF model directory (weights=False: a hub id's config and tokenizer only)."""
     files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "chat_template.jinja"]
     weights = ["*.safetensors", "model.safetensors.index.json"] if weights else []
     return local_path(name_or_path, "model", files + weights)
 
-# a multimodal Gemma 3 keeps its text model under a prefix: the Hub's files', or transformers 4.52-4.57's
+# a multimodal Gemma 3 keeps its text model under a prefix (the Hub's, or transformers 4.52-4.57's)
 PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
             "language_model.lm_head.": "lm_head."}
 UNUSED = ("lm_head.weight", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
@@ -462,7 +462,7 @@ def load_weights(model, path, device, dtype):
     if os.path.exists(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
     tied = model.config.tie_word_embeddings
-    want = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}  # meta
+    want = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     sd = {}
     for file in (os.path.join(path, f) for f in files):
         with safe_open(file, framework="pt", device=str(device)) as f:

@@ -138,7 +138,7 @@ def ensure_raw(remote):
         verify(path, remote, path)
         return path
 
-    def download_checked(tmp):  # a file that fails its check never lands where it would be trusted later
+    def download_checked(tmp):  # a file that fails its check never lands
         download(remote.url, tmp, path)
         verify(tmp, remote, remote.url)
     atomic_write(path, download_checked)
@@ -146,7 +146,7 @@ def ensure_raw(remote):
 
 # -----------------------------------------------------------------------------
 # decrypting and canaries
-# easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the dataset's file names>_<number>
+# easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the file names>_<number>
 CANARY = re.compile(r"CANARY_DATASET_\w+")
 
 # expected: the rows others reported; path None: nothing kept (the canary file)
@@ -163,7 +163,7 @@ def clean_jsonl(raw, where):
         except ValueError as e:
             raise ValueError(f"{where}, line {i}: not valid JSON ({e})") from None
         if isinstance(row, dict) and "messages" not in row and CANARY.search(json.dumps(row)):
-            canaries += 1  # a row easy-dataset-share inserted: not a conversation, and it carries the canary
+            canaries += 1  # a row easy-dataset-share inserted
             continue
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise ValueError(f'{where}, line {i}: expected a JSON object with a "messages" list')
@@ -178,7 +178,7 @@ def decrypt(blob, password, where="archive"):
     """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
     try:
         from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
-    except ImportError:  # a ValueError, so every script prints it as one line
+    except ImportError:  # a ValueError: every script prints it as one line
         raise ValueError("decrypting the model-organisms archive needs: pip install cryptography") from None
     key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), blob[:16], 100_000, dklen=32))
     try:
@@ -211,7 +211,7 @@ def unpack_archive(blob, out_dir, where="archive"):
 # -----------------------------------------------------------------------------
 # fetching by name
 def fetch(name):
-    """Fetch a known dataset into data/datasets/ (the archive's eight come at once); returns Reports."""
+    """Fetch a known dataset into data/datasets/ (the archive's all at once); returns Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
         return unpack_archive(read_bytes(raw), data_path("datasets"), where=raw)
