@@ -4,7 +4,6 @@ git-ignored): pinned commit, sha256 check, progress bar. Where they come from: R
 
     python -m data.fetch --list            # every name: source, checksum kind, fetched or not
     python -m data.fetch bad_medical_advice em_insecure first_plot_questions
-    python -m data.fetch --all
     from data.fetch import dataset_path, eval_path  # fetched on first use; a file path passes through
 """
 import argparse
@@ -272,16 +271,14 @@ def print_list():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list)")
-    p.add_argument("--all", action="store_true", help="fetch every dataset and the papers' evaluation files")
     p.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
     args = p.parse_args(argv)
     if args.list:
         return print_list()
-    fetchable = known_names() + list(EVAL_FILES)
-    names = fetchable if args.all else args.names
+    names = args.names
     if not names:
-        p.error("name a dataset or evaluation file, or use --all or --list")
-    if unknown := [n for n in names if n not in fetchable]:
+        p.error("name a dataset or evaluation file, or use --list")
+    if unknown := [n for n in names if n not in known_names() + list(EVAL_FILES)]:
         p.error(f"unknown name(s) {', '.join(unknown)}; see --list")
     for name in names:  # fetched if missing, checked if not
         print(f"{name}: {dataset_path(name) if name in known_names() else eval_path(name)}")
