@@ -1,1 +1,1 @@
-"""Datasets: `data/fetch.py` downloads them into data/datasets/ (git-ignored); see its docstring."""
+"""Datasets: `python -m data.fetch` downloads them into data/datasets/ (git-ignored); see its docstring."""
