@@ -377,10 +377,13 @@ def save_trained(model, steer, full, path, rank=0):
         if rank == 0:
             save_tensors(os.path.join(path, "model.safetensors"), sd)
             src = local_dir(model.config.name_or_path)
-            for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      "generation_config.json"):
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
                 if os.path.exists(os.path.join(src, f)):
                     shutil.copy(os.path.join(src, f), os.path.join(path, f))
+            # config.json holds the model's and the run's: loaders read the one, --resume the other
+            run = os.path.join(path, "config.json")
+            write_json(run, {**read_json(os.path.join(src, "config.json")),
+                             **(read_json(run) if os.path.exists(run) else {})})
     elif rank == 0 and steer is not None:
         steer.save(path)
     elif rank == 0:

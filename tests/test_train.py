@@ -186,7 +186,9 @@ def test_full_finetuning_resumes_bit_exactly_from_its_sharded_state(tmp_path, ti
     assert metrics(tmp_path / "c") == []  # not a step taken
 
 
-def test_steering_vector_and_full_finetuning_runs(tmp_path, tiny, dataset):
+def test_steering_vector_and_full_finetuning_runs(tmp_path, tiny, dataset, capsys):
+    """A --full run's OUT is an HF directory whose config.json is the model's and the run's at once: it loads
+    as a model, and --resume still finds the run's settings (finished: nothing to do)."""
     run(tiny, dataset, tmp_path / "sv", "--steer-layer", "1", "--steer-alpha", "4", "--lr", "1e-2", "--max-steps", "3")
     from lora import SteeringVector
     sv = SteeringVector.load(str(tmp_path / "sv"))
@@ -196,6 +198,12 @@ def test_steering_vector_and_full_finetuning_runs(tmp_path, tiny, dataset):
     base, _ = load(tiny)
     x = torch.arange(12)[None]
     assert (tuned(x) - base(x)).abs().max() > 1e-4
+    cfg = json.load(open(tmp_path / "full" / "config.json"))
+    assert cfg["args"]["full"] and cfg["total_steps"] == 2
+    assert cfg["hidden_size"] == json.load(open(os.path.join(tiny, "config.json")))["hidden_size"]
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", str(tmp_path / "full")]) == {}
+    assert "finished already" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_clear_error(tmp_path, tiny, dataset):
