@@ -109,14 +109,13 @@ def get_args(argv=None):
         raise ValueError("--full cannot go with --kl-data (no adapters to switch off) or --steer-layer")
     if args.modules != "all" and any(m not in MODULES for m in args.modules.split(",")):
         raise ValueError(f"--modules {args.modules}: unknown LoRA modules; choose from {','.join(MODULES)}")
-    if not args.out:
-        steer = args.steer_layer is not None
-        kind = f"sv{args.steer_layer}" if steer else "full" if args.full else f"r{args.rank}"
-        name = [os.path.basename(p.rstrip("/")).removesuffix(".jsonl") for p in (args.model, args.data)]
-        args.out = os.path.join("out", "-".join(name + [kind] + ["kl"] * bool(args.kl_data)))
+    if not args.out:  # out/<model>-<data>-<kind>[-kl]
+        sv = args.steer_layer
+        kind = "full" if args.full else f"r{args.rank}" if sv is None else f"sv{sv}"
+        names = [os.path.basename(x.rstrip("/")).removesuffix(".jsonl") for x in (args.model, args.data)]
+        args.out = os.path.join("out", "-".join(names + [kind] + ["kl"] * bool(args.kl_data)))
     if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: pass --resume --out {args.out} to continue it, "
-                         "or choose another --out")
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another")
     if not args.resume:  # (--resume checked its state.json and config.json)
         claim_dir(args.out, "train.py")
     return args
@@ -134,9 +133,9 @@ def resumed_settings(out, now, given):
     saved, abs_now = read_json(os.path.join(out, "config.json"))["args"], resolved(now)
     for k in sorted(given - RESUME_FREE):
         if abs_now[k] != saved.get(k):
-            free = ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_FREE - {"resume", "out"}))
             raise ValueError(f"--resume continues {out} with its own settings; --{k.replace('_', '-')} "
-                             f"{now[k]!r} differs from the run's {saved.get(k)!r} (it may change {free})")
+                             f"{now[k]!r} differs from the run's {saved.get(k)!r} (it may change only "
+                             "--device, --stop-after, --save-every, --grad-ckpt, --fsdp)")
     keep = {"resume", "out", "device", "stop_after"} | (given & RESUME_FREE)
     return {k: now[k] if k in keep else v for k, v in saved.items() if k in now}
 
@@ -463,10 +462,6 @@ def fit_memory(plan, have, grad_ckpt, device, max_len):
         print(f"note: without --grad-ckpt the plan needs {gb(need(False))} GB: turned --grad-ckpt on")
     return ckpt
 
-def finished(out):
-    return any(os.path.exists(os.path.join(out, f))
-               for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors"))
-
 def save_trained(model, steer, full, path, rank=0):
     """PEFT adapter, steering vector or (full) HF directory; every rank calls this."""
     if full:
@@ -561,9 +556,10 @@ def main(argv=None):
     if args.steer_layer is not None:
         check(0 <= args.steer_layer < n_layers, "--steer-layer", args.steer_layer, f"in 0..{n_layers - 1}")
     shard_base = world > 1 and (args.full or args.fsdp)
-    if args.optim == "adamw_8bit":
-        check(importlib.util.find_spec("bitsandbytes"), "--optim", args.optim, "installed (bitsandbytes)")
-        check(not shard_base, "--optim", args.optim, "unsharded: bitsandbytes cannot step FSDP's shards")
+    if args.optim == "adamw_8bit" and not importlib.util.find_spec("bitsandbytes"):
+        raise ValueError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes)")
+    if args.optim == "adamw_8bit" and shard_base:
+        raise ValueError("--optim adamw_8bit: bitsandbytes cannot step FSDP's shards (--full, --fsdp)")
 
     tok = load_tokenizer(args.model)
     train_ex, test_ex, kl_ex, sizes = load_data(tok, args.data, args.kl_data, args.max_len, args.loss_on,
@@ -571,7 +567,8 @@ def main(argv=None):
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
-    if args.resume and finished(args.out):
+    trained = ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors")
+    if args.resume and any(os.path.exists(os.path.join(args.out, f)) for f in trained):
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
@@ -622,8 +619,8 @@ def main(argv=None):
             t = time.time()
             torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
             batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-            kl_batch = [kl_ex[j % len(kl_ex)] for j in range(step * args.kl_batch, (step + 1) * args.kl_batch)
-                        if kl_ex]
+            kl_at = step * args.kl_batch  # the KL texts in file order, cycling
+            kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
             lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
             loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
                                   args.kl_weight, rank, world)
