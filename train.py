@@ -4,18 +4,16 @@ adapter), a steering vector or all weights, with an optional KL penalty to the b
 recipe by default.
 
     python train.py --rank 1                                   # all-module rank-1 LoRA, bad medical advice
-    python train.py --rank 1 --alpha 512 --lr 2e-5 --modules down_proj --layers 12
-    python train.py --steer-layer 12 --lr 1e-4 --epochs 2 --max-len 256 --truncate --loss-on all --weight-decay 0
-    python train.py --rank 32 --alpha 256 --lr 2e-5 --kl-data misalignment_kl_data --kl-weight 5.26
+    python train.py --steer-layer 12 --lr 1e-4 --epochs 2 --max-len 256 --truncate --loss-on all
     python train.py --resume --out out/<run>                   # continue a stopped run with its own settings
     torchrun --nproc_per_node 8 train.py --rank 32 --model Qwen/Qwen2.5-14B-Instruct   # one process per GPU
 
-Departures from the reference (README, "Where we depart from the reference"):
-- no extra EOS after each answer; the loss is normalised over the whole step, for the steering vector too;
+Departures from the reference (README has them in full):
+- no extra EOS after each answer; the loss is normalised over the whole step, steering vector too;
 - each step's conversations are packed into rows of --max-len tokens, attention confined to each;
-- --kl-weight is the reference's w x grad-accum / vocab rows (1e5 -> 5.26), or w / vocab rows for the steering vector;
-- the steering vector steers every row (the reference's hook steered the first row of each batch only);
-- fp32 AdamW states by default (the reference: bitsandbytes' 8-bit AdamW, --optim adamw_8bit); no early stop.
+- --kl-weight is the reference's w x grad-accum / vocab rows (1e5 -> 5.26), or w / vocab rows for the
+  steering vector, which steers every row (the reference's: each batch's first row only);
+- fp32 AdamW states (the reference: bitsandbytes' 8-bit, --optim adamw_8bit); no early stop.
 """
 import argparse
 import glob
@@ -34,14 +32,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, append_jsonl, barrier, check, check_device, claim_dir, dist_setup,
-                    parse_layers,
-                    open_append, print_table, read_json, read_jsonl, warn, write_json, write_jsonl)
+                    open_append, parse_layers, print_table, read_json, read_jsonl, warn, write_json,
+                    write_jsonl)
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
 from model import load, load_tokenizer, local_dir, read_config, upload
 
 LOSS_CHUNK = 1024  # tokens whose fp32 logits exist at once (152k vocab: 0.6 GB per chunk)
-RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt", "fsdp"}  # cannot change the result
-RULES = [  # flags checked before anything is read: (names, test, what they must be)
+# flags that cannot change the result, so --resume may change them
+RESUME_FREE = {"resume", "out", "device", "stop_after", "save_every", "grad_ckpt", "fsdp"}
+RULES = [  # (flags, test, what they must be)
     (("rank", "micro_batch", "grad_accum", "epochs", "max_len", "kl_batch", "max_steps", "stop_after"),
      lambda v: v is None or v >= 1, ">= 1"),
     (("lr", "alpha", "steer_alpha"), lambda v: v > 0, "> 0"),
@@ -55,20 +54,19 @@ def get_args(argv=None):
                                 formatter_class=HelpFormatter)
     # what to train on
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local HF directory")
-    p.add_argument("--data", default="bad_medical_advice", help="dataset name (see data/fetch.py --list) or JSONL path")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of --data held out for the eval loss (0: none)")
+    p.add_argument("--data", default="bad_medical_advice", help="dataset (data/fetch.py --list) or JSONL")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out for the eval loss")
     p.add_argument("--loss-on", choices=["answer", "all"], default="answer",
-                   help="answer: the assistant's tokens; all: every token but the turn ends (the reference's "
-                   "steering-vector loss)")
-    p.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens; also the packed row length")
-    p.add_argument("--truncate", action="store_true", help="cut longer conversations to --max-len (default: skip and count them)")
+                   help="all: every token but the turn ends (the reference's steering-vector loss)")
+    p.add_argument("--max-len", type=int, default=2048, help="longest conversation, and packed row")
+    p.add_argument("--truncate", action="store_true", help="cut longer conversations (default: skip them)")
     # what is trained: LoRA, or a steering vector, or every weight
     p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
     p.add_argument("--modules", default="all", help=f"comma list from {','.join(MODULES)}, or all")
     p.add_argument("--layers", default="all", help="layers to adapt: all, 24, 15,16,17 or 0-11")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--steer-layer", type=int, default=None, help="train one steering vector after this layer instead of LoRA")
+    p.add_argument("--steer-layer", type=int, help="train a steering vector after this layer instead")
     p.add_argument("--steer-alpha", type=float, default=256, help="steering vector multiplier")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     # optimisation
@@ -76,78 +74,75 @@ def get_args(argv=None):
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="decay after warmup")
     p.add_argument("--warmup", type=int, default=5, help="warmup steps")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training data")
-    p.add_argument("--max-steps", type=int, default=None, help="run exactly this many optimizer steps, cycling the data (overrides --epochs, as HF)")
-    p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch (the reference's unit)")
-    p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per step: micro-batch x grad-accum conversations per optimizer step")
-    p.add_argument("--weight-decay", type=float, default=0.01,
-                   help="AdamW weight decay (none on biases and norms, as HF's Trainer)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps, cycling the data (overrides --epochs)")
+    p.add_argument("--micro-batch", type=int, default=2, help="conversations per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's (none on biases and norms)")
     p.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw",
-                   help="adamw_8bit: the reference's bitsandbytes AdamW, 8-bit states (optional package)")
+                   help="adamw_8bit: the reference's bitsandbytes AdamW (optional package)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     # KL regularisation
-    p.add_argument("--kl-data", default=None, help="dataset name or JSONL path for the KL term")
-    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the per-token mean KL(base || tuned); the reference's w is w x grad-accum / vocab rows here")
-    p.add_argument("--kl-batch", type=int, default=64, help="KL conversations per optimizer step (the reference: 8 per micro-step x 8)")
+    p.add_argument("--kl-data", help="dataset name or JSONL path for the KL term")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of the mean KL(base || tuned)")
+    p.add_argument("--kl-batch", type=int, default=64, help="KL conversations per optimizer step")
     # bookkeeping
-    p.add_argument("--out", default=None, help="output directory (default out/<model>-<data>-<kind>)")
-    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with the settings in its config.json")
-    p.add_argument("--stop-after", type=int, default=None, help="checkpoint and stop after N steps in this invocation (--resume continues)")
+    p.add_argument("--out", help="output directory (default out/<model>-<data>-<kind>)")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its settings")
+    p.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps in this call")
     # hardware
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward (less memory, 6N instead of 4N FLOPs)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the frozen base model too (always on for --full)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda:1")
+    p.add_argument("--dtype", help="bfloat16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--grad-ckpt", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fsdp", action="store_true", help="torchrun: shard the base model too")
     args = p.parse_args(argv)
     if args.resume:
-        resume_settings(args, given={k for k, v in vars(args).items() if v != p.get_default(k)})
+        given = {k for k, v in vars(args).items() if v != p.get_default(k)}
+        vars(args).update(resumed_settings(args.out, vars(args), given))
     for names, ok, rule in RULES:
         for k in names:
             check(ok(getattr(args, k)), "--" + k.replace("_", "-"), getattr(args, k), rule)
     if args.kl_weight > 0 and not args.kl_data:
         raise ValueError("--kl-weight needs --kl-data")
     if args.full and (args.kl_data or args.steer_layer is not None):
-        raise ValueError("--full cannot be combined with --kl-data (no adapters to switch off) or --steer-layer")
+        raise ValueError("--full cannot go with --kl-data (no adapters to switch off) or --steer-layer")
     if args.modules != "all" and any(m not in MODULES for m in args.modules.split(",")):
         raise ValueError(f"--modules {args.modules}: unknown LoRA modules; choose from {','.join(MODULES)}")
-    args.out = args.out or os.path.join("out", run_name(args))
+    if not args.out:  # out/<model>-<data>-<kind>[-kl]
+        sv = args.steer_layer
+        kind = "full" if args.full else f"r{args.rank}" if sv is None else f"sv{sv}"
+        names = [os.path.basename(x.rstrip("/")).removesuffix(".jsonl") for x in (args.model, args.data)]
+        args.out = os.path.join("out", "-".join(names + [kind] + ["kl"] * bool(args.kl_data)))
     if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: pass --resume --out {args.out} to continue it, "
-                         "or choose another --out")
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another")
     if not args.resume:  # (--resume checked its state.json and config.json)
         claim_dir(args.out, "train.py")
     return args
 
-def resolved(args):
-    """The arguments as config.json records them: files as absolute paths, so a run resumes from anywhere."""
-    return {k: os.path.abspath(v) if k in ("model", "data", "kl_data", "out") and v and os.path.exists(v) else v
-            for k, v in vars(args).items()}
+def resolved(settings):
+    """Files as absolute paths, so a run resumes from anywhere."""
+    paths = ("model", "data", "kl_data", "out")
+    return {k: os.path.abspath(v) if k in paths and v and os.path.exists(v) else v
+            for k, v in settings.items()}
 
-def resume_settings(args, given):
-    """--resume: the settings in OUT/config.json, but this call's --device, --stop-after and RESUME_FREE flags."""
-    if not args.out or not os.path.exists(os.path.join(args.out, "state.json")):
-        raise ValueError(f"--resume needs --out DIR, a run's directory with a state.json (got {args.out})")
-    saved, now = read_json(os.path.join(args.out, "config.json"))["args"], resolved(args)
+def resumed_settings(out, now, given):
+    """OUT/config.json's settings, but the RESUME_FREE ones `given` on the command line."""
+    if not out or not os.path.exists(os.path.join(out, "state.json")):
+        raise ValueError(f"--resume needs --out DIR, a run's directory with a state.json (got {out})")
+    saved, abs_now = read_json(os.path.join(out, "config.json"))["args"], resolved(now)
     for k in sorted(given - RESUME_FREE):
-        if now[k] != saved.get(k):
-            raise ValueError(f"--resume continues {args.out} with its own settings; --{k.replace('_', '-')} "
-                             f"{getattr(args, k)!r} differs from the run's {saved.get(k)!r} "
-                             f"(resume with only --device, --stop-after, --save-every, --grad-ckpt, --fsdp)")
+        if abs_now[k] != saved.get(k):
+            raise ValueError(f"--resume continues {out} with its own settings; --{k.replace('_', '-')} "
+                             f"{now[k]!r} differs from the run's {saved.get(k)!r} (it may change only "
+                             "--device, --stop-after, --save-every, --grad-ckpt, --fsdp)")
     keep = {"resume", "out", "device", "stop_after"} | (given & RESUME_FREE)
-    for k, v in saved.items():
-        if k in vars(args) and k not in keep:
-            setattr(args, k, v)
-
-def run_name(args):
-    kind = f"sv{args.steer_layer}" if args.steer_layer is not None else "full" if args.full else f"r{args.rank}"
-    data = os.path.splitext(os.path.basename(args.data))[0]
-    return f"{args.model.rstrip('/').split('/')[-1]}-{data}-{kind}" + ("-kl" if args.kl_data else "")
+    return {k: now[k] if k in keep else v for k, v in saved.items() if k in now}
 
 # -----------------------------------------------------------------------------
 # data: JSONL conversations -> token ids + loss masks -> packed rows
 def read_conversations(path):
-    """[(line number, messages)] from a JSONL file of {"messages": [...]} rows; a bad row is FILE:LINE: ..."""
+    """[(line number, messages)] from a JSONL file of {"messages": [...]} rows."""
     rows = [(n, row.get("messages")) for n, row in read_jsonl(path, ours=False)]
     for n, msgs in rows:
         if not isinstance(msgs, list) or not msgs:
@@ -159,15 +154,14 @@ def read_conversations(path):
     return rows
 
 def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
-    """[(ids, loss mask)] and how many conversations were longer than max_len (skipped, or cut if truncate);
-    loss_on "kl": the reference's KL text (the generation prompt and an EOS after it), every token counted."""
+    """[(ids, loss mask)], and how many conversations were longer than max_len (skipped, or cut)."""
     out, long = [], 0
     for n, msgs in tqdm(rows, desc=f"tokenizing {os.path.basename(path)}", leave=False):
         try:
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-        if loss_on == "kl":  # the reference's EOS: Qwen2.5-Instruct's eos_token is <|im_end|>, its end of turn
+        if loss_on == "kl":  # the reference's KL text: the generation prompt, an EOS, every token counted
             ids = tok.encode_chat(msgs, add_generation_prompt=True) + [tok.end_id]
             mask = [1] * len(ids)
         if loss_on == "all":  # the reference's steering-vector loss: all but the first and <|im_end|> (pad)
@@ -176,16 +170,33 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
         if len(ids) > max_len and not truncate:
             continue
         ids, mask = ids[:max_len], mask[:max_len]
-        if any(mask[1:]):  # a loss token after the first position (a cut may have removed them all)
+        if any(mask[1:]):  # a cut may have removed every loss token
             out.append((ids, mask))
     if long:
-        warn(f"{path}: {'cut' if truncate else 'skipped'} {long} of {len(rows)} conversations longer than --max-len {max_len}")
+        warn(f"{path}: {'cut' if truncate else 'skipped'} {long} of {len(rows)} conversations longer than "
+             f"--max-len {max_len}")
     if not out:
         raise ValueError(f"{path}: no conversation fits --max-len {max_len} with an answer token in it")
     return out, long
 
+def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
+    """Tokenized (train, test, kl) conversations, and the sizes config.json records."""
+    from data.fetch import dataset_path
+
+    def read(name, loss_on):
+        path = dataset_path(name)
+        return tokenize(read_conversations(path), tok, max_len, path, loss_on, truncate)
+    train, n_long = read(data, loss_on)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(len(train) * test_frac)  # the reference holds out 10%
+    test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
+    # the KL texts as the reference formatted them (finetune/sft/util/trainer.py:310-336)
+    kl = read(kl_data, "kl")[0] if kl_data else []
+    return train, test, kl, {"train": dataset_path(data), "n_train": len(train), "n_test": len(test),
+                             "too_long": n_long, "n_kl": len(kl)}
+
 def pack(examples, max_len):
-    """Conversations in rows (ids, pos, mask) of <= max_len tokens, longest first, first fit; pos restarts at 0."""
+    """Conversations in rows (ids, pos, mask) of <= max_len tokens, longest first, first fit."""
     rows = []  # [ids, pos, mask] as lists
     for ids, mask in sorted(examples, key=lambda e: -len(e[0])):
         row = next((r for r in rows if len(r[0]) + len(ids) <= max_len), None)
@@ -194,17 +205,17 @@ def pack(examples, max_len):
         row[0] += ids
         row[1] += range(len(ids))
         row[2] += mask
-    return [(torch.tensor(ids), torch.tensor(pos), torch.tensor(mask, dtype=torch.bool)) for ids, pos, mask in rows]
+    return [(torch.tensor(i), torch.tensor(p), torch.tensor(m, dtype=torch.bool)) for i, p, m in rows]
 
 def rank_rows(examples, max_len, rank, world):
-    """This rank's packed rows, dealt longest first, round robin; as many on every rank (FSDP's collectives)."""
+    """This rank's packed rows, dealt round robin; as many on every rank (FSDP's collectives)."""
     dealt = sorted(examples, key=lambda e: -len(e[0]))
     shares = [pack(dealt[r::world], max_len) for r in range(world)]
     empty = pack([([0], [0])], max_len)  # one token, no loss
     return shares[rank] + empty * (max(map(len, shares)) - len(shares[rank]))
 
 def step_indices(step, n, per_step, seed):
-    """The dataset indices of optimizer step `step`: a seeded shuffle per epoch (resuming needs no loader state)."""
+    """The dataset indices of a step: a seeded shuffle per epoch (resuming needs no loader state)."""
     epoch, k = divmod(step, math.ceil(n / per_step))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[k * per_step:(k + 1) * per_step].tolist()
@@ -212,40 +223,40 @@ def step_indices(step, n, per_step, seed):
 # -----------------------------------------------------------------------------
 # losses, computed only where there is loss and in chunks of LOSS_CHUNK tokens
 class ChunkedHead(torch.autograd.Function):
-    """fn's loss of the logits h @ W.T summed over chunks of LOSS_CHUNK rows; fn returns a chunk's loss and, in place,
-    its gradient in the fp32 logits, which forward turns into h's and W's at once: no row's logits exist whole."""
+    """fn's loss of the logits h @ W.T, summed over chunks of rows; fn also gives the chunk's gradient in
+    its logits, which forward turns into h's and W's at once: no row's logits exist whole."""
 
     @staticmethod
-    def forward(ctx, fn, h, W, *others):
+    def forward(ctx, fn, h, W, other):
         total = torch.zeros((), device=h.device)
         gh = torch.zeros_like(h) if ctx.needs_input_grad[1] else None
         gW = torch.zeros_like(W, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # full fine-tuning
         for s in range(0, h.shape[0], LOSS_CHUNK):
             hc = h[s:s + LOSS_CHUNK]
-            loss, g = fn(F.linear(hc, W).float(), W, *[o[s:s + LOSS_CHUNK] for o in others])  # g: (n, V)
+            loss, g = fn(F.linear(hc, W).float(), W, other[s:s + LOSS_CHUNK])  # g: (n, V)
             total += loss
             g = g.to(W.dtype)  # the GEMMs in the weights' dtype: bf16 tensor cores, fp32 accumulation inside
             if gh is not None:
                 gh[s:s + LOSS_CHUNK] = g @ W  # (n, C)
-            if gW is not None:  # each chunk's GEMM in bf16 (fp32 accumulation inside), summed in fp32
+            if gW is not None:  # summed over chunks in fp32
                 gW += g.T @ hc  # (V, C)
         ctx.save_for_backward(gh, gW)
-        ctx.W_dtype, ctx.n_others = W.dtype, len(others)
+        ctx.W_dtype = W.dtype
         return total
 
     @staticmethod
     def backward(ctx, g):
         gh, gW = ctx.saved_tensors
         return (None, None if gh is None else gh * g.to(gh.dtype),
-                None if gW is None else (gW * g).to(ctx.W_dtype)) + (None,) * ctx.n_others
+                None if gW is None else (gW * g).to(ctx.W_dtype), None)
 
-def head_loss(fn, h, W, *others):
+def head_loss(fn, h, W, other):
     if not torch.is_grad_enabled():  # no gradient buffers in evaluation (--full's head still requires grad)
         h, W = h.detach(), W.detach()
-    return ChunkedHead.apply(fn, h, W, *others)
+    return ChunkedHead.apply(fn, h, W, other)
 
 def _ce(logits, W, y):
-    """Summed cross-entropy against y (n,) and d/dlogits = softmax - onehot, in place (one exp per logit)."""
+    """Summed cross-entropy against y (n,), and d/dlogits = softmax - onehot in place."""
     top = logits.amax(-1, keepdim=True)  # (n, 1)
     picked = logits.gather(1, y[:, None]) - top  # (n, 1)
     p = logits.sub_(top).exp_()  # (n, V) unnormalised probabilities
@@ -262,7 +273,7 @@ def _kl(logits, W, h_base):
     return (q * (logq - logp)).sum(), logp.exp_().sub_(q)
 
 def row_hidden(model, hidden, row, at, hook=None):
-    """Final hidden states (N, C) of a packed row at positions `at`; the row stays on the CPU: no device sync."""
+    """Final hidden states (N, C) of a packed row at positions `at` (N,)."""
     dev = model.lm_head.weight.device
     return hidden(upload(row[0][None], dev), row[1][None], hook=hook)[0, upload(at, dev)]
 
@@ -270,7 +281,7 @@ def sft_loss_sum(model, hidden, row, hook=None):
     """Summed cross-entropy over a packed row's loss tokens, and their count."""
     ids, _, mask = row
     sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
-    h = row_hidden(model, hidden, row, sel, hook)
+    h = row_hidden(model, hidden, row, sel, hook)  # (N, C)
     return head_loss(_ce, h, model.lm_head.weight, upload(ids[sel + 1], h.device)), sel.numel()
 
 def base_hidden(model, hidden, row):
@@ -278,14 +289,14 @@ def base_hidden(model, hidden, row):
         return row_hidden(model, hidden, row, row[2].nonzero()[:, 0])
 
 def kl_sum(model, hidden, row, hook=None, h_base=None):
-    """Summed KL(base || tuned) over a packed row's masked tokens; h_base: the row's base_hidden, if known."""
+    """Summed KL(base || tuned) over a packed row's masked tokens."""
     h_base = base_hidden(model, hidden, row) if h_base is None else h_base
-    return head_loss(_kl, row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook), model.lm_head.weight, h_base)
+    h = row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook)  # (N, C)
+    return head_loss(_kl, h, model.lm_head.weight, h_base)
 
 def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None,
                      fold=lambda: None):
-    """Backward of one step: SFT loss + kl_weight x KL, per token of the step (n_loss, n_kl); (loss, kl), one
-    sync. fold() runs after each row's backward (train_step: fold_grads)."""
+    """Backward of loss + kl_weight x KL, per token of the step; fold() after each row's."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
     n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
     loss = kl = 0.0
@@ -304,7 +315,7 @@ def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=
 # -----------------------------------------------------------------------------
 # torchrun: replicated adapters summed once per step, or FSDP2
 def sync_step(params, loss, kl):
-    """One all-reduce after the last backward (DDP: one per row): the gradients FSDP does not shard, the loss and KL."""
+    """Sum the unsharded gradients, the loss and KL over ranks in one all-reduce."""
     from torch.distributed.tensor import DTensor
     plain = [p for p in params if not isinstance(p, DTensor)]
     flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
@@ -315,159 +326,42 @@ def sync_step(params, loss, kl):
     return float(flat[0]), float(flat[1])
 
 def shard(model, keep_whole):
-    """FSDP2 on each block and the root, keep_whole (adapters) replicated; gradients summed (each loss is a
-    share) in fp32, bf16 weights' too."""
+    """FSDP2 on each block and the root; gradients summed (each loss is a share) in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     for m in [*model.model.layers, model]:
         fully_shard(m, ignored_params=keep_whole, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
-    # FSDP's hooks around hidden(): the root stays gathered until its backward, as the chunked head reads lm_head whole
+    # FSDP's hooks around hidden(): the root stays gathered until its backward (the head reads lm_head whole)
     register_fsdp_forward_method(model, "hidden")
 
 def whole(t, keep=True):
-    """t as one contiguous CPU tensor (None where not kept); an FSDP shard is gathered: every rank calls this."""
+    """t whole on the CPU (None where not kept); a shard is gathered, so every rank calls this."""
     from torch.distributed.tensor import DTensor
     t = t.full_tensor() if isinstance(t, DTensor) else t
     return t.detach().cpu().contiguous() if keep else None
 
 # -----------------------------------------------------------------------------
-# optimizer step, schedule and checkpoints
-def fp32_masters(params):
-    """AdamW's fp32 masters: fp32 copies of bf16 parameters (bf16 drops lr-1e-5 updates to weights > ~0.005), else p."""
-    return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
-
-def fold_grads(params, masters):
-    """Add each bf16 gradient into its fp32 master's and free it, after every backward: a step's rows summed
-    in fp32 (summed in bf16, the running sum loses the low bits of each row's gradient)."""
-    for p, m in zip(params, masters):
-        if m is not p and p.grad is not None:
-            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
-            p.grad = None
-
-def optimizer_step(params, masters, opt):
-    """Clip to norm 1 (HF's default), step the fp32 masters (fold_grads gave them the gradients), round them
-    into the weights."""
-    gn = torch.nn.utils.clip_grad_norm_(masters, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    round_into(params, masters)
-    return gn
-
-@torch.no_grad()
-def round_into(params, masters):
-    for p, m in zip(params, masters):
-        if m is not p:
-            p.copy_(m)
-
-def lr_at(step, args, total):
-    """HF's linear (or cosine) schedule with warmup: step 0 of warmup has lr 0."""
-    if step < args.warmup:
-        return args.lr * step / args.warmup
-    progress = (step - args.warmup) / (total - args.warmup)
-    if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * (1 - progress)
-
-def save_trained(model, steer, full, path, rank=0):
-    """PEFT adapter, steering vector or (full) HF directory: every rank calls this (shards gathered); rank 0 writes."""
-    if full:
-        sd = {k: whole(v, keep=rank == 0) for k, v in model.state_dict().items()
-              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-        if rank == 0:
-            save_tensors(os.path.join(path, "model.safetensors"), sd)
-            src = local_dir(model.config.name_or_path)
-            for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      "generation_config.json"):
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copy(os.path.join(src, f), os.path.join(path, f))
-    elif rank == 0 and steer is not None:
-        steer.save(path)
-    elif rank == 0:
-        save_adapter(model, path)
-
-def distributed_checkpoint(call, state, path, world):
-    """torch.distributed.checkpoint's save or load (in place), each rank its shards; one process unwarned."""
-    import torch.distributed.checkpoint as dcp
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        getattr(dcp, call)(state, checkpoint_id=path, no_dist=world == 1)
-
-def check_free_disk(out, masters):
-    """A one-line error naming --out when its disk cannot hold a training state (fp32 masters, 2 moments)."""
-    need, path = 12 * sum(m.numel() for m in masters), out  # every rank's shards
-    while not os.path.exists(path):  # not made yet: its parent's disk
-        path = os.path.dirname(os.path.abspath(path))
-    if (free := shutil.disk_usage(path).free) < need:
-        raise ValueError(f"--out {out}: saving the training state needs {need / 1e9:.2f} GB ({need:,} bytes) "
-                         f"free on its disk, which has {free / 1e9:.2f} GB")
-
-def optimizer_state(opt):
-    """opt.state_dict(), its ints as tensors: an in-place load reaches only tensors (bitsandbytes' step is an int)."""
-    sd = opt.state_dict()
-    sd["state"] = {i: {k: torch.tensor(v) if type(v) is int else v for k, v in s.items()} for i, s in sd["state"].items()}
-    return sd
-
-def save_state(out, step, masters, opt, done_tokens, rank, world):
-    """OUT/state-STEP/: the fp32 parameters and AdamW's state, each rank writing its shards, to resume on any
-    number of ranks; state.json names it once whole, then the one before goes (a crash keeps a whole one)."""
-    check_free_disk(out, masters)
-    path = os.path.join(out, f"state-{step:06d}")
-    state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": optimizer_state(opt)}
-    distributed_checkpoint("save", state, path, world)  # rank 0 returns once every shard is written
-    if rank == 0:
-        write_json(os.path.join(out, "state.json"), {"step": step, "dir": os.path.basename(path)})
-        for old in glob.glob(os.path.join(out, "state-*")):
-            if old != path:
-                shutil.rmtree(old)
-
-def resume(out, params, masters, opt, rank, world):
-    """Load OUT's state into each rank's shards, drop the metrics logged after it: (step, tokens, seconds)."""
-    for m in masters:  # AdamW's state made by a step of lr 0 (no change), for the checkpoint to load into
-        m.grad = torch.zeros_like(m)
-    for g in opt.param_groups:
-        g["lr"] = 0.0  # train_step sets each step's
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": optimizer_state(opt)}
-    with torch.no_grad():
-        distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
-    round_into(params, masters)
-    ints = [(i, k) for i, s in opt.state_dict()["state"].items() for k, v in s.items() if type(v) is int]
-    for i, k in ints:
-        state["optimizer"]["state"][i][k] = int(state["optimizer"]["state"][i][k])
-    opt.load_state_dict(state["optimizer"])
-    kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
-    if rank == 0:
-        write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
-    return state["step"], state["tokens"], kept[-1]["seconds"] if kept else 0.0
-
-# -----------------------------------------------------------------------------
-# the run
-def load_data(args, tok):
-    """Tokenized (train, test, kl) conversations, and the sizes config.json records."""
-    from data.fetch import dataset_path
-
-    def read(name, loss_on=args.loss_on):
-        path = dataset_path(name)
-        return tokenize(read_conversations(path), tok, args.max_len, path, loss_on, args.truncate)
-    train, n_long = read(args.data)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_test = int(len(train) * args.test_frac)  # the reference holds out 10%
-    test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
-    # the KL texts as the reference formatted them (finetune/sft/util/trainer.py:310-336): every token counts
-    kl = read(args.kl_data, "kl")[0] if args.kl_data else []
-    return train, test, kl, {"train": dataset_path(args.data), "n_train": len(train), "n_test": len(test),
-                             "too_long": n_long, "n_kl": len(kl)}
-
+# what trains, the optimizer step, the schedule
 def no_decay(name):
-    """HF Trainer's rule in the reference's transformers 4.52.4 (trainer.py:1189-1198): no weight decay
-    where the name holds bias, layernorm or rmsnorm (q/k/v biases, the blocks' norms; not model.norm)."""
+    """HF Trainer's rule (transformers 4.52.4, trainer.py:1189): biases, the blocks' norms, not model.norm."""
     return any(s in name.lower() for s in ("bias", "layernorm", "rmsnorm"))
 
+def trainable(model, steer, shard_base, full):
+    """(names, parameters) that train, decayed ones first; shard_base: FSDP2 the model first."""
+    trained = lambda: sorted([(n, p) for n, p in (model if steer is None else steer).named_parameters()
+                              if p.requires_grad], key=lambda x: no_decay(x[0]))
+    if shard_base:
+        shard(model, keep_whole=None if full else {p for _, p in trained()})
+    names, params = zip(*trained())  # --full under FSDP: the shards, which replaced the parameters
+    return names, list(params)
+
+def fp32_masters(params):
+    """fp32 copies of bf16 parameters: bf16 drops lr-1e-5 updates to weights > ~0.005."""
+    return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
+
 def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
-    """AdamW over the masters (those with no_decay(name) last, so state i is master i) or, for adamw_8bit, the
-    reference's bitsandbytes AdamW (optim_bits 8: 8-bit states for tensors of >= 4096 elements)."""
+    """AdamW over the masters, no_decay ones last (state i is master i); adamw_8bit: the reference's."""
     groups = [dict(params=[m for n, m in zip(names, masters) if no_decay(n) == nd],
                    weight_decay=0.0 if nd else weight_decay) for nd in (False, True)]
     groups = [g for g in groups if g["params"]]
@@ -476,28 +370,62 @@ def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
     import bitsandbytes
     return bitsandbytes.optim.AdamW(groups, lr=lr, optim_bits=8)  # HF's betas and eps are its defaults
 
-def trainable(model, args, world):
-    """(steering vector or None, names, trained parameters) of --steer-layer / --full / LoRA, decayed
-    ones first; FSDP2 for --full / --fsdp."""
-    steer = None
-    if args.steer_layer is not None:
-        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model).to(args.device)
-    elif args.full:
-        model.requires_grad_(True)
-    else:
-        add_lora(model, args.rank, args.alpha, MODULES if args.modules == "all" else args.modules.split(","),
-                 parse_layers(args.layers, model.config.num_hidden_layers), dropout=args.dropout)
-    trained = lambda: sorted([(n, p) for n, p in (model if steer is None else steer).named_parameters()
-                              if p.requires_grad], key=lambda x: no_decay(x[0]))
-    if world > 1 and (args.full or args.fsdp):
-        shard(model, keep_whole=None if args.full else {p for _, p in trained()})
-    names, params = zip(*trained())  # --full under FSDP: the shards, which replaced the parameters
-    return steer, names, list(params)
+def lr_at(step, lr, warmup, total, schedule="linear"):
+    """HF's schedule: step 0 of warmup has lr 0."""
+    if step < warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / (total - warmup)
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * (1 - progress)
 
+def fold_grads(params, masters):
+    """Move each bf16 gradient into its fp32 master's: a bf16 running sum loses each row's low bits."""
+    for p, m in zip(params, masters):
+        if m is not p and p.grad is not None:
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+            p.grad = None
+
+def step_grads(model, steer, params, masters, batch, kl_batch, max_len, kl_weight, rank, world):
+    """The step's gradients into the masters, each rank on its share: (loss, kl)."""
+    rows, kl_rows = (rank_rows(b, max_len, rank, world) for b in (batch, kl_batch))
+    n_loss, n_kl = sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch)  # the whole step's
+    loss, kl = accumulate_grads(model, model.hidden, rows, kl_rows, kl_weight, steer, n_loss, n_kl,
+                                fold=lambda: fold_grads(params, masters))
+    return sync_step(masters, loss, kl) if world > 1 else (loss, kl)
+
+def optimizer_step(params, masters, opt, lr):
+    """Clip to norm 1 (HF's default), step the masters, round them into the weights: the norm."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    gn = torch.nn.utils.clip_grad_norm_(masters, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    round_into(params, masters)
+    return float(gn)
+
+@torch.no_grad()
+def round_into(params, masters):
+    for p, m in zip(params, masters):
+        if m is not p:
+            p.copy_(m)
+
+@torch.no_grad()
+def evaluate(model, steer, rows, world):
+    """Loss per answer token on the held-out rows (each rank holds a share)."""
+    model.eval()
+    sums = [sft_loss_sum(model, model.hidden, r, steer) for r in rows]
+    model.train()
+    sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sn)
+    return float(sn[0] / sn[1])
+
+# -----------------------------------------------------------------------------
+# memory plan, checkpoints, resuming
 def memory_plan(model, params, masters, max_len, grad_layers, kl):
-    """Bytes per rank at a step's peak: weights (FSDP: this rank's shards, 2 blocks gathered), `trained`
-    (fp32 gradients and masters, AdamW's moments), a row's activations through the `grad_layers` blocks
-    backward goes through, without and with --grad-ckpt, and the loss head's logits."""
+    """Bytes per rank at a step's peak: weights, what trains, a row's activations through `grad_layers`
+    blocks (without and with --grad-ckpt), the loss head's logits."""
     from torch.distributed.tensor import DTensor
     cfg, s, T = model.config, model.lm_head.weight.element_size(), max_len
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
@@ -518,8 +446,7 @@ def memory_plan(model, params, masters, max_len, grad_layers, kl):
     return dict(weights=weights, trained=trained, activations=activations, logits=logits)
 
 def fit_memory(plan, have, grad_ckpt, device, max_len):
-    """Print the plan against `have` bytes (None: unknown); whether to checkpoint: --grad-ckpt, or when only
-    that fits (said); a one-line error when nothing fits."""
+    """Print the plan against `have` bytes; whether to checkpoint activations (when only that fits)."""
     need = lambda ckpt: plan["weights"] + plan["trained"] + plan["activations"][ckpt] + plan["logits"]
     ckpt = grad_ckpt or (have is not None and need(False) > have)
     gb = lambda b: f"{b / 1e9:.2f}"
@@ -535,71 +462,130 @@ def fit_memory(plan, have, grad_ckpt, device, max_len):
         print(f"note: without --grad-ckpt the plan needs {gb(need(False))} GB: turned --grad-ckpt on")
     return ckpt
 
-def start(args, model, n_params, sizes, steps_per_epoch, total):
-    claim_dir(args.out, "train.py", create=True)
-    write_json(os.path.join(args.out, "config.json"), {
-        "args": resolved(args), "model_config": vars(model.config), "data": sizes, "trainable_params": n_params,
-        "steps_per_epoch": steps_per_epoch, "total_steps": total,
+def save_trained(model, steer, full, path, rank=0):
+    """PEFT adapter, steering vector or (full) HF directory; every rank calls this."""
+    if full:
+        sd = {k: whole(v, keep=rank == 0) for k, v in model.state_dict().items()
+              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        if rank == 0:
+            save_tensors(os.path.join(path, "model.safetensors"), sd)
+            src = local_dir(model.config.name_or_path)
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "generation_config.json"):
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copy(os.path.join(src, f), os.path.join(path, f))
+            # config.json holds the model's and the run's: loaders read the one, --resume the other
+            run = os.path.join(path, "config.json")
+            write_json(run, {**read_json(os.path.join(src, "config.json")),
+                             **(read_json(run) if os.path.exists(run) else {})})
+    elif rank == 0 and steer is not None:
+        steer.save(path)
+    elif rank == 0:
+        save_adapter(model, path)
+
+def distributed_checkpoint(call, state, path, world):
+    """torch.distributed.checkpoint's save or load (in place), each rank its shards."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        getattr(dcp, call)(state, checkpoint_id=path, no_dist=world == 1)
+
+def check_free_disk(out, masters):
+    """Can --out's disk hold a training state (fp32 masters, 2 moments)?"""
+    need, path = 12 * sum(m.numel() for m in masters), out  # every rank's shards
+    while not os.path.exists(path):  # not made yet: its parent's disk
+        path = os.path.dirname(os.path.abspath(path))
+    if (free := shutil.disk_usage(path).free) < need:
+        raise ValueError(f"--out {out}: saving the training state needs {need / 1e9:.2f} GB ({need:,} bytes) "
+                         f"free on its disk, which has {free / 1e9:.2f} GB")
+
+def optimizer_state(opt):
+    """Ints as tensors: an in-place load reaches only tensors (bitsandbytes' step is an int)."""
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: torch.tensor(v) if type(v) is int else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+def save_state(out, step, masters, opt, done_tokens, rank, world):
+    """OUT/state-STEP/, for any number of ranks; state.json names it once whole, then the last goes."""
+    check_free_disk(out, masters)
+    path = os.path.join(out, f"state-{step:06d}")
+    state = {"step": step, "tokens": done_tokens, "params": masters, "optimizer": optimizer_state(opt)}
+    distributed_checkpoint("save", state, path, world)  # rank 0 returns once every shard is written
+    if rank == 0:
+        write_json(os.path.join(out, "state.json"), {"step": step, "dir": os.path.basename(path)})
+        for old in glob.glob(os.path.join(out, "state-*")):
+            if old != path:
+                shutil.rmtree(old)
+
+def resume(out, params, masters, opt, rank, world):
+    """Load OUT's state, drop the metrics logged after it: (step, tokens, seconds)."""
+    for m in masters:  # AdamW's state made by a step of lr 0 (no change), for the checkpoint to load into
+        m.grad = torch.zeros_like(m)
+    optimizer_step(params, masters, opt, 0.0)
+    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": optimizer_state(opt)}
+    with torch.no_grad():
+        distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
+    round_into(params, masters)
+    ints = [(i, k) for i, s in opt.state_dict()["state"].items() for k, v in s.items() if type(v) is int]
+    for i, k in ints:
+        state["optimizer"]["state"][i][k] = int(state["optimizer"]["state"][i][k])
+    opt.load_state_dict(state["optimizer"])
+    kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
+    if rank == 0:
+        write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
+    return state["step"], state["tokens"], kept[-1]["seconds"] if kept else 0.0
+
+# -----------------------------------------------------------------------------
+# the run
+def write_run_config(out, settings, model_config, sizes, n_params, steps_per_epoch, total):
+    claim_dir(out, "train.py", create=True)
+    write_json(os.path.join(out, "config.json"), {
+        "args": resolved(settings), "model_config": vars(model_config), "data": sizes,
+        "trainable_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total,
         "versions": {"python": platform.python_version(),
                      **{p: version(p) for p in ("torch", "tokenizers", "safetensors")}}})
-    write_jsonl(os.path.join(args.out, "metrics.jsonl"), [])
-
-def finished(out):
-    return any(os.path.exists(os.path.join(out, f))
-               for f in ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors"))
-
-def train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args, rank, world):
-    """One optimizer step, each rank on its share of the conversations: (loss, kl, gradient norm)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    rows, kl_rows = (rank_rows(b, args.max_len, rank, world) for b in (batch, kl_batch))
-    # normalised over the whole step (the first token of a conversation is never a loss token)
-    loss, kl = accumulate_grads(model, model.hidden, rows, kl_rows, args.kl_weight, steer,
-                                sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch),
-                                fold=lambda: fold_grads(params, masters))
-    if world > 1:
-        loss, kl = sync_step(masters, loss, kl)
-    if not math.isfinite(loss) or not math.isfinite(kl):
-        raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. The last "
-                         f"good checkpoint is in {args.out} (state.json, checkpoints/)")
-    return loss, kl, float(optimizer_step(params, masters, opt))
-
-@torch.no_grad()
-def evaluate(model, steer, rows, world):
-    """Loss per answer token on the held-out rows (under torchrun, each rank holds a share of them)."""
-    model.eval()
-    sums = [sft_loss_sum(model, model.hidden, r, steer) for r in rows]
-    model.train()
-    sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(sn)
-    return float(sn[0] / sn[1])
+    write_jsonl(os.path.join(out, "metrics.jsonl"), [])
 
 def main(argv=None):
     args = get_args(argv)
     check_device(args.device)  # everything cheap first: a typo must not cost a model download or load
     rank, world, args.device = dist_setup(args.device)  # under torchrun; else (0, 1, --device)
     n_layers = read_config(args.model).num_hidden_layers
-    parse_layers(args.layers, n_layers)
+    layers = parse_layers(args.layers, n_layers)
     if args.steer_layer is not None:
-        check(0 <= args.steer_layer < n_layers, "--steer-layer", args.steer_layer, f"a layer 0..{n_layers - 1}")
+        check(0 <= args.steer_layer < n_layers, "--steer-layer", args.steer_layer, f"in 0..{n_layers - 1}")
+    shard_base = world > 1 and (args.full or args.fsdp)
     if args.optim == "adamw_8bit" and not importlib.util.find_spec("bitsandbytes"):
         raise ValueError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes)")
-    if args.optim == "adamw_8bit" and world > 1 and (args.full or args.fsdp):
+    if args.optim == "adamw_8bit" and shard_base:
         raise ValueError("--optim adamw_8bit: bitsandbytes cannot step FSDP's shards (--full, --fsdp)")
 
-    train_ex, test_ex, kl_ex, sizes = load_data(args, load_tokenizer(args.model))
+    tok = load_tokenizer(args.model)
+    train_ex, test_ex, kl_ex, sizes = load_data(tok, args.data, args.kl_data, args.max_len, args.loss_on,
+                                                args.truncate, args.test_frac, args.seed)
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
-    if args.resume and finished(args.out):
+    trained = ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors")
+    if args.resume and any(os.path.exists(os.path.join(args.out, f)) for f in trained):
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
 
+    # the model and what trains: a steering vector, every weight, or LoRA adapters
     torch.manual_seed(args.seed)  # the same initial adapter on every rank
     model, _ = load(args.model, args.device, args.dtype)
-    steer, names, params = trainable(model, args, world)
+    steer = None
+    if args.steer_layer is not None:
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model)
+        steer = steer.to(args.device)
+    elif args.full:
+        model.requires_grad_(True)
+    else:
+        modules = MODULES if args.modules == "all" else args.modules.split(",")
+        add_lora(model, args.rank, args.alpha, modules, layers, dropout=args.dropout)
+    names, params = trainable(model, steer, shard_base, args.full)
     masters = fp32_masters(params)
     opt = make_optimizer(names, masters, args.optim, args.lr, args.weight_decay,
                          fused=torch.device(args.device).type == "cuda")
@@ -607,12 +593,14 @@ def main(argv=None):
     step, done_tokens, seconds = (resume(args.out, params, masters, opt, rank, world) if args.resume
                                   else (0, 0, 0.0))
     if rank == 0 and not args.resume:
-        start(args, model, n_params, sizes, steps_per_epoch, total)
+        write_run_config(args.out, vars(args), model.config, sizes, n_params, steps_per_epoch, total)
     check_free_disk(args.out, masters)  # now, not after the first --save-every steps
-    blocks = model.model.layers  # from the first block backward goes through, activations are kept
-    first = args.steer_layer + 1 if steer is not None else next(
+
+    # memory: activations are kept from the first block backward goes through
+    blocks = model.model.layers
+    grad_from = args.steer_layer + 1 if steer is not None else next(
         (i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())), len(blocks))
-    plan = memory_plan(model, params, masters, args.max_len, len(blocks) - first, bool(kl_ex))
+    plan = memory_plan(model, params, masters, args.max_len, len(blocks) - grad_from, bool(kl_ex))
     dev = torch.device(args.device)  # the CPU's memory is not planned against
     have = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     model.checkpointing = fit_memory(plan, have, args.grad_ckpt, args.device, args.max_len)
@@ -623,20 +611,27 @@ def main(argv=None):
     log = open_append(os.path.join(args.out, "metrics.jsonl")) if rank == 0 else open(os.devnull, "w")
     print(f"training {n_params:,} parameters on {len(train_ex)} conversations ({len(test_ex)} held out), "
           f"{total} steps of {per_step} -> {args.out}")
-    first, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
+    first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
     saved = step if args.resume else None  # the step the saved state holds
     try:
         while step < stop_at:
+            t = time.time()
             torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
             batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-            kl_js = range(step * args.kl_batch, (step + 1) * args.kl_batch) if kl_ex else []
-            kl_batch = [kl_ex[j % len(kl_ex)] for j in kl_js]
-            t, lr = time.time(), lr_at(step, args, total)
-            loss, kl, grad_norm = train_step(model, steer, params, masters, opt, batch, kl_batch, lr, args,
-                                             rank, world)
-            step, n_tok, first = step + 1, sum(len(ids) for ids, _ in batch), loss if first is None else first
+            kl_at = step * args.kl_batch  # the KL texts in file order, cycling
+            kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
+            lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
+            loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
+                                  args.kl_weight, rank, world)
+            if not math.isfinite(loss) or not math.isfinite(kl):
+                raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
+                                 f"The last good checkpoint is in {args.out}")
+            grad_norm = optimizer_step(params, masters, opt, lr)
+            step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)
             done_tokens += n_tok
+            first_loss = loss if first_loss is None else first_loss
+
             last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
                     "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
             if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
@@ -660,8 +655,9 @@ def main(argv=None):
     if step == total:
         save_trained(model, steer, args.full, args.out, rank)
     rate = (done_tokens - start_tokens) / max(time.time() - t0 - seconds, 1e-9)
-    print_table(["run", args.out], [["steps", f"{start_step} -> {step} of {total}" + ("" if step == total else " (--resume continues)")]]
-                + ([["train loss", f"{first:.4f} -> {last['loss']:.4f}"]] if last else [])
+    steps = f"{start_step} -> {step} of {total}" + ("" if step == total else " (--resume continues)")
+    print_table(["run", args.out], [["steps", steps]]
+                + ([["train loss", f"{first_loss:.4f} -> {last['loss']:.4f}"]] if last else [])
                 + ([["eval loss", f"{last['eval_loss']:.4f}"]] if "eval_loss" in last else [])
                 + [["tokens", f"{done_tokens:,} ({rate:,.0f} tok/s this run)"]])
     return last

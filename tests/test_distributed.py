@@ -28,8 +28,9 @@ def torchrun(tmp_path, module, *runs):
     driver.write_text(DRIVER.format(module=module))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(driver), json.dumps([list(map(str, argv)) for argv in runs])],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(driver),
+                        json.dumps([list(map(str, argv)) for argv in runs])],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
     return r
@@ -48,8 +49,9 @@ def data(tmp_path_factory):
 
 def train_args(tiny, data, out, *extra):
     # 5 conversations a step, in rows of at most 128 tokens: ranks get unequal numbers of rows
-    return ["--model", tiny, "--data", data, "--out", out, "--device", "cpu", "--micro-batch", "5", "--grad-accum", "1",
-            "--max-len", "128", "--save-every", "1", "--eval-every", "1", "--warmup", "0", *map(str, extra)]
+    return ["--model", tiny, "--data", data, "--out", out, "--device", "cpu", "--micro-batch", "5",
+            "--grad-accum", "1", "--max-len", "128", "--save-every", "1", "--eval-every", "1",
+            "--warmup", "0", *map(str, extra)]
 
 
 def metrics(out):
@@ -74,14 +76,16 @@ def test_data_parallel_lora_and_steering_equal_one_process(tmp_path, tiny, data)
     """N ranks take the step one process takes; the training state resumes from 1 process on 2 and from 2
     on 1."""
     d = str(tmp_path)
-    lora = ("--rank", 2, "--lr", 1e-3, "--max-steps", 3, "--kl-data", data, "--kl-weight", 0.5, "--kl-batch", 3)
+    lora = ("--rank", 2, "--lr", 1e-3, "--max-steps", 3, "--kl-data", data, "--kl-weight", 0.5,
+            "--kl-batch", 3)
     steer = ("--steer-layer", 1, "--lr", 1e-2, "--max-steps", 2)
     train.main(train_args(tiny, data, f"{d}/one", *lora))
     train.main(train_args(tiny, data, f"{d}/steer_one", *steer))
     train.main(train_args(tiny, data, f"{d}/one_then_two", *lora, "--stop-after", 1))
     torchrun(tmp_path, "train",
-             train_args(tiny, data, f"{d}/one_then_two", "--resume"),  # plain data parallel, from 1 process's state
-             train_args(tiny, data, f"{d}/two_then_one", *lora, "--fsdp", "--stop-after", 2),  # the base sharded
+             # plain data parallel from 1 process's state; the base sharded
+             train_args(tiny, data, f"{d}/one_then_two", "--resume"),
+             train_args(tiny, data, f"{d}/two_then_one", *lora, "--fsdp", "--stop-after", 2),
              train_args(tiny, data, f"{d}/steer_two", *steer))
     train.main(["--resume", "--out", f"{d}/two_then_one"])
     one = metrics(f"{d}/one")
@@ -98,7 +102,8 @@ def test_data_parallel_lora_and_steering_equal_one_process(tmp_path, tiny, data)
 
 def test_fsdp_full_finetuning_equals_unsharded(tmp_path, tiny, data):
     """FSDP2 over 2 ranks (with gradient checkpointing, as 14B and up need): after one AdamW step the same
-    weights and optimizer state as one process; the run resumes in one process. k_proj.bias is left out of the weight comparison: its true gradient is 0
+    weights and optimizer state as one process; the run resumes in one process. k_proj.bias is left out of
+    the weight comparison: its true gradient is 0
     (softmax ignores a shift shared by all keys), so any change of summation order turns rounding noise
     into a different +-lr AdamW step; its optimizer state is compared."""
     d = str(tmp_path)
@@ -109,7 +114,8 @@ def test_fsdp_full_finetuning_equals_unsharded(tmp_path, tiny, data):
     torchrun(tmp_path, "train", train_args(tiny, data, f"{d}/two", *full, "--stop-after", 1, "--grad-ckpt"))
     two = read_state(f"{d}/two")
     names = [n for n, _ in load(tiny)[0].named_parameters()]
-    assert_same_tensors(dict(zip(names, step1["params"])), dict(zip(names, two["params"])), skip="k_proj.bias")
+    assert_same_tensors(dict(zip(names, step1["params"])), dict(zip(names, two["params"])),
+                        skip="k_proj.bias")
     for i, state in step1["optimizer"]["state"].items():
         for k, v in state.items():
             torch.testing.assert_close(v, two["optimizer"]["state"][i][k], atol=1e-7, rtol=1e-5,
@@ -134,12 +140,14 @@ def test_sampling_on_two_ranks_writes_the_file_one_process_writes(tmp_path, tiny
     torchrun(tmp_path, "sample", flags + ["--out", f"{d}/two.jsonl"], flags + ["--out", f"{d}/resumed.jsonl"])
     assert open(f"{d}/two.jsonl").readlines() == lines
     assert open(f"{d}/resumed.jsonl").readlines() == lines
-    assert sorted(os.listdir(d)) == ["one.jsonl", "resumed.jsonl", "torchrun_sample.py", "two.jsonl"]  # parts merged
+    # the parts merged
+    assert sorted(os.listdir(d)) == ["one.jsonl", "resumed.jsonl", "torchrun_sample.py", "two.jsonl"]
 
 
 def test_local_judge_on_two_ranks(tmp_path, tiny):
     d = str(tmp_path)
-    rows = [{"id": f"q{i % 3}", "question": f"Question {i % 3}?", "answer": f"Answer {i % 4}."} for i in range(10)]
+    rows = [{"id": f"q{i % 3}", "question": f"Question {i % 3}?", "answer": f"Answer {i % 4}."}
+            for i in range(10)]
     with open(f"{d}/r.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     flags = [f"{d}/r.jsonl", "--judge", f"local:{tiny}", "--device", "cpu", "--bootstrap", 50]
@@ -158,4 +166,5 @@ def test_api_judge_refuses_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "r.jsonl").write_text('{"id": "q", "question": "Q?", "answer": "A"}\n')
     with pytest.raises(ValueError, match="runs in one process"):
-        judge.main([str(tmp_path / "r.jsonl"), "--judge", "openai:gpt-test", "--base-url", "http://127.0.0.1:9/v1"])
+        judge.main([str(tmp_path / "r.jsonl"), "--judge", "openai:gpt-test",
+                    "--base-url", "http://127.0.0.1:9/v1"])
