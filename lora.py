@@ -127,13 +127,12 @@ def save_adapter(model, path, base_model=None):
     if not (mods := lora_modules(model)):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
-    if len(rs) > 1:
-        raise ValueError(f"adapters with different (r, alpha, rslora, dropout) {rs}")
-    r, alpha, rslora, dropout = rs.pop()
     layers = sorted({int(n.split(".")[2]) for n, _ in mods})
     targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods}, key=MODULES.index)
-    if len(mods) != len(layers) * len(targets):  # PEFT's config: layers x modules
-        raise ValueError("PEFT's format needs the same modules in every adapted layer")
+    if len(rs) > 1 or len(mods) != len(layers) * len(targets):  # PEFT's config: one r, layers x modules
+        raise ValueError(f"PEFT's format needs one (r, alpha, rslora, dropout), not {rs}, and the same "
+                         "modules in every layer")
+    r, alpha, rslora, dropout = rs.pop()
     tensors = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().cpu()
                for n, m in mods for ab in "AB"}
     save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors)

@@ -140,7 +140,8 @@ def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     return res
 
 def print_summary(result):
-    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
+    sols = result["solutions"]
+    n, g = sols["narrow"], sols["general"]
     print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
           f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
           f"norm {g['norm']:.4g}")
@@ -151,7 +152,6 @@ def print_summary(result):
     print_table(["e", "narrow loss increase %", "general loss increase %"],
                 [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
     if "kl" in n:
-        sols = result["solutions"]
         print_table(["norm"] + [f"KL {k}" for k in sols],
                     [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols] for i, x in enumerate(n["kl"])])
 
