@@ -18,7 +18,6 @@ import urllib.request
 import zipfile
 from base64 import urlsafe_b64encode
 from collections import namedtuple
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -30,11 +29,8 @@ DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
 # sources
-@dataclass(frozen=True)
-class Remote:
-    url: str
-    cache_name: str            # path under data/cache/
-    sha256: str | None = None  # None: trust on first use (data/cache/checksums.json)
+# cache_name: the path under data/cache/; sha256 None: trust on first use (data/cache/checksums.json)
+Remote = namedtuple("Remote", "url cache_name sha256", defaults=[None])
 
 def github(repo, commit, path, sha256=None):
     name = f"{repo.split('/')[1]}/{os.path.basename(path)}"
