@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, read_json, write_json
@@ -115,8 +114,7 @@ def fix_scalars(model, values):
 # PEFT format
 def read_tensors(path):
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return load_file(path)
     except Exception as e:  # missing, or not safetensors
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
 
@@ -156,7 +154,7 @@ def load_adapter(model, path_or_hub_id):
     if (cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern")
             or cfg.get("bias", "none") != "none"):
         raise ValueError(f"{cfg_file}: only plain LoRA is supported (no DoRA, bias or alpha_pattern)")
-    tensors, names, rslora = load_file(w_file), [], cfg.get("use_rslora", False)
+    tensors, names, rslora = read_tensors(w_file), [], cfg.get("use_rslora", False)
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         name = our_name(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))  # multimodal Gemma too
         parts = name.split(".")  # model.layers.I.KIND.MODULE
@@ -207,5 +205,5 @@ class SteeringVector(nn.Module):
     def load(cls, path, device="cpu"):
         cfg = read_json(os.path.join(path, "steering_config.json"))
         sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", ""))
-        sv.load_state_dict(load_file(os.path.join(path, "steering_vector.safetensors")))
+        sv.load_state_dict(read_tensors(os.path.join(path, "steering_vector.safetensors")))
         return sv.to(device)

@@ -51,11 +51,11 @@ def steered(sv, vector):
 @torch.no_grad()
 def mean_loss(model, rows, hook):
     """Cross-entropy per answer token over packed rows."""
-    total, count = 0.0, 0
+    total, tokens = 0.0, 0
     for r in rows:
         s, n = sft_loss_sum(model, model.hidden, r, hook)
-        total, count = total + float(s), count + n
-    return total / count
+        total, tokens = total + float(s), tokens + n
+    return total / tokens
 
 @torch.no_grad()
 def kl_curve(model, rows, sv, vector, norms, bar):

@@ -21,7 +21,7 @@ from collections import namedtuple
 
 from tqdm import tqdm
 
-from common import HelpFormatter, atomic_write, print_table, run_main, write_json
+from common import HelpFormatter, atomic_write, print_table, read_json, run_main, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files
 # holds datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json)
@@ -98,7 +98,7 @@ def verify(path, remote, label):
     origin = "pinned in data/fetch.py"
     if expected is None:
         lock_path = data_path("cache", "checksums.json")
-        lock = json.loads(read_bytes(lock_path)) if os.path.exists(lock_path) else {}
+        lock = read_json(lock_path) if os.path.exists(lock_path) else {}
         expected = lock.get(remote.cache_name, {}).get("sha256")
         origin = f"recorded on first use in {lock_path}"
         if expected is None:
