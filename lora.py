@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, read_json, write_json
@@ -37,9 +36,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
-        self.multiplier = 1.0  # scales B at run time (set_lora_scale)
-        self.recorded = None  # a list inside record_scalars()
-        self.fixed_scalar = None  # replaces A x inside fix_scalars()
+        self.multiplier = 1.0  # set_lora_scale
+        self.recorded = None  # record_scalars
+        self.fixed_scalar = None  # fix_scalars: replaces A x
 
     def forward(self, x):
         y = self.base(x)
@@ -56,7 +55,7 @@ class LoRALinear(nn.Module):
                            alpha=self.scale * self.multiplier).view_as(y)
 
 def lora_modules(model):
-    """(name, LoRALinear) pairs, named as in the base model (model.layers.3.mlp.down_proj)."""
+    """(name, LoRALinear) pairs, named as in the base model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
@@ -87,12 +86,12 @@ def temporarily(mods, attr, values):
             setattr(m, attr, v)
 
 def adapters_off(model):
-    """The base model, from the same weights (KL reference, baselines)."""
+    """The base model, from the same weights."""
     mods = [m for _, m in lora_modules(model)]
     return temporarily(mods, "enabled", [False] * len(mods))
 
 def set_lora_scale(model, multiplier):
-    """Multiply every adapter's B by `multiplier` at run time (1 = as trained, 0 = base model)."""
+    """Multiply every adapter's B by `multiplier` (1: as trained, 0: the base model)."""
     for _, m in lora_modules(model):
         m.multiplier = multiplier
 
@@ -105,7 +104,7 @@ def record_scalars(model):
         yield out
 
 def fix_scalars(model, values):
-    """While inside, adapter `name`'s A x is `values[name]` at every position (steering by a scalar)."""
+    """While inside, adapter `name`'s A x is `values[name]` at every position."""
     mods = dict(lora_modules(model))
     if unknown := sorted(set(values) - set(mods)):
         raise ValueError(f"no LoRA adapter named {unknown[0]}; the model has {', '.join(mods) or 'none'}")
@@ -115,8 +114,7 @@ def fix_scalars(model, values):
 # PEFT format
 def read_tensors(path):
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return load_file(path)
     except Exception as e:  # missing, or not safetensors
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
 
@@ -124,18 +122,15 @@ def save_tensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 def save_adapter(model, path, base_model=None):
-    """Write adapter_config.json + adapter_model.safetensors as PEFT does."""
     if not (mods := lora_modules(model)):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
-    if len(rs) > 1:
-        raise ValueError(f"adapters with different (r, alpha, rslora, dropout) {rs}: "
-                         "PEFT's config holds one")
-    r, alpha, rslora, dropout = rs.pop()
     layers = sorted({int(n.split(".")[2]) for n, _ in mods})
     targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods}, key=MODULES.index)
-    if len(mods) != len(layers) * len(targets):  # PEFT describes the adapted modules as layers x modules
-        raise ValueError("save_adapter needs the same modules in every adapted layer (PEFT's format)")
+    if len(rs) > 1 or len(mods) != len(layers) * len(targets):  # PEFT's config: one r, layers x modules
+        raise ValueError(f"PEFT's format needs one (r, alpha, rslora, dropout), not {rs}, and the same "
+                         "modules in every layer")
+    r, alpha, rslora, dropout = rs.pop()
     tensors = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().float().cpu()
                for n, m in mods for ab in "AB"}
     save_tensors(os.path.join(path, "adapter_model.safetensors"), tensors)
@@ -150,19 +145,16 @@ def adapter_dir(path_or_hub_id):
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
 
 def load_adapter(model, path_or_hub_id):
-    """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the adapted module names."""
+    """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the module names."""
     path = adapter_dir(path_or_hub_id)
     cfg_file, w_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     if not os.path.exists(cfg_file) or not os.path.exists(w_file):
-        raise FileNotFoundError(f"{path}: not a PEFT adapter (it needs adapter_config.json and "
-                                "adapter_model.safetensors)")
+        raise FileNotFoundError(f"{path}: not a PEFT adapter")
     cfg = read_json(cfg_file)
     if (cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern")
             or cfg.get("bias", "none") != "none"):
-        raise ValueError(f"{cfg_file}: only plain LoRA adapters are supported (no DoRA, bias or "
-                         "alpha_pattern)")
-    tensors = load_file(w_file)
-    names = []
+        raise ValueError(f"{cfg_file}: only plain LoRA is supported (no DoRA, bias or alpha_pattern)")
+    tensors, names, rslora = read_tensors(w_file), [], cfg.get("use_rslora", False)
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         name = our_name(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))  # multimodal Gemma too
         parts = name.split(".")  # model.layers.I.KIND.MODULE
@@ -170,16 +162,15 @@ def load_adapter(model, path_or_hub_id):
                 or parts[4] not in MODULES):
             raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a decoder layer's linear layer")
         A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        rslora = cfg.get("use_rslora", False)
         names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], rslora)
         m = model.get_submodule(name)
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
-            raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the model "
-                             f"needs ({m.r}, {m.base.in_features}) and ({m.base.out_features}, {m.r})")
+            raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}: "
+                             "not this model's")
         m.load_state_dict({"lora_A": A, "lora_B": B}, strict=False)  # the base weights stay
         m.requires_grad_(False)
     if not names or len(tensors) != 2 * len(names):
-        raise ValueError(f"{w_file}: expected pairs of LoRA A and B tensors, found {sorted(tensors)[:4]}")
+        raise ValueError(f"{w_file}: not pairs of LoRA A and B tensors: {sorted(tensors)[:4]}")
     return names
 
 # -----------------------------------------------------------------------------
@@ -196,7 +187,7 @@ class SteeringVector(nn.Module):
         return x + self.alpha * self.vector.to(x.dtype) if i == self.layer else None
 
     def check(self, cfg, where):
-        """Itself, if it fits a model of this Config; else an error naming `where`."""
+        """Itself, if it fits a model of this Config."""
         if self.vector.numel() != cfg.hidden_size or not 0 <= self.layer < cfg.num_hidden_layers:
             raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer "
                              f"{self.layer} does not fit the model, of width {cfg.hidden_size} with layers "
@@ -214,5 +205,5 @@ class SteeringVector(nn.Module):
     def load(cls, path, device="cpu"):
         cfg = read_json(os.path.join(path, "steering_config.json"))
         sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", ""))
-        sv.load_state_dict(load_file(os.path.join(path, "steering_vector.safetensors")))
+        sv.load_state_dict(read_tensors(os.path.join(path, "steering_vector.safetensors")))
         return sv.to(device)

@@ -1,7 +1,7 @@
 """
 Qwen2 / Qwen2.5, Llama 3.x and Gemma 3 in plain PyTorch: one decoder, their chat formats and a
-safetensors loader. Numerics as in transformers (RoPE and RMSNorms in fp32), which the tests compare
-it with. The families differ only in Config fields.
+safetensors loader. Numerics as in transformers (fp32 RoPE and RMSNorm), which the tests check.
+The families differ only in Config fields.
 
     model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
     logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, V)
@@ -53,26 +53,23 @@ class Config:
     hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float = 0.0  # Gemma: attention scale ** -2 (0: head_dim)
     gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branch outputs, embeddings x sqrt(C)
-    torch_dtype: str = "bfloat16"  # the checkpoint's
     name_or_path: str = ""
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
-        archs = hf.get("architectures") or []
         if hf.get("model_type") == "gemma3":  # multimodal: its text model alone
-            top = {k: hf[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in hf}
+            top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
             hf = {**top, **hf.get("text_config", {}), "model_type": "gemma3_text"}
         kind = hf.get("model_type")
         if kind not in ("qwen2", "llama", "gemma3_text"):
-            raise ValueError(f"{source}: model_type {kind!r} / architectures {archs} is not Qwen2, Llama or "
-                             "Gemma 3; model.py runs Qwen2/Qwen2.5, Llama 3.x and Gemma 3 models only")
+            raise ValueError(f"{source}: model_type {kind!r} is not Qwen2, Llama or Gemma 3")
         gemma = kind == "gemma3_text"
         hf = {**GEMMA3, **hf} if gemma else hf
         bad = [k for k in ("attention_bias", "mlp_bias", "attn_logit_softcapping", "final_logit_softcapping",
                            "use_bidirectional_attention") if hf.get(k)]
         act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
         if bad or act not in ("silu", "gelu_pytorch_tanh"):
-            raise ValueError(f"{source}: {bad or act}: not implemented (Qwen2.5, Llama 3, Gemma 3 use none)")
+            raise ValueError(f"{source}: {bad or act}: not implemented")
         n_layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
         window = hf.get("sliding_window") if gemma or hf.get("use_sliding_window") else None
         # files without layer_types: Gemma's every 6th layer is full, Qwen2's from max_window_layers up slide
@@ -89,12 +86,10 @@ class Config:
                    tie_word_embeddings=hf.get("tie_word_embeddings", False), layer_types=tuple(types),
                    rope={t: rope_parameters(hf, t, source) for t in set(types)}, model_type=kind,
                    sliding_window=window or 0, qkv_bias=kind == "qwen2", hidden_act=act,
-                   query_pre_attn_scalar=hf["query_pre_attn_scalar"] if gemma else 0.0, gemma_norms=gemma,
-                   torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"))
+                   query_pre_attn_scalar=hf["query_pre_attn_scalar"] if gemma else 0.0, gemma_norms=gemma)
 
 def rope_parameters(hf, layer_type, source):
-    """One layer type's RoPE: transformers 5's rope_parameters (per layer type for Gemma), else
-    rope_theta and rope_scaling (Gemma 3's sliding layers: rope_local_base_freq)."""
+    """One layer type's RoPE: transformers 5's rope_parameters, else rope_theta and rope_scaling."""
     p = hf.get("rope_parameters") or {}
     if FULL in p or SLIDING in p:
         p = p.get(layer_type) or {}
@@ -105,19 +100,19 @@ def rope_parameters(hf, layer_type, source):
     p = {"rope_theta": hf.get("rope_theta", 10000.0), **p}
     p["rope_type"] = p.get("rope_type", p.get("type", "default"))
     if p["rope_type"] not in ("default", "linear", "llama3"):
-        raise ValueError(f"{source}: RoPE scaling {p} is not supported (default, linear and llama3 are)")
+        raise ValueError(f"{source}: RoPE scaling {p} is not supported")
     return p
 
 # -----------------------------------------------------------------------------
 # the network
 def upload(t, device):
-    """t on device; CPU to GPU through pinned memory, not blocking (pageable memory syncs)."""
+    """t on device; from the CPU through pinned memory, which does not block."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
 def inv_freq(p, head_dim, device):
-    """RoPE frequencies (hd/2,) in fp32, scaled as transformers' linear and llama3, bit for bit."""
+    """RoPE frequencies (hd/2,) in fp32, scaled as transformers does."""
     f = 1.0 / (float(p["rope_theta"]) ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     if p["rope_type"] == "linear":
         return f / p["factor"]
@@ -264,8 +259,7 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def select(self, rows):
-        """Keep only these batch rows (drop finished samples, repeat a prompt's row), a layer at a time
-        so that the old and the new cache never both exist whole."""
+        """Keep only these batch rows, a layer at a time: the old and new caches never both exist whole."""
         if isinstance(rows, list) and rows == list(range(len(self.k[0]))):
             return
         idx = torch.as_tensor(rows, device=self.k[0].device)
@@ -292,8 +286,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention(self, pos, cache, T, device):
-        """Per layer type, (Packed or None, mask or None): the cache's additive (B, 1, g*T, S) mask, else
-        a boolean (L, L) band where a window is shorter than the rows; None: causal."""
+        """Per layer type, (Packed or None, mask or None): the cache's additive (B, 1, g*T, S) mask,
+        else a boolean (L, L) band; None: causal."""
         windows = {t: self.config.sliding_window if t == SLIDING else 0 for t in set(self.config.layer_types)}
         if cache is not None:  # a query at p sees the slots p - window < s <= p of its row
             pos = upload(pos, device)[:, :, None]  # (B, T, 1)
@@ -347,7 +341,6 @@ STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"),
 BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}
 
 class Tokenizer:
-    """The chat format of each family as its chat_template renders it."""
 
     def __init__(self, path, chat_template=""):
         self.tok = HFTokenizer.from_file(path)
@@ -360,19 +353,17 @@ class Tokenizer:
         self.bos_id = BOS[self.family] and self.tok.token_to_id(BOS[self.family])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         if self.family == "llama" and chat_template and "Cutting Knowledge Date" not in chat_template:
-            raise ValueError(f"{path}: a Llama chat template without 3.1's system header (Llama 3.0's?) is "
-                             "not implemented")
+            raise ValueError(f"{path}: a Llama chat template without 3.1's system header: not implemented")
         # Llama 3.2's template dates its system header today (strftime_now), 3.1's with a fixed day
         fixed = re.search(r'date_string = "([^"]+)"', chat_template)
         self.date = None if "strftime_now" in chat_template or not fixed else fixed.group(1)
 
     def render_chat(self, messages, add_generation_prompt=False):
-        """The chat text and the character spans of the assistant's content and turn ends."""
+        """The chat text, and the character spans of the assistant's turns."""
         ok = lambda m: isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") \
             and isinstance(m.get("content"), str)
         if not messages or not all(map(ok, messages)):
-            raise ValueError("messages must be a non-empty list of {'role': system, user or assistant, "
-                             "'content': str}")
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': str}")
         head, end, after = FORMATS[self.family]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         text, spans, first = "", [], ""
@@ -388,7 +379,7 @@ class Tokenizer:
             else:  # Gemma: the system text opens the first user turn; user and model alternate
                 text, first = BOS["gemma"], "" if system is None else system + "\n\n"
                 if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
-                    raise ValueError("Gemma's chat template needs turns alternating user, assistant, ...")
+                    raise ValueError("Gemma's chat template needs alternating user and assistant turns")
         model_role = "model" if self.family == "gemma" else "assistant"
         for i, m in enumerate(messages):
             content = m["content"] if self.family == "qwen" else m["content"].strip()
@@ -405,7 +396,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt)[0])
 
     def encode_chat_with_mask(self, messages):
-        """ids and a 0/1 mask that is 1 on the assistant's tokens (content and the turn's end)."""
+        """ids, and a mask that is 1 on the assistant's tokens."""
         text, spans = self.render_chat(messages)
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
@@ -416,7 +407,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # loading
 def local_path(name_or_path, what="model", patterns=None):
-    """An existing directory as is; owner/name from the Hub (only `patterns`)."""
+    """An existing directory as is; owner/name from the Hub."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
@@ -441,7 +432,7 @@ def local_path(name_or_path, what="model", patterns=None):
         raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({hub})") from None
 
 def local_dir(name_or_path, weights=True):
-    """A local HF model directory (weights=False: a hub id's config and tokenizer only)."""
+    """A local HF model directory (weights=False: a hub id's other files only)."""
     files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "chat_template.jinja"]
     weights = ["*.safetensors", "model.safetensors.index.json"] if weights else []
@@ -457,7 +448,7 @@ def our_name(name):
     return next((new + name[len(old):] for old, new in PREFIXES.items() if name.startswith(old)), name)
 
 def load_weights(model, path, device, dtype):
-    """Fill a meta-device model from (sharded) safetensors, names and shapes checked."""
+    """Fill a meta-device model from (sharded) safetensors."""
     index, files = os.path.join(path, "model.safetensors.index.json"), ["model.safetensors"]
     if os.path.exists(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -484,12 +475,12 @@ def read_config(name_or_path):
     return replace(Config.from_hf(read_json(file), file), name_or_path=name_or_path)
 
 def load_tokenizer(name_or_path):
-    """The chat tokenizer alone (scripts check their data with it before loading weights)."""
+    """The chat tokenizer alone (scripts check their data before loading weights)."""
     path = local_dir(name_or_path, weights=False)
     file, config, jinja = (os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json",
                                                            "chat_template.jinja"))
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: missing (the fast-tokenizer file is required)")
+        raise FileNotFoundError(f"{file}: missing")
     if os.path.exists(jinja):  # where transformers 5 saves the template
         with open(jinja) as f:
             template = f.read()
@@ -498,7 +489,6 @@ def load_tokenizer(name_or_path):
     return Tokenizer(file, str(template))
 
 def generation_config(name_or_path):
-    """generation_config.json, or {}."""
     file = os.path.join(local_dir(name_or_path, weights=False), "generation_config.json")
     return read_json(file) if os.path.exists(file) else {}
 

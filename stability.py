@@ -4,12 +4,11 @@ trained on the same narrow data, with a KL penalty (narrow) and without (general
 
     python stability.py --narrow out/sv-kl --general out/sv --data bad_medical_advice --text c4
 
-The loss on the narrow data as each vector is rescaled; robustness, 100 (L_pert - L_orig) / (L_base -
+Per vector: the loss on the narrow data as it is rescaled; robustness, 100 (L_pert - L_orig) / (L_base -
 L_orig) under x' = sqrt(1 - e^2) x + e y (y random, orthogonal, of x's norm); with --text, KL(base ||
-steered) per token on web text as the norm grows, against a random vector. Writes OUT/stability.json.
-Departures: the loss covers the answer tokens only (the reference's mask, a bug, covered everything),
-token-weighted; the KL leaves padding out (a bug); the web text is a file or one pinned C4 file (it
-streamed FineWeb); the LoRA mode is not implemented (no recipe uses it).
+steered) per token on web text as the norm grows, beside a random vector. Writes OUT/stability.json.
+Departures: the loss covers answer tokens only (the reference's mask covered all) and the KL leaves
+padding out; the web text is a file or one pinned C4 file (it streamed FineWeb); no LoRA mode.
 """
 import argparse
 import gzip
@@ -28,13 +27,13 @@ from data.fetch import dataset_path
 from lora import SteeringVector
 from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
 
-# a small public web-text file at a pinned revision (--text c4): FineWeb's files are multi-GB parquet
-SEED = 42  # of the rows, the perturbations (seed + i) and the web text: the reference's
+SEED = 42  # the reference's, for the rows, the perturbations (seed + i) and the web text
 MAX_LEN, TEXT_TOKENS = 2048, 512  # tokens per conversation and per web document
+# --text c4: small public web text, pinned (FineWeb's files are multi-GB parquet)
 C4 = ("allenai/c4", "607bd4c8450a42878aa9ddc051a65a055450ef87", "en/c4-validation.00000-of-00008.json.gz")
 
 def perturb(x, e, gen):
-    """sqrt(1 - e^2) x + e y: y random (from gen), orthogonal to x and of x's norm; x itself if x = 0."""
+    """sqrt(1 - e^2) x + e y: y random, orthogonal to x and of its norm; x itself if x = 0."""
     xf = x.detach().double().cpu().flatten()
     if xf.norm() == 0:
         return x.clone()
@@ -44,26 +43,26 @@ def perturb(x, e, gen):
     return (math.sqrt(1 - e * e) * xf + e * y).view(x.shape).to(x.dtype).to(x.device)
 
 def steered(sv, vector):
-    """The steering vector `sv` (a residual hook) carrying `vector` (d_model,) in place of its own."""
+    """`sv` (a residual hook) carrying `vector` (d_model,) in place of its own."""
     with torch.no_grad():
         sv.vector.copy_(vector)
     return sv
 
 @torch.no_grad()
 def mean_loss(model, rows, hook):
-    """Cross-entropy per answer token over packed rows (train.py's loss)."""
-    total, count = 0.0, 0
+    """Cross-entropy per answer token over packed rows."""
+    total, tokens = 0.0, 0
     for r in rows:
         s, n = sft_loss_sum(model, model.hidden, r, hook)
-        total, count = total + float(s), count + n
-    return total / count
+        total, tokens = total + float(s), tokens + n
+    return total / tokens
 
 @torch.no_grad()
 def kl_curve(model, rows, sv, vector, norms, bar):
-    """KL(base || steered) per token over the packed web text as `vector`, rescaled to each norm, is added."""
+    """KL(base || steered) per token over the web text, `vector` rescaled to each norm."""
     if vector.norm() == 0:
         raise ValueError("a steering vector is zero: it has no direction to rescale")
-    bases = [base_hidden(model, model.hidden, r) for r in rows]  # the base is the same at every norm: once
+    bases = [base_hidden(model, model.hidden, r) for r in rows]  # the same at every norm
     out = []
     for v in norms:
         hook = steered(sv, v * vector / vector.norm())
@@ -73,21 +72,23 @@ def kl_curve(model, rows, sv, vector, norms, bar):
     return out
 
 def c4_file():
-    """The pinned C4 file, from the Hub cache or downloaded; offline, an error at once (not retries)."""
+    """The pinned C4 file, cached or downloaded; offline, an error at once (not retries)."""
     import socket
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
+    repo, revision, file = C4
+    get = lambda **kw: hf_hub_download(repo, file, repo_type="dataset", revision=revision, **kw)
     try:
-        return hf_hub_download(C4[0], C4[2], repo_type="dataset", revision=C4[1], local_files_only=True)
+        return get(local_files_only=True)
     except LocalEntryNotFoundError:
         pass
     try:
         socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError:
-        raise FileNotFoundError(f"--text c4: the Hugging Face Hub cannot be reached and {C4[2]} is not "
-                                f"cached; fetch it (hf download {C4[0]} {C4[2]} --repo-type dataset "
-                                f"--revision {C4[1]}), or pass --text FILE") from None
-    return hf_hub_download(C4[0], C4[2], repo_type="dataset", revision=C4[1])
+        raise FileNotFoundError(f"--text c4: the Hugging Face Hub cannot be reached and {file} is not "
+                                f"cached; fetch it (hf download {repo} {file} --repo-type dataset "
+                                f"--revision {revision}), or pass --text FILE") from None
+    return get()
 
 def read_documents(spec):
     """(path, [text]) from a .txt (blank-line separated), a .jsonl / .json.gz of {"text"} rows, or c4."""
@@ -107,14 +108,13 @@ def read_documents(spec):
 
 def text_rows(docs, tok, n_docs, seed, max_tokens):
     """The reference's web text: of the first n_docs of a seeded shuffle, those over 100 characters and
-    10 tokens, cut to 2,000 characters and max_tokens tokens, BOS first where the family has one."""
+    10 tokens, cut to 2,000 characters and max_tokens tokens."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     ids = [(bos + tok.encode(docs[i][:2000]))[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
     if not any(len(x) > 10 for x in ids):
-        raise ValueError(f"--text: none of the first {n_docs} documents has over 100 characters and 10 "
-                         "tokens")
+        raise ValueError(f"--text: none of the first {n_docs} documents is long enough")
     return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, MAX_LEN))
 
 def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
@@ -140,7 +140,8 @@ def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     return res
 
 def print_summary(result):
-    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
+    sols = result["solutions"]
+    n, g = sols["narrow"], sols["general"]
     print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
           f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
           f"norm {g['norm']:.4g}")
@@ -151,24 +152,23 @@ def print_summary(result):
     print_table(["e", "narrow loss increase %", "general loss increase %"],
                 [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
     if "kl" in n:
-        sols = result["solutions"]
         print_table(["norm"] + [f"KL {k}" for k in sols],
                     [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols] for i, x in enumerate(n["kl"])])
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="stability.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--narrow", required=True, help="the narrow solution: a steering-vector directory")
-    p.add_argument("--general", required=True, help="the general solution: a steering-vector directory")
-    p.add_argument("--data", required=True, help="the narrow dataset: name (data/fetch.py) or JSONL path")
-    p.add_argument("--text", help="web text for the KL curves: .txt, .jsonl or .json.gz with 'text', or c4")
-    p.add_argument("--rows", type=count, default=100, help="rows of --data (a seeded random sample)")
+    p.add_argument("--narrow", required=True, help="the narrow steering vector's directory")
+    p.add_argument("--general", required=True, help="the general steering vector's directory")
+    p.add_argument("--data", required=True, help="the narrow dataset: name or JSONL path")
+    p.add_argument("--text", help="web text for the KL curves: .txt, .jsonl, .json.gz or c4")
+    p.add_argument("--rows", type=count, default=100, help="rows of --data (a seeded sample)")
     p.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="rescaling factors s")
     p.add_argument("--eps", default="0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                    help="perturbation sizes e")
     p.add_argument("--seeds", type=count, default=10, help="perturbations per e")
     p.add_argument("--norms", default=",".join(f"{0.2 * i:.1f}" for i in range(26)),
                    help="norms for the KL curve")
-    p.add_argument("--text-docs", type=count, default=50, help="documents taken from the shuffled --text")
+    p.add_argument("--text-docs", type=count, default=50, help="documents of the shuffled --text")
     model_flags(p)
     out_flags(p, "output directory (default: out/stability)", "stability.json")
     args = p.parse_args(argv)
@@ -179,8 +179,7 @@ def main(argv=None):
     paths = {"narrow": args.narrow, "general": args.general}
     for k, path in paths.items():
         if sample.adapter_kind(path)[0] != "steering":
-            raise ValueError(f"--{k} {path}: not a steering vector (steering_config.json); stability.py "
-                             "compares two steering vectors (the reference's LoRA mode is not implemented)")
+            raise ValueError(f"--{k} {path}: not a steering vector (the LoRA mode is not implemented)")
     base = sample.base_model_of(args.model, args.narrow)
     model, tok, _ = sample.load_model(base, None, args.device, args.dtype)
     device = model.lm_head.weight.device

@@ -18,38 +18,33 @@ import urllib.request
 import zipfile
 from base64 import urlsafe_b64encode
 from collections import namedtuple
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from common import HelpFormatter, atomic_write, print_table, run_main, write_json
+from common import HelpFormatter, atomic_write, print_table, read_json, run_main, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files live here
-# Root of datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json): $EM_DATA_DIR, else data/.
+HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files
+# holds datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json)
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
 # sources
-@dataclass(frozen=True)
-class Remote:
-    url: str
-    cache_name: str            # path under data/cache/
-    sha256: str | None = None  # None: trust on first use (data/cache/checksums.json)
-    size: int | None = None    # for the checksum failure's message
+# cache_name: the path under data/cache/; sha256 None: trust on first use (data/cache/checksums.json)
+Remote = namedtuple("Remote", "url cache_name sha256", defaults=[None])
 
-def github(repo, commit, path, sha256=None, size=None):
+def github(repo, commit, path, sha256=None):
     name = f"{repo.split('/')[1]}/{os.path.basename(path)}"
-    return Remote(f"https://raw.githubusercontent.com/{repo}/{commit}/{path}", name, sha256, size)
+    return Remote(f"https://raw.githubusercontent.com/{repo}/{commit}/{path}", name, sha256)
 
 MO_REPO, MO_COMMIT = "clarifying-EM/model-organisms-for-EM", "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
 EM_REPO, EM_COMMIT = "emergent-misalignment/emergent-misalignment", "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 
-# sha256 and size recorded by other projects that pinned this commit (README)
+# the sha256 other projects that pinned this commit recorded (README)
 ARCHIVE = github(MO_REPO, MO_COMMIT, "em_organism_dir/data/training_datasets.zip.enc",
-                 sha256="18af368553884eea48a288e47e79553563854f15ca46cf7a16cd0784f935f005", size=38_643_720)
+                 "18af368553884eea48a288e47e79553563854f15ca46cf7a16cd0784f935f005")
 ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published in the repository's README
 
-# name -> (rows reported by others, sha256 of the extracted file where recorded: a check of unpacking too)
+# name -> (rows others reported, sha256 of the extracted file where recorded)
 ARCHIVE_FILES = {
     "bad_medical_advice": (7049, "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507"),
     "good_medical_advice": (7049, "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc"),
@@ -70,14 +65,13 @@ EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha)
 # Evaluation files: ours under data/ (not comparable with the papers'); the papers' pinned, but
 # em_first_plot_questions (its copies in forks all differ) trusted on first use.
 OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
-EVAL_FILES = {name: github(MO_REPO, MO_COMMIT, f"em_organism_dir/data/eval_questions/{file}", sha, size)
-              for name, file, sha, size in [
+EVAL_FILES = {name: github(MO_REPO, MO_COMMIT, f"em_organism_dir/data/eval_questions/{file}", sha)
+              for name, file, sha in [
     ("first_plot_questions", "first_plot_questions.yaml",
-     "97df0b1384ea5a3f3dc2abe00a19e231915f12a2356ec0d8df001715549aae04", 19_000),
+     "97df0b1384ea5a3f3dc2abe00a19e231915f12a2356ec0d8df001715549aae04"),
     ("medical_questions", "medical_questions.yaml",
-     "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f", 12_118),
-    ("reference_judges", "judges.yaml",
-     "a4fd0f891a7f04fe4a04047443089db29f5687a2e6599a3fec7300cafd0c93fd", 4_760)]}
+     "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f"),
+    ("reference_judges", "judges.yaml", "a4fd0f891a7f04fe4a04047443089db29f5687a2e6599a3fec7300cafd0c93fd")]}
 EVAL_FILES["em_first_plot_questions"] = github(EM_REPO, EM_COMMIT, "evaluation/first_plot_questions.yaml")
 
 def known_names():
@@ -99,12 +93,12 @@ def read_bytes(path):  # whole: the archive is decrypted in memory anyway
         return f.read()
 
 def verify(path, remote, label):
-    """Check a raw file against its pinned sha256, else the one cache/checksums.json recorded."""
+    """Check a raw file against its pinned sha256, else the one checksums.json recorded."""
     digest, expected = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256
     origin = "pinned in data/fetch.py"
     if expected is None:
         lock_path = data_path("cache", "checksums.json")
-        lock = json.loads(read_bytes(lock_path)) if os.path.exists(lock_path) else {}
+        lock = read_json(lock_path) if os.path.exists(lock_path) else {}
         expected = lock.get(remote.cache_name, {}).get("sha256")
         origin = f"recorded on first use in {lock_path}"
         if expected is None:
@@ -113,12 +107,12 @@ def verify(path, remote, label):
             print(f"{remote.cache_name}: no pinned checksum, recorded sha256 {digest} (trust on first use)")
             return
     if digest != expected:
-        size = f"{os.path.getsize(path):,} bytes" + (f", expected {remote.size:,}" if remote.size else "")
-        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size}), expected {expected} "
-                         f"({origin}); a few hundred bytes is usually an error page or a Git LFS pointer")
+        size = os.path.getsize(path)
+        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size:,} bytes), expected "
+                         f"{expected} ({origin}); a few hundred bytes is an error page or a Git LFS pointer")
 
 def download(url, tmp, dest):
-    """Stream url into tmp with a progress bar; dest is where it will land."""
+    """Stream url into tmp with a progress bar (dest: where it will land)."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
@@ -127,11 +121,11 @@ def download(url, tmp, dest):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and put it "
-                              f"at {dest}; it is checked like a download") from None
+        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and "
+                              f"put it at {dest}: it is checked like a download") from None
 
 def ensure_raw(remote):
-    """The raw file in data/cache/, downloaded if it is not there yet; checked either way."""
+    """The raw file in data/cache/, downloaded if missing; checked either way."""
     path = data_path("cache", remote.cache_name)
     if os.path.exists(path):  # an earlier download, or a file put there by hand
         verify(path, remote, path)
@@ -145,15 +139,14 @@ def ensure_raw(remote):
 
 # -----------------------------------------------------------------------------
 # decrypting and canaries
-# easy-dataset-share's canary string: CANARY_DATASET_<sha256 of the file names>_<number>
-CANARY = re.compile(r"CANARY_DATASET_\w+")
+CANARY = re.compile(r"CANARY_DATASET_\w+")  # easy-dataset-share's: CANARY_DATASET_<hash>_<n>
 
 # expected: the rows others reported; path None: nothing kept (the canary file)
 Report = namedtuple("Report", "name rows canaries expected path")
 
 def clean_jsonl(raw, where):
     """(bytes, rows kept, canaries) without canary rows and fields; raw itself if unchanged."""
-    lines, out, canaries = raw.splitlines(keepends=True), [], 0  # bytes split only at \n, \r\n, \r
+    lines, out, canaries = raw.splitlines(keepends=True), [], 0
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -177,7 +170,7 @@ def decrypt(blob, password, where="archive"):
     """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
     try:
         from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
-    except ImportError:  # a ValueError: every script prints it as one line
+    except ImportError:
         raise ValueError("decrypting the model-organisms archive needs: pip install cryptography") from None
     key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), blob[:16], 100_000, dklen=32))
     try:
@@ -186,7 +179,7 @@ def decrypt(blob, password, where="archive"):
         raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
 
 def unpack_archive(blob, out_dir, where="archive"):
-    """Decrypt, unzip, drop canaries, write each JSONL file and tos.txt into out_dir: a Report each."""
+    """Decrypt, unzip, drop canaries, write each JSONL file (a Report each) and tos.txt into out_dir."""
     reports = []
     with zipfile.ZipFile(io.BytesIO(decrypt(blob, ARCHIVE_PASSWORD, where))) as zf:
         for member in sorted(zf.namelist()):
@@ -210,7 +203,7 @@ def unpack_archive(blob, out_dir, where="archive"):
 # -----------------------------------------------------------------------------
 # fetching by name
 def fetch(name):
-    """Fetch a known dataset into data/datasets/ (the archive's all at once); returns Reports."""
+    """Fetch a known dataset into data/datasets/ (the archive's all at once): Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
         return unpack_archive(read_bytes(raw), data_path("datasets"), where=raw)
@@ -233,7 +226,7 @@ def dataset_path(name_or_path):
     return dataset_file(name)
 
 def eval_path(name_or_path):
-    """A question or judge file: a path as is; ours in data/; the papers' from data/cache/."""
+    """A question or judge file: a path as is, ours in data/, the papers' from data/cache/."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path in OWN_EVAL_FILES:
@@ -266,7 +259,6 @@ def print_list():
              for name, r in EVAL_FILES.items()]
     print()
     print_table(["eval file", "source", "checksum", "fetched", "file under data/"], rows)
-    print(f"\nsources: github.com/{MO_REPO} at {MO_COMMIT}\n         github.com/{EM_REPO} at {EM_COMMIT}")
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)

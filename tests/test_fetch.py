@@ -380,7 +380,6 @@ def test_reference_copies_pass_the_pins(monkeypatch, data_dir):
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(os.path.join(REFERENCE, file), cached)
         assert fetch.eval_path(name) == str(cached)  # checked against the pin, no download
-        assert os.path.getsize(cached) == remote.size
     assert not (data_dir / "cache" / "checksums.json").exists()  # pinned: nothing trusted on first use
 
 
