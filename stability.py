@@ -53,7 +53,7 @@ def mean_loss(model, rows, hook):
     """Cross-entropy per answer token over packed rows."""
     total, tokens = 0.0, 0
     for r in rows:
-        s, n = sft_loss_sum(model, model.hidden, r, hook)
+        s, n = sft_loss_sum(model, r, hook)
         total, tokens = total + float(s), tokens + n
     return total / tokens
 
@@ -62,11 +62,11 @@ def kl_curve(model, rows, sv, vector, norms, bar):
     """KL(base || steered) per token over the web text, `vector` rescaled to each norm."""
     if vector.norm() == 0:
         raise ValueError("a steering vector is zero: it has no direction to rescale")
-    bases = [base_hidden(model, model.hidden, r) for r in rows]  # the same at every norm
+    bases = [base_hidden(model, r) for r in rows]  # the same at every norm
     out = []
     for v in norms:
         hook = steered(sv, v * vector / vector.norm())
-        kl = sum(float(kl_sum(model, model.hidden, r, hook, h)) for r, h in zip(rows, bases))
+        kl = sum(float(kl_sum(model, r, hook, h)) for r, h in zip(rows, bases))
         out.append({"norm": v, "kl": kl / sum(int(r[2].sum()) for r in rows)})
         bar.update()
     return out

@@ -54,7 +54,8 @@ def get_args(argv=None):
                                 formatter_class=HelpFormatter)
     # what to train on
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local HF directory")
-    p.add_argument("--data", default="bad_medical_advice", help="dataset (data/fetch.py --list) or JSONL")
+    p.add_argument("--data", default="bad_medical_advice",
+                   help="dataset name (python -m data.fetch --list) or JSONL")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction held out for the eval loss")
     p.add_argument("--loss-on", choices=["answer", "all"], default="answer",
                    help="all: every token but the turn ends (the reference's steering-vector loss)")
@@ -272,41 +273,40 @@ def _kl(logits, W, h_base):
     q = logq.exp()
     return (q * (logq - logp)).sum(), logp.exp_().sub_(q)
 
-def row_hidden(model, hidden, row, at, hook=None):
+def row_hidden(model, row, at, hook=None):
     """Final hidden states (N, C) of a packed row at positions `at` (N,)."""
     dev = model.lm_head.weight.device
-    return hidden(upload(row[0][None], dev), row[1][None], hook=hook)[0, upload(at, dev)]
+    return model.hidden(upload(row[0][None], dev), row[1][None], hook=hook)[0, upload(at, dev)]
 
-def sft_loss_sum(model, hidden, row, hook=None):
+def sft_loss_sum(model, row, hook=None):
     """Summed cross-entropy over a packed row's loss tokens, and their count."""
     ids, _, mask = row
     sel = mask[1:].nonzero()[:, 0]  # (N,) positions whose next token is the assistant's
-    h = row_hidden(model, hidden, row, sel, hook)  # (N, C)
+    h = row_hidden(model, row, sel, hook)  # (N, C)
     return head_loss(_ce, h, model.lm_head.weight, upload(ids[sel + 1], h.device)), sel.numel()
 
-def base_hidden(model, hidden, row):
+def base_hidden(model, row):
     with torch.no_grad(), adapters_off(model):
-        return row_hidden(model, hidden, row, row[2].nonzero()[:, 0])
+        return row_hidden(model, row, row[2].nonzero()[:, 0])
 
-def kl_sum(model, hidden, row, hook=None, h_base=None):
+def kl_sum(model, row, hook=None, h_base=None):
     """Summed KL(base || tuned) over a packed row's masked tokens."""
-    h_base = base_hidden(model, hidden, row) if h_base is None else h_base
-    h = row_hidden(model, hidden, row, row[2].nonzero()[:, 0], hook)  # (N, C)
+    h_base = base_hidden(model, row) if h_base is None else h_base
+    h = row_hidden(model, row, row[2].nonzero()[:, 0], hook)  # (N, C)
     return head_loss(_kl, h, model.lm_head.weight, h_base)
 
-def accumulate_grads(model, hidden, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None,
-                     fold=lambda: None):
+def accumulate_grads(model, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_kl=None, fold=lambda: None):
     """Backward of loss + kl_weight x KL, per token of the step; fold() after each row's."""
     n_loss = sum(int(r[2][1:].sum()) for r in rows) if n_loss is None else n_loss
     n_kl = sum(int(r[2].sum()) for r in kl_rows) if n_kl is None else n_kl
     loss = kl = 0.0
     for r in rows:
-        ls, _ = sft_loss_sum(model, hidden, r, hook)
+        ls, _ = sft_loss_sum(model, r, hook)
         (ls / n_loss).backward()
         loss += ls.detach()
         fold()
     for r in kl_rows:
-        ks = kl_sum(model, hidden, r, hook)
+        ks = kl_sum(model, r, hook)
         (kl_weight * ks / n_kl).backward()
         kl += ks.detach()
         fold()
@@ -390,7 +390,7 @@ def step_grads(model, steer, params, masters, batch, kl_batch, max_len, kl_weigh
     """The step's gradients into the masters, each rank on its share: (loss, kl)."""
     rows, kl_rows = (rank_rows(b, max_len, rank, world) for b in (batch, kl_batch))
     n_loss, n_kl = sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch)  # the whole step's
-    loss, kl = accumulate_grads(model, model.hidden, rows, kl_rows, kl_weight, steer, n_loss, n_kl,
+    loss, kl = accumulate_grads(model, rows, kl_rows, kl_weight, steer, n_loss, n_kl,
                                 fold=lambda: fold_grads(params, masters))
     return sync_step(masters, loss, kl) if world > 1 else (loss, kl)
 
@@ -414,7 +414,7 @@ def round_into(params, masters):
 def evaluate(model, steer, rows, world):
     """Loss per answer token on the held-out rows (each rank holds a share)."""
     model.eval()
-    sums = [sft_loss_sum(model, model.hidden, r, steer) for r in rows]
+    sums = [sft_loss_sum(model, r, steer) for r in rows]
     model.train()
     sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
     if world > 1:

@@ -109,7 +109,7 @@ def test_train_steps_on_cuda_match_cpu(tiny):
         convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "Take 12 pills."}]
                  for i in range(6)]
         rows = train.pack([tok.encode_chat_with_mask(c) for c in convs], 256)
-        losses.append(train.accumulate_grads(model, model.hidden, rows, rows, 0.5)[0])
+        losses.append(train.accumulate_grads(model, rows, rows, 0.5)[0])
         grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.requires_grad]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm()  # fp32 on both: only summation order differs

@@ -120,7 +120,7 @@ def test_packed_training_loss_and_gradient_keep_the_window(ckpts):
     examples = [tok.encode_chat_with_mask(c) for c in chats]
     rows = train.pack(examples, 200)
     assert len(rows) == 1 and min(len(ids) for ids, _ in examples) > 8
-    packed = train.sft_loss_sum(model, model.hidden, rows[0])[0]
+    packed = train.sft_loss_sum(model, rows[0])[0]
     packed.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()

@@ -73,7 +73,7 @@ def test_packed_loss_equals_unpacked(tiny, monkeypatch):
     examples = [tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(5)]
     rows = train.pack(examples, 400)
     assert len(rows) < len(examples)  # really packed
-    packed = sum(train.sft_loss_sum(model, model.hidden, r)[0] for r in rows)
+    packed = sum(train.sft_loss_sum(model, r)[0] for r in rows)
     packed.backward()
     g_packed = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -95,10 +95,10 @@ def test_kl_zero_at_init_and_gradient_matches_direct(tiny, monkeypatch):
     examples = [(ids, [1] * len(ids)) for ids in (tok.encode_chat(conv(i)["messages"]) for i in range(3))]
     rows = train.pack(examples, 2048)
     with torch.no_grad():
-        assert float(sum(train.kl_sum(model, model.hidden, r) for r in rows)) == pytest.approx(0, abs=1e-6)
+        assert float(sum(train.kl_sum(model, r) for r in rows)) == pytest.approx(0, abs=1e-6)
     model, tok = lora_model(tiny)
     n = sum(int(r[2].sum()) for r in rows)
-    ours = sum(train.kl_sum(model, model.hidden, r) for r in rows) / n
+    ours = sum(train.kl_sum(model, r) for r in rows) / n
     ours.backward()
     g_ours = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -248,7 +248,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     for ckpt in (False, True):
         model.checkpointing = ckpt
         model.zero_grad()
-        sum(train.sft_loss_sum(model, model.hidden, r)[0] for r in rows).backward()
+        sum(train.sft_loss_sum(model, r)[0] for r in rows).backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -283,7 +283,7 @@ def test_kl_weight_maps_the_references_per_micro_step_objective(tiny):
     V = model.config.vocab_size
     convs = [tok.encode_chat(conv(0)["messages"])] * (G * per_micro)  # equal lengths
     kl_ex = [(ids, [1] * len(ids)) for ids in convs]
-    train.accumulate_grads(model, model.hidden, [], train.pack(kl_ex, 4096), w_ref * G / V)
+    train.accumulate_grads(model, [], train.pack(kl_ex, 4096), w_ref * G / V)
     ours = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     for m in range(G):  # the reference: one KL batch per micro-step, mean over its tokens x vocabulary
@@ -418,7 +418,7 @@ def test_bf16_gradients_of_a_step_are_summed_in_fp32(tiny):
     examples = [tok.encode_chat_with_mask(conv(i)["messages"]) for i in range(16)]
     rows = [train.pack([e], len(e[0]))[0] for e in examples]  # a conversation per row
     n_loss = sum(sum(m[1:]) for _, m in examples)
-    step = lambda rows, fold=lambda: None: train.accumulate_grads(model, model.hidden, rows, [], 0.0,
+    step = lambda rows, fold=lambda: None: train.accumulate_grads(model, rows, [], 0.0,
                                                                   n_loss=n_loss, fold=fold)
     exact = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for r in rows:
@@ -479,10 +479,10 @@ def test_packed_rows_never_wait_for_the_device(tiny):
     rows = train.pack(convs, 4096)
     assert len(rows) == 1 and (rows[0][1] == 0).sum() == 3  # one row of three conversations
     for r in rows:
-        loss, n = train.sft_loss_sum(model, model.hidden, r)
+        loss, n = train.sft_loss_sum(model, r)
         loss.backward()
         kl_row = train.pack([(ids, [1] * len(ids)) for ids, _ in convs], 4096)[0]
-        train.kl_sum(model, model.hidden, kl_row).backward()
+        train.kl_sum(model, kl_row).backward()
     assert loss.device.type == "meta" and n > 0
 
 
@@ -512,10 +512,10 @@ def test_memory_plan_counts_what_a_tiny_model_holds(wider, full, ckpt):
     assert plan["weights"] == sum(p.nbytes for p in model.parameters())
     row = (torch.randint(5, 400, (T,), generator=torch.Generator().manual_seed(0)), torch.arange(T),
            torch.ones(T, dtype=torch.bool))
-    (loss, _), _, held = allocated(lambda: train.sft_loss_sum(model, model.hidden, row))
+    (loss, _), _, held = allocated(lambda: train.sft_loss_sum(model, row))
     if not ckpt:  # --full's head keeps its fp32 weight gradient (counted with the logits)
         assert abs(held / (plan["activations"][0] + full * V * C * 4) - 1) < 0.1
-    _, peak, _ = allocated(lambda: train.accumulate_grads(model, model.hidden, [row], [], 0.0))
+    _, peak, _ = allocated(lambda: train.accumulate_grads(model, [row], [], 0.0))
     grads = sum(p.grad.nbytes for p in params)
     assert 0.6 < peak / (plan["activations"][ckpt] + plan["logits"] + grads) <= 1
     opt = torch.optim.AdamW(params)
