@@ -34,46 +34,39 @@ from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, a
                     check_out_file, count, dist_setup, parse_layers, print_table, read_json, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
 
-DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
+DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
 
 # -----------------------------------------------------------------------------
 # question files: the reference's YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
 def load_questions(path):
     """[{id, paraphrase (index), question, system, n}] of a question file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such question file")
     if path.endswith((".yaml", ".yml")):
         items = read_yaml(path) or []
         if not isinstance(items, list):
-            raise ValueError(f"{path}: a question YAML is a list of {{id, paraphrases, ...}}, "
-                             f"got {type(items).__name__}")
+            raise ValueError(f"{path}: a question YAML is a list, got {type(items).__name__}")
         items = [(f"{path} item {i + 1}", item) for i, item in enumerate(items)]
     elif path.endswith(".jsonl"):
         items = [(f"{path}:{n}", row) for n, row in read_jsonl(path, ours=False)]
     else:
-        raise ValueError(f"{path}: unknown question format (use the reference .yaml format or .jsonl)")
-    entries = [e for where, item in items for e in question_entries(item, where)]
-    if not entries:
+        raise ValueError(f"{path}: unknown question format (use .yaml or .jsonl)")
+    if not (entries := [e for where, item in items for e in question_entries(item, where)]):
         raise ValueError(f"{path}: no questions in the file")
     if dup := [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]:
         raise ValueError(f"{path}: duplicate question ids {dup}")
     return entries
 
 def question_entries(item, where):
-    """One entry per paraphrase of a question dict (either file format)."""
     if not isinstance(item, dict) or "id" not in item:
         raise ValueError(f"{where}: a question is a dict with an id and paraphrases, got {str(item)[:60]!r}")
     if not str(item.get("type", "free_form")).startswith("free_form"):
-        raise ValueError(f"{where}: question type {item['type']!r} is not free-form (only free_form* "
-                         "questions are sampled)")
+        raise ValueError(f"{where}: question type {item['type']!r} is not free-form (free_form*)")
     texts = item.get("paraphrases", item.get("question"))
     texts = [texts] if isinstance(texts, str) else texts
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (a list of strings) or `question`")
     system, n = item.get("system"), item.get("samples_per_paraphrase", item.get("n"))
     if not isinstance(system, (str, type(None))) or not (n is None or isinstance(n, int) and n >= 1):
-        raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase a "
-                         "positive integer")
+        raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase >= 1")
     return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n)
             for p, t in enumerate(texts)]
 
@@ -113,7 +106,7 @@ def random_like(vectors, seed=0):
 
 def steering_hook(vectors, layers, scale):
     """Add scale * vectors[i] to the residual stream after each layer i in `layers`, every position."""
-    delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each, on the model's device
+    delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each
     return lambda i, x: x + delta[i].to(x.dtype) if i in delta else None
 
 def ablation_hook(directions, layers):
@@ -141,7 +134,7 @@ def compose(*hooks):
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def intervention_vectors(file, model, random_control):
-    """The direction file's (n_layers, d_model) vectors, or their random control, on the model's device."""
+    """The direction file's (n_layers, d_model) vectors, or their random control, on the model."""
     cfg = model.config
     vectors = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
     vectors = vectors if random_control is None else random_like(vectors, random_control)
@@ -158,7 +151,7 @@ def interventions(model, steer=None, ablate=None, random_control=None):
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
-    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow (the same on CPU and CUDA)."""
+    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
 
 def _hash32(x):
@@ -168,7 +161,7 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 def row_key(*parts):
-    """A 32-bit key naming one sample (e.g. question id, paraphrase, sample index)."""
+    """A 32-bit key naming one sample (question id, paraphrase, sample index)."""
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
@@ -179,7 +172,7 @@ def uniforms(seed, keys, pos):
 def penalize(logits, seen, penalty):
     """HF's repetition penalty, in place: logits of the tokens `seen` / penalty if > 0, else * penalty."""
     if penalty == 1.0:
-        return logits  # this runs in every decode step: nothing is built without a penalty
+        return logits  # every decode step: build nothing without a penalty
     seen = torch.cat(seen, 1)  # (B, S)
     g = logits.gather(1, seen)  # (B, S)
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
@@ -205,7 +198,6 @@ def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 class Sampling:
-    """How tokens are drawn: temperature, top_p, top_k, seed and HF's repetition penalty."""
 
     def __init__(self, temperature=1.0, top_p=1.0, top_k=0, seed=0, repetition_penalty=1.0):
         if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0 or not repetition_penalty > 0:
@@ -215,7 +207,7 @@ class Sampling:
         self.seed, self.penalty = seed, repetition_penalty
 
     def draw(self, logits, u, seen):
-        """Token ids (B,) after the logits (B, V) by the uniforms u (B,), having seen the tensors `seen`."""
+        """Token ids (B,) after logits (B, V) by uniforms u (B,), having seen the tensors `seen`."""
         logits = penalize(logits, seen, self.penalty)
         return sample_tokens(logits, u, self.temperature, self.top_k, self.top_p)
 
@@ -282,8 +274,8 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """The decode step, eagerly, or as a CUDA graph captured again when the batch shrinks. `graphs`:
-    torch.cuda, or an object with its graph calls (tests/cuda_emulation.py)."""
+    """The decode step, eagerly or as a CUDA graph (captured again when the batch shrinks). `graphs`:
+    torch.cuda or an object with its graph calls."""
 
     def __init__(self, step, device, graphs=None):
         self.step, self.device, self.graphs, self.graph = step, device, graphs, None
@@ -295,7 +287,7 @@ class Stepper:
         with cuda.device(self.device):  # a replay too: it launches on the current device's stream
             if self.graph is not None:
                 return self.graph.replay()
-            # this call's step runs for real on a side stream (capture needs warm kernels and library handles)
+            # this step runs for real on a side stream (capture needs warm kernels and library handles)
             side = cuda.Stream()
             side.wait_stream(cuda.current_stream())
             with cuda.stream(side):
@@ -308,9 +300,8 @@ class Stepper:
                 self.step()
 
 def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
-    """(bytes per row, bytes besides) a sampling batch holds at its peak, the weights aside. Per row: its KV
-    cache and half a layer more (select() replaces a layer at a time), its state, the decode step's fp32
-    temporaries as wide as the vocabulary. Besides: a prefill chunk's activations and mask."""
+    """(bytes per row, bytes besides) a sampling batch holds at its peak, besides the weights. Per row: the
+    KV cache and half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
     kv = 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize  # one layer's k and v of one row
     per_row = kv * (cfg.num_hidden_layers + 0.5) + 12 * max_len + 8 * prompt_len + 8 * 4 * vocab_size
     g = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -326,7 +317,6 @@ def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
     return max(1, int((0.9 * torch.cuda.mem_get_info(device)[0] - besides) / per_row))
 
 def finish(ids, stops):
-    """(answer ids up to the first stop token, 'stop' or 'length')."""
     t = next((t for t, i in enumerate(ids) if i in stops), None)
     return (ids, "length") if t is None else (ids[:t], "stop")
 
@@ -334,8 +324,8 @@ def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
            stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0,
            logits_hook=None):
     """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token,
-    'stop' | 'length') as rows finish. Bad settings raise here, before anything runs. cuda_graph: None or
-    True, CUDA graphs on CUDA; False, none; or torch.cuda's graph calls (Stepper)."""
+    'stop' | 'length') as rows finish; bad settings raise before anything runs. cuda_graph: None or True
+    (graphs on CUDA), False, or torch.cuda's graph calls (Stepper)."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -365,12 +355,12 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
     max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned slots for the attention kernels
     batch_size = batch_size or auto_batch_size(model, max_len, longest, vocab_size, dev)
     for b in range(0, len(order), batch_size):
-        rows = stepper = None  # the last batch's cache and graph go before this batch's prefill allocates
+        rows = stepper = None  # free the last batch's cache and graph before this prefill
         batch = order[b:b + batch_size]
         rows = start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size)
         step = lambda: decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook)
         stepper = Stepper(step, dev, graphs)
-        # reading the stop flags syncs the host with the GPU, so on CUDA (or graphs) do it only every 8 steps
+        # reading the stop flags syncs with the GPU: on CUDA (or graphs) only every 8 steps
         yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), 8 if on_cuda or graphs else 1)
 
 def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size):
@@ -379,7 +369,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
     cache, logits, lens = prefill(model, [list(p) for p in distinct], max_len, hook, vocab_size)
-    cache.select(row_prompt)  # each prompt's row repeated for its samples (one sample each: nothing to do)
+    cache.select(row_prompt)  # each prompt's row repeated for its samples
     r = torch.tensor(row_prompt, device=dev)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
@@ -394,7 +384,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
 
 def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
     """Step until every row has stopped or reached max_new_tokens; yield rows as they finish."""
-    n_new = 1  # tokens generated so far by every row of this batch
+    n_new = 1  # tokens generated so far by every row
     reported = [False] * len(rows.jobs)
     while True:
         last = n_new == max_new_tokens
@@ -436,12 +426,11 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
 # -----------------------------------------------------------------------------
 # the output file: one row per answer, appended as it finishes; resumable, and one file under torchrun
 def pending(questions, n, system, done):
-    """[(question entry, sample index, system prompt)] not yet in the output."""
     return [(q, s, q["system"] if system is None else system) for q in questions
             for s in range(n or q["n"] or DEFAULT_N) if (q["id"], q["paraphrase"], s) not in done]
 
 def check_resumable(path, rows, header, questions):
-    """Refuse to mix rows made with other settings, or for other question texts, into one file."""
+    """Refuse to mix rows of other settings, or of other question texts, into one file."""
     texts = {(q["id"], q["paraphrase"]): q["question"] for q in questions}
     again = "choose another --out, or delete the file to start over"
     if stale := sorted({r["id"] for r in rows
@@ -464,14 +453,13 @@ def row_header(model, adapter, seed, gen, dtype, system=None, lora_scale=None, s
         **more, dtype=dtype and str(dtype).removeprefix("torch.")))
 
 def sample_file(out, questions, header, answer, n=None, system=None, rank=0, world=1):
-    """Sample what `out` still lacks: answer(work) yields (index, text, tokens, finish reason); every row
-    records `header`, which a resume must match; a finished file is sorted. Returns {out, new, done, tokens,
-    seconds}."""
+    """Sample what `out` lacks: answer(work) yields (index, text, tokens, finish reason); every row records
+    `header`, which a resume must match. Returns {out, new, done, tokens, seconds}."""
     shards = ShardedJSONL(out, rank, world)
     rows = [r for _, _, r in shards.read()]
     check_resumable(out, rows, header, questions)
     work = pending(questions, n, system, {(r["id"], r["paraphrase"], r["sample"]) for r in rows})
-    barrier(world)  # every rank has read the files before any rank appends to its own
+    barrier(world)  # every rank has read the files before any appends
     mine, tokens, t0 = work[rank::world], 0, time.time()
     if mine:
         answers = answer(mine)  # the model loads here: a bad adapter fails before any file is touched
@@ -528,8 +516,7 @@ def base_model_of(model, adapter):
     return base
 
 def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
-    """(model, tokenizer, hook): the model (default: the adapter's base) with a LoRA adapter in it, or a
-    steering vector as the hook."""
+    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
     from lora import SteeringVector, load_adapter, set_lora_scale
     from model import load
     model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
@@ -561,8 +548,8 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """The same from an OpenAI-compatible server: a request per sample (top_k and repetition_penalty as vLLM's
-    extras) with a seed of its own; one that fails for good is left for a rerun."""
+    """The same from an OpenAI-compatible server: a request per sample, with a seed of its own (top_k and
+    repetition_penalty: vLLM's extras)."""
     requests = []
     for j, (q, s, system) in enumerate(work):
         body = {"model": client.model, "messages": messages(q["question"], system),
@@ -584,7 +571,7 @@ def server_answers(client, work, gen, seed):
         warn(f"{len(failed)} samples failed for good (last: {failed[-1]}); rerun to retry them")
 
 def parse_completion(resp):
-    """A chat completion's answer, its tokens without the stop token (vLLM counts it) and finish reason."""
+    """A completion's answer, tokens without the stop token (vLLM counts it), finish reason."""
     try:
         choice = resp["choices"][0]
         answer, reason = choice["message"]["content"] or "", choice["finish_reason"]
@@ -624,7 +611,6 @@ def parse_args(argv=None):
     p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
     p.add_argument("--adapter", help="LoRA adapter (directory or hub id), or a steering-vector directory")
     p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha)")
-    # what to ask
     p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
                    "`data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
@@ -645,7 +631,6 @@ def parse_args(argv=None):
     p.add_argument("--layers", help="after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, metavar="SEED",
                    help="replace the --steer/--ablate directions by random ones of equal norm (seeded)")
-    # where and how to run
     p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -697,7 +682,7 @@ def main(argv=None):
     check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     if local:
-        def answer(work):  # the model loads only when there is work
+        def answer(work):  # the model loads only if there is work
             model, tok, hook = load_model(model_name, adapter, device, args.dtype, args.lora_scale)
             hook = compose(hook, interventions(model, steer, ablate, args.random_control))
             return local_answers(model, tok, work, gen, 0, hook, batch_size=args.batch_size)
@@ -708,7 +693,7 @@ def main(argv=None):
                         Cache(beside if args.cache is None else args.cache, "completion"), concurrency=64,
                         timeout=600.0)  # 600 tokens from a busy server take a while
         answer = lambda work: server_answers(client, work, gen, 0)
-    # every check passed: now the notes (no generation_config.json) and the plan
+    # every check passed: now the notes and the plan
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
     header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,
