@@ -103,28 +103,27 @@ def append_jsonl(f, row):
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-def part_file(path, rank, world):
-    return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
-
-def part_files(path):
-    """The part files of `path` on disk, left by any number of processes, in one order for every rank."""
-    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".part*-of-*.jsonl"))
-
 class ShardedJSONL:
     """A resumable JSONL output shared by torchrun ranks: each rank appends rows to its own part file (`out`
     itself without torchrun); once all are written, rank 0 merges them into `out` and removes the parts."""
 
     def __init__(self, out, rank=0, world=1):
         self.out, self.rank, self.world = out, rank, world
+        self.stem = out.removesuffix(".jsonl")
+
+    def parts(self):
+        """The part files on disk, left by any number of processes, in one order for every rank."""
+        return sorted(glob.glob(glob.escape(self.stem) + ".part*-of-*.jsonl"))
 
     def read(self):
         """[(path, line, row)] of `out` and of the parts an interrupted torchrun run left."""
-        files = [self.out] + part_files(self.out)
+        files = [self.out] + self.parts()
         return [(f, n, r) for f in files if os.path.exists(f) for n, r in read_jsonl(f)]
 
     def append(self):
         """This rank's file, for append_jsonl; open it once every rank has read (barrier)."""
-        return open_append(part_file(self.out, self.rank, self.world) if self.world > 1 else self.out)
+        mine = f"{self.stem}.part{self.rank}-of-{self.world}.jsonl" if self.world > 1 else self.out
+        return open_append(mine)
 
     def merge(self, arrange):
         """After every rank's appends: `out` becomes arrange(rows of out and parts), written by rank 0 (only
@@ -134,9 +133,9 @@ class ShardedJSONL:
         have = [r for f, _, r in rows if f == self.out]
         rows = arrange([r for _, _, r in rows])
         barrier(self.world)  # every rank has read the parts before rank 0 removes them
-        if self.rank == 0 and (rows != have or part_files(self.out)):
+        if self.rank == 0 and (rows != have or self.parts()):
             write_jsonl(self.out, rows)
-            for p in part_files(self.out):
+            for p in self.parts():
                 os.remove(p)
         barrier(self.world)  # the merged file exists when this returns, on every rank
         return rows
