@@ -633,7 +633,6 @@ def parse_args(argv=None):
                    help="replace the --steer/--ablate directions by random ones of equal norm (seeded)")
     p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds; CPU 64)")
     p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL at $OPENAI_BASE_URL "
                    "(default http://localhost:8000/v1, e.g. a vLLM server's LoRA module)")
@@ -683,7 +682,7 @@ def main(argv=None):
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     if local:
         def answer(work):  # the model loads only if there is work
-            model, tok, hook = load_model(model_name, adapter, device, args.dtype, args.lora_scale)
+            model, tok, hook = load_model(model_name, adapter, device, None, args.lora_scale)
             hook = compose(hook, interventions(model, steer, ablate, args.random_control))
             return local_answers(model, tok, work, gen, 0, hook, batch_size=args.batch_size)
     else:
@@ -697,7 +696,7 @@ def main(argv=None):
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
     header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,
-                        resolve_dtype(args.dtype, device) if local else None, args.system, args.lora_scale,
+                        resolve_dtype(None, device) if local else None, args.system, args.lora_scale,
                         steer, ablate, args.random_control)
     plan = dict(header, questions=args.question or args.questions, out=out, n=args.n)
     print(f"sampling: {json.dumps(plan)}")
