@@ -28,6 +28,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
@@ -248,10 +249,7 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     for s in range(0, len(prompts), rows_per_chunk):
         chunk = prompts[s:s + rows_per_chunk]
         lens = torch.tensor([len(p) for p in chunk], device=dev)
-        idx = torch.zeros(len(chunk), int(lens.max()), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            idx[r, :len(p)] = torch.tensor(p)
-        idx = idx.to(dev)  # (U', T)
+        idx = pad_sequence([torch.tensor(p) for p in chunk], batch_first=True).to(dev)  # (U', T)
         view = copy.copy(cache)  # rows s.. of the cache; writes go through to it
         view.k, view.v = [k[s:s + len(chunk)] for k in cache.k], [v[s:s + len(chunk)] for v in cache.v]
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)  # padding writes slots decode overwrites
