@@ -410,11 +410,8 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
              hook=None, stop_ids=(), keys=None, **kw):
     """[(answer ids, 'stop' | 'length')] for n samples of each prompt, prompt-major; sample j of prompt i
     draws with key row_key(i, j) unless `keys` says; other keywords go to `stream`."""
-    jobs = [(p, row_key(i, j)) for i, p in enumerate(prompts) for j in range(n)]
-    if keys is not None:
-        if len(keys) != len(jobs):
-            raise ValueError(f"{len(keys)} keys for {len(jobs)} samples")
-        jobs = [(p, k) for (p, _), k in zip(jobs, keys)]
+    keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
+    jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
     results = [None] * len(jobs)
     for j, ids, reason in stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids,
                                  **kw):
