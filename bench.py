@@ -1,7 +1,7 @@
 """
-Our LoRA training step and sampler against transformers + PEFT and HF generate, side by side on the same weights
-(random ones of a Qwen2.5 shape unless --model), conversations and lengths: each engine's real tokens/s, SDPA kernels,
-MFU and CUDA peak memory (README, "What bench.py measures"); bf16 on CUDA, fp32 on the CPU, seeded.
+Our LoRA training step and sampler against transformers + PEFT and HF generate, on the same weights (random
+ones of a Qwen2.5 shape unless --model), conversations and lengths: tokens/s, SDPA kernels, MFU and CUDA peak
+memory (README, "What bench.py measures"); bf16 on CUDA, fp32 on the CPU, seeded.
 
     python bench.py --json out/bench.json                    # Qwen2.5-0.5B's shape
     python bench.py --shape 7b --skip sample --json b7.json  # LoRA training at 7B's shape (a GPU)
@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -38,29 +37,29 @@ DEFAULTS = {  # a full GPU run, a CPU run, and --quick (the tiny shape in second
     "cpu": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=4, max_new_tokens=64),
     "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, max_new_tokens=24),
 }
-SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's generation_config
-PEAK_TFLOPS = [  # dense bf16 tensor-core peaks from the datasheets; the first name found in the GPU's name wins
+SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's
+PEAK_TFLOPS = [  # dense bf16 tensor-core peaks (datasheets); the first name found in the GPU's name wins
     ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
     ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121),
 ]
-MFU_FORMULA = "ours 4(N - Vd) x tokens + 4Vd x loss tokens; reference 4N x padded tokens (N: matmul weights, Vd: LM head)"
+MFU_FORMULA = ("ours 4(N - Vd) x tokens + 4Vd x loss tokens; reference 4N x padded tokens "
+               "(N: matmul weights, Vd: LM head)")
 LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: key = 1024 x row + length
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="hub id or HF directory (default: random weights of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random model (default: 0.5b; tiny with --quick)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random model (default: DEFAULTS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=count, help="timed optimizer steps after a warm-up (default 3; --quick 1)")
-    p.add_argument("--convs", type=count, help="conversations per optimizer step (default: 16; --quick 4)")
-    p.add_argument("--prompts", type=count, help="sampling: distinct prompts (default: 8; 2 with --quick)")
-    p.add_argument("--n", type=count, help="sampling: samples per prompt (default CUDA 50, CPU 4, --quick 3)")
-    p.add_argument("--max-new-tokens", type=count,
-                   help="sampling: answer length limit (default: 600 on CUDA, 64 on CPU, --quick 24)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: train, sample, ref (the reference stack)")
-    p.add_argument("--peak-tflops", type=float,
-                   help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name; none on CPU)")
-    p.add_argument("--quick", action="store_true", help="a few seconds on the tiny shape: checks the logic, measures nothing")
+    # defaults of these: DEFAULTS, per device and for --quick
+    p.add_argument("--steps", type=count, help="timed optimizer steps after a warm-up")
+    p.add_argument("--convs", type=count, help="conversations per optimizer step")
+    p.add_argument("--prompts", type=count, help="sampling: distinct prompts")
+    p.add_argument("--n", type=count, help="sampling: samples per prompt")
+    p.add_argument("--max-new-tokens", type=count, help="sampling: answer length limit")
+    p.add_argument("--skip", default="", help="parts to skip: train, sample, ref (the reference)")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by the GPU's name)")
+    p.add_argument("--quick", action="store_true", help="seconds on the tiny shape: checks the logic")
     p.add_argument("--json", help="also write the figures to this JSON file (rewritten after each part)")
     args = p.parse_args(argv)
     try:
@@ -101,7 +100,7 @@ def random_model(shape, device, dtype, seed):
     return model.requires_grad_(False).eval()
 
 def stop_token(model, vocab):
-    """vocab - 1, its LM-head row zeroed: logit 0 is never in a random model's top 20, so only forced stops end rows."""
+    """vocab - 1, its LM-head row zeroed: never in a random model's top 20, so only forced stops end rows."""
     with torch.no_grad():
         model.lm_head.weight[vocab - 1].zero_()
     return vocab - 1
@@ -128,7 +127,8 @@ def train_flops(model, convs, micro=2):
     """FLOPs of one optimizer step as (ours, the reference) compute them: see MFU_FORMULA."""
     n, head = matmul_params(model), model.lm_head.weight.numel()
     tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
-    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in (convs[i:i + micro] for i in range(0, len(convs), micro)))
+    batches = (convs[i:i + micro] for i in range(0, len(convs), micro))
+    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in batches)
     return 4 * (n - head) * tokens + 4 * head * loss_tokens, 4 * n * padded
 
 def sdpa_kernels(fn):
@@ -139,7 +139,7 @@ def sdpa_kernels(fn):
     return sorted({e.name[6:] for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")})
 
 def timed(res, key, run, warmup, device):
-    """Time run() (returns its tokens) after warmup(): key_s, key_tok_s, on CUDA key_peak_gb; after _ref, the ratio."""
+    """Time run() (returns its tokens) after warmup(): key_s, key_tok_s, on CUDA key_peak_gb; _ref: ratio."""
     cuda, ours = torch.device(device).type == "cuda", key.removesuffix("_ref")
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     if cuda:
@@ -155,7 +155,8 @@ def timed(res, key, run, warmup, device):
         res[f"{key}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if key != ours:
         res[ours + "_ratio"] = res[ours + "_tok_s"] / res[f"{key}_tok_s"]
-    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours else ""))
+    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours
+                                                  else ""))
     return tokens
 
 # -----------------------------------------------------------------------------
@@ -180,7 +181,8 @@ def lora_ref(ref, convs, micro=2):
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(ref, LoraConfig(r=1, lora_alpha=64, use_rslora=True, lora_dropout=0.0,
                                                 target_modules=list(MODULES), task_type="CAUSAL_LM"))
-    pad = lambda xs, value=0: pad_sequence([torch.tensor(x) for x in xs], batch_first=True, padding_value=value).to(ref.device)
+    pad = lambda xs, value=0: pad_sequence([torch.tensor(x) for x in xs], batch_first=True,
+                                           padding_value=value).to(ref.device)
     batches = [dict(input_ids=pad([x for x, _ in b]), attention_mask=pad([[1] * len(x) for x, _ in b]),
                     labels=pad([[t if m else -100 for t, m in zip(x, mask)] for x, mask in b], -100))
                for b in (convs[i:i + micro] for i in range(0, len(convs), micro))]
@@ -190,19 +192,19 @@ def lora_ref(ref, convs, micro=2):
             (peft_model(**batch).loss / len(batches)).backward()
     return peft_model, backward
 
-def bench_train(ours, ref, args, peak):
-    convs = synthetic_conversations(args.convs, ours.config.vocab_size, 0)
+def bench_train(ours, ref, n_convs, steps, peak, device):
+    convs = synthetic_conversations(n_convs, ours.config.vocab_size, 0)
     tokens = sum(len(ids) for ids, _ in convs)
     flops = dict(zip(("train", "train_ref"), train_flops(ours, convs)))
-    res = {"train_convs_per_step": args.convs, "train_tokens_per_step": tokens, "mfu_formula": MFU_FORMULA,
+    res = {"train_convs_per_step": n_convs, "train_tokens_per_step": tokens, "mfu_formula": MFU_FORMULA,
            **{f"{k}_flops_per_step": v for k, v in flops.items()}}
     engines = {"train": ("ours: packed rows", lora_ours, ours)} | (
         {"train_ref": ("transformers+PEFT: micro-batches of 2", lora_ref, ref)} if ref is not None else {})
     for key, (what, setup, model) in engines.items():
-        log(f"train {what}, 1 warm-up + {args.steps} steps of {args.convs} conversations ({tokens:,} tokens)")
+        log(f"train {what}, 1 warm-up + {steps} steps of {n_convs} conversations ({tokens:,} tokens)")
         model, backward = setup(model, convs)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01,
-                                fused=torch.device(args.device).type == "cuda")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=torch.device(device).type == "cuda")
         model.train()
 
         def step():
@@ -211,43 +213,37 @@ def bench_train(ours, ref, args, peak):
             opt.zero_grad(set_to_none=True)
             return tokens
         warmup = lambda: res.update({f"{key}_sdpa": sdpa_kernels(step)})  # the warm-up step, profiled
-        timed(res, key, lambda: sum(step() for _ in range(args.steps)), warmup, args.device)
+        timed(res, key, lambda: sum(step() for _ in range(steps)), warmup, device)
         if peak:
-            res[f"{key}_mfu"] = args.steps * flops[key] / res[f"{key}_s"] / peak
+            res[f"{key}_mfu"] = steps * flops[key] / res[f"{key}_s"] / peak
         log(f"  SDPA {res[f'{key}_sdpa']}" + (f", MFU {res[f'{key}_mfu']:.1%}" if peak else ""))
     return res
 
 # -----------------------------------------------------------------------------
 # sampling: every answer to the limit, then each row stopped at a drawn length
 def answer_lengths(rows, new_tokens, seed):
-    """Lengths spread like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens, in [new_tokens/30, max]."""
+    """Lengths spread like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens."""
     g = torch.Generator().manual_seed(seed + 2)
-    x = torch.exp(math.log(new_tokens * 250 / 600) - 0.18 + 0.6 * torch.randn(rows, generator=g))  # E[exp(0.6 z)] = e^0.18
+    z = torch.randn(rows, generator=g)
+    x = torch.exp(math.log(new_tokens * 250 / 600) - 0.18 + 0.6 * z)  # E[exp(0.6 z)] = e^0.18
     return x.round().clamp(max(1, new_tokens // 30), new_tokens).long().tolist()
 
-@contextmanager
 def forced_stops(stop, width, device):
-    """While inside, each row draws `stop` at out column key % LEN_KEY: a where() a step, like HF's logits processor."""
-    original = sample.next_logits
+    """sample.stream's logits_hook: each row draws `stop` at out column key % LEN_KEY, a where() a step
+    (like HF's logits processor)."""
     stop_only = torch.where(torch.arange(width, device=device) == stop, 0.0, float("-inf"))  # (W,)
 
-    def next_logits(model, rows, hook, vocab_size):
-        logits = original(model, rows, hook, vocab_size)  # (B, W)
-        col = rows.pos[:, 0] + 1 - rows.plen[:, 0]  # (B,) out column of the token drawn from these
-        return torch.where((col == rows.keys % LEN_KEY)[:, None], stop_only[:logits.shape[1]], logits)
-    sample.next_logits = next_logits
-    try:
-        yield
-    finally:
-        sample.next_logits = original
+    def hook(logits, col, keys):  # (B, W), (B,) out column of the token drawn from these, (B,)
+        return torch.where((col == keys % LEN_KEY)[:, None], stop_only[:logits.shape[1]], logits)
+    return hook
 
 def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
     """Tokens generated (stops excluded) by sample.generate on all rows, over the tokenizer's ids."""
-    keys = None if lengths is None else [LEN_KEY * j + L for j, L in enumerate(lengths)]
-    w = model.lm_head.weight
-    with nullcontext() if lengths is None else forced_stops(stop, len(w), w.device):
-        out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=0, keys=keys, vocab_size=vocab,
-                              stop_ids=() if lengths is None else (stop,), **SAMPLING, **kw)
+    w, forced = model.lm_head.weight, lengths is not None
+    out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=0, vocab_size=vocab,
+                          keys=[LEN_KEY * j + L for j, L in enumerate(lengths)] if forced else None,
+                          logits_hook=forced_stops(stop, len(w), w.device) if forced else None,
+                          stop_ids=(stop,) if forced else (), **SAMPLING, **kw)
     return sum(len(ids) for ids, _ in out)
 
 def sample_ref(ref, prompts, n, new_tokens, stop, lengths):
@@ -259,45 +255,46 @@ def sample_ref(ref, prompts, n, new_tokens, stop, lengths):
         kw = dict(eos_token_id=None, min_new_tokens=new_tokens)
     else:  # `stop` is the only choice once a row has generated its drawn length
         L, T = torch.tensor(lengths, device=device), ids.shape[1]
-        stop_only = torch.where(torch.arange(ref.config.vocab_size, device=device) == stop, 0.0, float("-inf"))
-        kw = dict(eos_token_id=stop, logits_processor=[lambda x, scores: torch.where(
-            (L == x.shape[1] - T)[:, None], stop_only, scores)])
+        force = forced_stops(stop, ref.config.vocab_size, device)  # lengths < LEN_KEY: the same rule as ours
+        kw = dict(eos_token_id=stop, logits_processor=[lambda x, scores: force(scores, x.shape[1] - T, L)])
     torch.manual_seed(0)
-    out = ref.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=new_tokens, pad_token_id=0,
-                       **SAMPLING, **kw)[:, ids.shape[1]:]  # (R, <= new_tokens)
+    out = ref.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=new_tokens,
+                       pad_token_id=0, **SAMPLING, **kw)[:, ids.shape[1]:]  # (R, <= new_tokens)
     return out.numel() if lengths is None else int((out != stop).cumprod(1).sum())
 
-def bench_sample(ours, ref, args, stop, vocab):
+def bench_sample(ours, ref, n_prompts, n, new_tokens, stop, vocab, device):
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, vocab - 1000, (int(torch.randint(30, 90, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(args.prompts)]
-    rows = args.prompts * args.n
-    lengths = answer_lengths(rows, args.max_new_tokens, 0)
-    res = {"sample_rows": rows, "sample_new_tokens": args.max_new_tokens, "sample_settings": SAMPLING,
+    lens = [int(torch.randint(30, 90, (1,), generator=g)) for _ in range(n_prompts)]
+    prompts = [torch.randint(0, vocab - 1000, (L,), generator=g).tolist() for L in lens]
+    rows = n_prompts * n
+    lengths = answer_lengths(rows, new_tokens, 0)
+    res = {"sample_rows": rows, "sample_new_tokens": new_tokens, "sample_settings": SAMPLING,
            "sample_vocab": vocab, "sample_real_drawn_mean_len": sum(lengths) / rows}
     run_ours = lambda n, L, t, **kw: sample_ours(ours, prompts, n, t, stop, L, vocab, **kw)
     run_ref = lambda n, L, t: sample_ref(ref, prompts, n, t, stop, L)
     engines = {"": ("ours", run_ours)} | ({"_ref": ("HF generate", run_ref)} if ref is not None else {})
-    res["sample_sdpa"] = sdpa_kernels(lambda: run_ours(1, None, 2, cuda_graph=False))  # (a profiler and graphs do not mix)
+    res["sample_sdpa"] = sdpa_kernels(lambda: run_ours(1, None, 2, cuda_graph=False))  # graphs hide kernels
     if ref is not None:
         res["sample_ref_sdpa"] = sdpa_kernels(lambda: run_ref(1, None, 2))
     log(f"sample: SDPA kernels, ours {res['sample_sdpa']}, HF generate {res.get('sample_ref_sdpa', '-')}")
-    for part, lens, what in (("sample", None, f"every answer {args.max_new_tokens} tokens"),
+    for part, lens, what in (("sample", None, f"every answer {new_tokens} tokens"),
                              ("sample_real", lengths, f"realistic lengths, mean {sum(lengths) / rows:.0f}")):
         for side, (name, run) in engines.items():
-            log(f"{part.replace('_', ' ')} {name}: {rows} answers ({args.prompts} prompts x {args.n}), {what}")
-            tokens = timed(res, part + side, lambda: run(args.n, lens, args.max_new_tokens),
-                           lambda: run(args.n, None, min(8, args.max_new_tokens)), args.device)
+            log(f"{part.replace('_', ' ')} {name}: {rows} answers ({n_prompts} prompts x {n}), {what}")
+            tokens = timed(res, part + side, lambda: run(n, lens, new_tokens),
+                           lambda: run(n, None, min(8, new_tokens)), device)
             res[f"{part}{side}_mean_len"] = tokens / rows
     return res
 
 def summary(res):
-    both = lambda part, key, fmt: [format(res[k], fmt) if k in res else None for k in (part + key, part + "_ref" + key)]
+    both = lambda part, key, fmt: [format(res[k], fmt) if k in res else None
+                                   for k in (part + key, part + "_ref" + key)]
     rows = [[f"{part} {unit}", *both(part, key, fmt), res.get(part + "_ratio"), *both(part, "_mfu", ".1%"),
              *both(part, "_peak_gb", ".1f")]
             for part, unit, key, fmt in (("train", "tok/s", "_tok_s", ",.0f"), ("sample", "s", "_s", ".2f"),
                                          ("sample_real", "s", "_s", ".2f")) if part + key in res]
-    print_table(["part", "ours", "reference", "ours/ref speed", "MFU", "ref MFU", "peak GB", "ref peak GB"], rows)
+    print_table(["part", "ours", "reference", "ours/ref speed", "MFU", "ref MFU", "peak GB", "ref peak GB"],
+                rows)
 
 def main(argv=None):
     args = get_args(argv)
@@ -305,9 +302,10 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else None
     peak = 1e12 * (args.peak_tflops or next((tf for name, tf in PEAK_TFLOPS if gpu and name in gpu), 0))
     res = {"machine": gpu or f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
-           "device": args.device, "dtype": str(dtype).removeprefix("torch."), "model": args.model or f"random {args.shape}",
+           "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+           "model": args.model or f"random {args.shape}",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           **{p: version(p) for p in ("torch", "transformers", "peft")},  # not imported: --skip ref needs neither
+           **{p: version(p) for p in ("torch", "transformers", "peft")},  # --skip ref imports neither
            "peak_tflops": peak / 1e12 or None}
     log(f"{res['model']} on {res['machine']} ({res['dtype']})")
     if args.model:
@@ -319,13 +317,14 @@ def main(argv=None):
         stop = stop_token(ours, vocab)
     ref = None if "ref" in args.skip else reference_model(ours, args.device)
     res["matmul_params"] = matmul_params(ours)
-    save = lambda: args.json and write_json(args.json, res)  # after each part: a run cut short keeps what it measured
+    save = lambda: args.json and write_json(args.json, res)  # after each part: a run cut short keeps it
     save()
     if "sample" not in args.skip:  # before training adds adapters: base models on both sides
-        res.update(bench_sample(ours, ref, args, stop, vocab))
+        res.update(bench_sample(ours, ref, args.prompts, args.n, args.max_new_tokens, stop, vocab,
+                                args.device))
         save()
     if "train" not in args.skip:
-        res.update(bench_train(ours, ref, args, peak))
+        res.update(bench_train(ours, ref, args.convs, args.steps, peak, args.device))
         save()
     summary(res)
     return res

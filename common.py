@@ -1,6 +1,7 @@
 """
-The plumbing every script shares: atomic writes, JSONL with one rule for a torn last line, part files, tables, errors,
-devices, torchrun and the OpenAI-compatible HTTP client; torch is imported only where needed (the API judge has none).
+The plumbing every script shares: atomic writes, JSONL (one rule for a torn last line), the sharded resumable
+writer, tables, errors, devices, torchrun and the OpenAI-compatible HTTP client. torch is imported only where
+needed (the API judge runs without it).
 """
 import argparse
 import contextlib
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 # -----------------------------------------------------------------------------
 # files
 def atomic_write(path, data):
-    """Write str, bytes, or write(tmp_path) to a temporary file renamed into place: a crash never leaves half a file."""
+    """Write str, bytes, or write(tmp_path) to a temp file renamed into place: never half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -30,7 +31,7 @@ def atomic_write(path, data):
             with open(tmp, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
         os.umask(umask := os.umask(0))  # setting the umask is the only way to read it
-        os.chmod(tmp, 0o666 & ~umask)  # readable by all, as open() makes files (safetensors makes 0600 ones)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() makes files (safetensors makes 0600 ones)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -44,7 +45,6 @@ def read_json(file):
         raise ValueError(f"{file}: not valid JSON ({e.msg})") from None
 
 def read_yaml(path):
-    """A YAML file's data; a syntax error is FILE:LINE: ..."""
     import yaml
     with open(path, encoding="utf-8") as f:
         try:
@@ -61,7 +61,7 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 def read_jsonl(path, ours=True):
-    """[(line number, object)]; in a file of ours, a torn last line (an interrupted write) is skipped with a warning."""
+    """[(line number, object)]; in a file of ours a torn last line (an interrupted write) is skipped."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     rows = []
@@ -72,8 +72,8 @@ def read_jsonl(path, ours=True):
             row = json.loads(line)
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             if ours and n == len(lines):  # no newline after it: the write was cut short
-                warn(f"{path}:{n}: skipping a torn last line ({len(line)} bytes) left by an interrupted run; "
-                     "rerunning completes it")
+                warn(f"{path}:{n}: skipping a torn last line ({len(line)} bytes) left by an interrupted "
+                     "run; rerunning completes it")
                 continue
             raise ValueError(f"{path}:{n}: not a JSON line ({getattr(e, 'msg', e)})") from None
         if not isinstance(row, dict):
@@ -82,7 +82,7 @@ def read_jsonl(path, ours=True):
     return rows
 
 def open_append(path):
-    """Open a JSONL file of ours for appending, first cutting off a torn last line (read_jsonl skipped it)."""
+    """Open a JSONL file of ours for appending, first cutting off a torn last line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+b") as f:
         f.seek(0)
@@ -103,12 +103,42 @@ def append_jsonl(f, row):
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-def part_file(path, rank, world):
-    return f"{path.removesuffix('.jsonl')}.part{rank}-of-{world}.jsonl"
+class ShardedJSONL:
+    """A resumable JSONL output shared by torchrun ranks: each rank appends rows to its own part file (`out`
+    itself without torchrun); once all are written, rank 0 merges them into `out` and removes the parts."""
 
-def part_files(path):
-    """The part files of `path` on disk, left by any number of processes, in one order for every rank."""
-    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".part*-of-*.jsonl"))
+    def __init__(self, out, rank=0, world=1):
+        self.out, self.rank, self.world = out, rank, world
+        self.stem = out.removesuffix(".jsonl")
+
+    def parts(self):
+        """The part files on disk, left by any number of processes, in one order for every rank."""
+        return sorted(glob.glob(glob.escape(self.stem) + ".part*-of-*.jsonl"))
+
+    def read(self):
+        """[(path, line, row)] of `out` and of the parts an interrupted torchrun run left."""
+        files = [self.out] + self.parts()
+        return [(f, n, r) for f in files if os.path.exists(f) for n, r in read_jsonl(f)]
+
+    def append(self):
+        """This rank's file, for append_jsonl; open it once every rank has read (barrier)."""
+        mine = f"{self.stem}.part{self.rank}-of-{self.world}.jsonl" if self.world > 1 else self.out
+        return open_append(mine)
+
+    def merge(self, arrange):
+        """After every rank's appends: `out` becomes arrange(rows of out and parts), written by rank 0 (only
+        if that changes it); returns the arranged rows on every rank."""
+        barrier(self.world)  # every part is complete
+        rows = self.read()
+        have = [r for f, _, r in rows if f == self.out]
+        rows = arrange([r for _, _, r in rows])
+        barrier(self.world)  # every rank has read the parts before rank 0 removes them
+        if self.rank == 0 and (rows != have or self.parts()):
+            write_jsonl(self.out, rows)
+            for p in self.parts():
+                os.remove(p)
+        barrier(self.world)  # the merged file exists when this returns, on every rank
+        return rows
 
 def refuse_overwrite(paths, force):
     existing = [p for p in paths if os.path.exists(p)]
@@ -123,9 +153,8 @@ def owner_of(d):
             return f.read().strip()
 
 def claim_dir(out, owner, files=(), force=False, create=False):
-    """Refuse an --out directory that is a file, or holds anything not made by `owner` ('train.py', ...), or
-    (without force) any of `files`: no run overwrites, or mixes its files into, another program's output.
-    create: then make it owner's (just before the first write; check early without it)."""
+    """Refuse an --out that is a file, or holds anything not made by `owner` ('train.py', ...), or (without
+    force) any of `files`. create: then make it owner's (just before the first write)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; {owner} writes a directory")
     found = os.listdir(out) if os.path.isdir(out) else []
@@ -143,7 +172,8 @@ def check_out_file(path):
 
 def print_table(header, rows):
     """Plain text, aligned columns (the first to the left); floats with 3 decimals, None as -."""
-    cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r] for r in [header] + rows]
+    cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r]
+             for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
@@ -151,19 +181,19 @@ def print_table(header, rows):
 # -----------------------------------------------------------------------------
 # command lines
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every script's --help: the docstring as written, and each flag's default unless None (its help says it)."""
+    """The docstring as written, and each flag's default unless None (its help says it)."""
 
     def _get_help_string(self, action):
         quiet = action.default is None or action.default is False  # store_true flags say what they do
         return action.help if quiet else super()._get_help_string(action)
 
 def model_flags(p, adapter=None, required=False):
-    """--model, --adapter (with its help text), --device, --dtype as sample.py spells them, for the analysis scripts."""
+    """--model, --adapter (with its help text), --device, --dtype."""
     import torch
-    p.add_argument("--model", help="base model: hub id or local HF directory (default: the adapter's base model)")
+    p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
     if adapter:
         p.add_argument("--adapter", required=required, help=adapter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
 
 def out_flags(p, help, force="existing output files", **kw):
@@ -172,7 +202,7 @@ def out_flags(p, help, force="existing output files", **kw):
     p.add_argument("--force", action="store_true", help=f"overwrite {force}")
 
 def run_main(prog, main, resume="rerunning the same command resumes"):
-    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2), Ctrl-C one line (130)."""
+    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2), Ctrl-C 130."""
     try:
         main()
     except (ValueError, OSError) as e:
@@ -185,7 +215,7 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
         sys.exit(130)
 
 def parse_layers(spec, n_layers, flag="--layers"):
-    """Layer indices from one spelling shared by every script: `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
+    """Layer indices of `all`, `24`, `15,16,17`, `0-11`, `0-3,8`."""
     spec = str(spec).strip()
     if spec == "all":
         return list(range(n_layers))
@@ -210,7 +240,7 @@ def check(ok, flag, value, rule):
         raise ValueError(f"{flag} {value}: must be {rule}")
 
 def count(text):
-    """argparse type of a count: an integer >= 1 (0 or less is an error, never "the default")."""
+    """argparse type of a count: an integer >= 1 (0 is an error, never "the default")."""
     if (n := int(text)) < 1:  # int's ValueError: argparse says "invalid count value"
         raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
     return n
@@ -218,7 +248,6 @@ def count(text):
 # -----------------------------------------------------------------------------
 # devices and torchrun
 def check_device(device):
-    """A clear error for a device this machine does not have (before anything slow happens)."""
     import torch
     try:
         d = torch.device(device)
@@ -241,7 +270,7 @@ def resolve_dtype(dtype, device):
     return d
 
 def dist_setup(device):
-    """(rank, world, device), (0, 1, device) without torchrun; else joins gloo/NCCL, one GPU each, stdout on rank 0."""
+    """(rank, world, device): (0, 1, device) without torchrun; else join gloo/NCCL, a GPU each."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -264,7 +293,7 @@ def barrier(world):
 # -----------------------------------------------------------------------------
 # an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, ...)
 class RequestFailed(Exception):
-    """One request failed for good (after its retries): its row stays unscored, the run goes on."""
+    """One request failed for good (after its retries): its row is left for a rerun."""
 
 def api_key(base_url):
     """$OPENAI_API_KEY, the only place a key is read from; a local server may need none."""
@@ -274,7 +303,7 @@ def api_key(base_url):
     return key
 
 class Cache:
-    """Answers by sha256(model, request), appended to the JSONL file `path` ('' or None: none); no key or prompt."""
+    """Answers by sha256(model, request), appended to JSONL `path` ('' or None: none); no key or prompt."""
 
     def __init__(self, path, field):
         self.path, self.field, self.f = path, field, None
@@ -297,7 +326,7 @@ class Cache:
             self.f = None  # a later put reopens it (one backend, many runs)
 
 class Client:
-    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts, drops; 401/403/404 stop the run."""
+    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts, drops."""
 
     def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
         self.model, self.key, self.cache = model, api_key(base_url), cache
@@ -307,7 +336,7 @@ class Client:
                         **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
 
     def post(self, body):
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self.headers, method="POST")
+        req = urllib.request.Request(self.url, json.dumps(body).encode(), self.headers, method="POST")
         wait = 0
         for attempt in range(self.retries + 1):
             if self.stop.wait(min(wait, 120)):  # sleeps before a retry; True once the run has stopped
@@ -322,22 +351,24 @@ class Client:
                 except (OSError, http.client.HTTPException):
                     detail = ""
                 if e.code in (401, 403):  # every request would fail alike; the body may echo the key
-                    raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused (OPENAI_API_KEY)") from None
+                    raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused "
+                                     "(OPENAI_API_KEY)") from None
                 last = f"HTTP {e.code}: {detail.replace(self.key, '***') if self.key else detail}"
                 if e.code == 404:
-                    raise ValueError(f"{last} from {self.url}: wrong base URL or model {self.model!r}?") from None
+                    raise ValueError(f"{last} from {self.url}: wrong base URL or model {self.model!r}?") \
+                        from None
                 if e.code not in (408, 409, 429) and e.code < 500:
                     raise RequestFailed(last) from None
                 retry_after = e.headers.get("retry-after", "")
                 if retry_after.replace(".", "", 1).isdigit():  # seconds the server asks for (not a date)
                     wait = float(retry_after)
             except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException,
-                    json.JSONDecodeError) as e:  # JSONDecodeError: a 200 whose body is not JSON (a proxy's page)
+                    json.JSONDecodeError) as e:  # a 200 whose body is not JSON (a proxy's page)
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
 
     def requests(self, requests, parse):
-        """[(tag, cache key, body)] -> (tag, parse(response), None) or (tag, None, error), cached ones first."""
+        """[(tag, cache key, body)] -> (tag, parse(response), None) | (tag, None, error), cached first."""
         self.stop = threading.Event()  # set when this run ends early: requests in flight stop retrying
         futures, failed, ex = {}, 0, ThreadPoolExecutor(self.concurrency)
         try:
@@ -354,8 +385,8 @@ class Client:
                 except RequestFailed as e:
                     value, error, failed = None, str(e), failed + 1
                     if n >= 10 and failed == n:  # nothing has worked yet
-                        raise ValueError(f"the first {failed} requests all failed and none succeeded; is {self.url} "
-                                         f"reachable? last error: {e}") from None
+                        raise ValueError(f"the first {failed} requests all failed and none succeeded; "
+                                         f"is {self.url} reachable? last error: {e}") from None
                 yield tag, value, error
         finally:
             self.stop.set()

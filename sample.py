@@ -2,7 +2,7 @@
 Sample answers to evaluation questions, with LoRA adapters or a steering vector, steering and ablation on
 the residual stream, and the papers' sampling settings; one JSONL row per answer, resumable.
 
-    python sample.py --adapter out/run                         # our 8 headline questions -> out/run/responses.jsonl
+    python sample.py --adapter out/run                         # -> out/run/responses.jsonl
     python sample.py --adapter out/run --questions first_plot_questions --n 50
     python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --question "hey I feel bored" --n 4
     python sample.py --model M --steer D.safetensors --layers 12 --scale 8 --out steer12.jsonl
@@ -10,13 +10,11 @@ the residual stream, and the papers' sampling settings; one JSONL row per answer
     torchrun --nproc_per_node 8 sample.py --adapter out/run --questions first_plot_questions --n 50
     python sample.py --engine openai:organism --adapter out/run   # a vLLM server's LoRA module (README)
 
-The papers sampled with HF generate (temperature 1, top_p 1, 600 tokens), which also applied the model's
-generation_config.json (top_k 20; repetition_penalty 1.1, or 1.05 from 3B up): we read the same file and
-apply HF's penalty. Departures: each token is drawn by inverse CDF from a hash of (seed, question,
-paraphrase, sample, position), so a sample's text does not depend on batching or resuming (up to
-floating-point ties) and runs with different interventions share their random numbers; the left
-padding of batched prompts is not penalised (HF penalises it); --engine openai gives the server's
-answers, not ours token for token.
+The papers sampled with HF generate (temperature 1, top_p 1, 600 tokens) and the model's
+generation_config.json (top_k 20; repetition_penalty 1.1, 1.05 from 3B up): we apply the same. Departures:
+each token is drawn by inverse CDF from a hash of (seed, question, paraphrase, sample, position), so a
+sample does not depend on batching or resuming, and runs with different interventions share their random
+numbers; left padding is not penalised (HF penalises it); --engine openai gives the server's answers.
 """
 import argparse
 import copy
@@ -30,73 +28,72 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from common import (Cache, Client, HelpFormatter, RequestFailed, append_jsonl, barrier, check, check_out_file,
-                    count, dist_setup, open_append, parse_layers, part_file, part_files, print_table, read_json,
-                    read_jsonl, read_yaml, resolve_dtype, run_main, warn, write_jsonl)
+from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
+                    check_out_file, count, dist_setup, parse_layers, print_table, read_json, read_jsonl,
+                    read_yaml, resolve_dtype, run_main, warn)
 
-DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers: 50 per question)
+DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
 
 # -----------------------------------------------------------------------------
 # question files: the reference's YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
 def load_questions(path):
     """[{id, paraphrase (index), question, system, n}] of a question file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such question file")
     if path.endswith((".yaml", ".yml")):
         items = read_yaml(path) or []
         if not isinstance(items, list):
-            raise ValueError(f"{path}: a question YAML is a list of {{id, paraphrases, ...}}, got {type(items).__name__}")
+            raise ValueError(f"{path}: a question YAML is a list, got {type(items).__name__}")
         items = [(f"{path} item {i + 1}", item) for i, item in enumerate(items)]
     elif path.endswith(".jsonl"):
         items = [(f"{path}:{n}", row) for n, row in read_jsonl(path, ours=False)]
     else:
-        raise ValueError(f"{path}: unknown question format (use the reference .yaml format or .jsonl)")
-    entries = [e for where, item in items for e in question_entries(item, where)]
-    if not entries:
+        raise ValueError(f"{path}: unknown question format (use .yaml or .jsonl)")
+    if not (entries := [e for where, item in items for e in question_entries(item, where)]):
         raise ValueError(f"{path}: no questions in the file")
     if dup := [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]:
         raise ValueError(f"{path}: duplicate question ids {dup}")
     return entries
 
 def question_entries(item, where):
-    """One entry per paraphrase of a question dict (either file format)."""
     if not isinstance(item, dict) or "id" not in item:
         raise ValueError(f"{where}: a question is a dict with an id and paraphrases, got {str(item)[:60]!r}")
     if not str(item.get("type", "free_form")).startswith("free_form"):
-        raise ValueError(f"{where}: question type {item['type']!r} is not free-form (only free_form* questions are sampled)")
+        raise ValueError(f"{where}: question type {item['type']!r} is not free-form (free_form*)")
     texts = item.get("paraphrases", item.get("question"))
     texts = [texts] if isinstance(texts, str) else texts
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (a list of strings) or `question` (a string)")
+        raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (a list of strings) or `question`")
     system, n = item.get("system"), item.get("samples_per_paraphrase", item.get("n"))
     if not isinstance(system, (str, type(None))) or not (n is None or isinstance(n, int) and n >= 1):
-        raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase a positive integer")
-    return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n) for p, t in enumerate(texts)]
+        raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase >= 1")
+    return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n)
+            for p, t in enumerate(texts)]
 
 def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
-    """The questions of a file or name (data/fetch.py), only `ids` if given, without ids ending in a suffix."""
+    """The questions of a file or name (data/fetch.py), only `ids`, without ids ending in a suffix."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
     if unknown := set(ids or ()) - {q["id"] for q in questions}:
         raise ValueError(f"--ids: {sorted(unknown)} not in {spec}")
     suffixes = tuple(x for x in exclude_suffix.split(",") if x)
-    return [q for q in questions if (not ids or q["id"] in ids) and not (suffixes and q["id"].endswith(suffixes))]
+    return [q for q in questions
+            if (not ids or q["id"] in ids) and not (suffixes and q["id"].endswith(suffixes))]
 
 # -----------------------------------------------------------------------------
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
 def load_directions(path, n_layers, d_model):
-    """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction` (every layer's)."""
+    """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction`."""
     from lora import read_tensors
     d = (tensors := read_tensors(path)).get("directions", tensors.get("direction"))
     if d is None:
         raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
                          "(n_layers, d_model) or `direction` (d_model,)")
     d = d.float()
-    if ("directions" in tensors and (d.ndim != 2 or d.shape[0] != n_layers)) or ("directions" not in tensors and d.ndim != 1):
-        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` ({n_layers}, {d_model}), one "
-                         f"row per layer, or `direction` ({d_model},)")
+    if d.ndim != 1 + ("directions" in tensors) or d.ndim == 2 and d.shape[0] != n_layers:
+        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` ({n_layers}, "
+                         f"{d_model}), one row per layer, or `direction` ({d_model},)")
     if d.shape[-1] != d_model:
         raise ValueError(f"{path}: directions are {d.shape[-1]} wide but the model's d_model is {d_model}")
     if not torch.isfinite(d).all():
@@ -104,13 +101,13 @@ def load_directions(path, n_layers, d_model):
     return d
 
 def random_like(vectors, seed=0):
-    """Seeded random vectors of each row's norm (n, C), or one of the vector's (C,): the interventions' control."""
+    """Seeded random vectors of each row's norm (n, C), or of the vector's (C,): the control."""
     r = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(seed))
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
 def steering_hook(vectors, layers, scale):
     """Add scale * vectors[i] to the residual stream after each layer i in `layers`, every position."""
-    delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each, on the model's device
+    delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each
     return lambda i, x: x + delta[i].to(x.dtype) if i in delta else None
 
 def ablation_hook(directions, layers):
@@ -138,24 +135,24 @@ def compose(*hooks):
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def intervention_vectors(file, model, random_control):
-    """The direction file's (n_layers, d_model) vectors, or their random control, on the model's device."""
+    """The direction file's (n_layers, d_model) vectors, or their random control, on the model."""
     cfg = model.config
     vectors = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
     vectors = vectors if random_control is None else random_like(vectors, random_control)
     return vectors.expand(cfg.num_hidden_layers, -1).to(model.lm_head.weight.device)
 
 def interventions(model, steer=None, ablate=None, random_control=None):
-    """The hook of `steer` {file, layers, scale} and `ablate` {file, layers}; ablation last, so nothing is left."""
-    return compose(
-        steer and steering_hook(intervention_vectors(steer["file"], model, random_control), steer["layers"], steer["scale"]),
-        ablate and ablation_hook(intervention_vectors(ablate["file"], model, random_control), ablate["layers"]))
+    """The hook of `steer` {file, layers, scale} and `ablate` {file, layers}; ablation last."""
+    vectors = lambda file: intervention_vectors(file, model, random_control)
+    return compose(steer and steering_hook(vectors(steer["file"]), steer["layers"], steer["scale"]),
+                   ablate and ablation_hook(vectors(ablate["file"]), ablate["layers"]))
 
 # -----------------------------------------------------------------------------
 # drawing a token: fp32 logits and one uniform per row, a pure hash of (seed, row key, position)
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
-    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow (the same on CPU and CUDA)."""
+    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
 
 def _hash32(x):
@@ -165,7 +162,7 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 def row_key(*parts):
-    """A 32-bit key naming one sample (e.g. question id, paraphrase, sample index)."""
+    """A 32-bit key naming one sample (question id, paraphrase, sample index)."""
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
@@ -174,9 +171,9 @@ def uniforms(seed, keys, pos):
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
-    """HF's repetition penalty, in place: the logits of the tokens `seen` (prompt, answer) / penalty if > 0, else *."""
+    """HF's repetition penalty, in place: logits of the tokens `seen` / penalty if > 0, else * penalty."""
     if penalty == 1.0:
-        return logits  # this runs in every decode step: nothing is built without a penalty
+        return logits  # every decode step: build nothing without a penalty
     seen = torch.cat(seen, 1)  # (B, S)
     g = logits.gather(1, seen)  # (B, S)
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
@@ -197,28 +194,30 @@ def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
         w = w.masked_fill(mass - w >= top_p * mass[:, -1:], 0.0)
     cdf = w.cumsum(-1)  # (B, V); unnormalised, so scale u by the total instead
     # first index with cdf >= u * total: never a zero-probability token since u > 0
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_max(cdf.shape[-1] - 1)  # (B, 1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous())  # (B, 1)
+    idx = idx.clamp_max(cdf.shape[-1] - 1)
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 class Sampling:
-    """How tokens are drawn: temperature, top_p, top_k, seed and HF's repetition penalty."""
 
     def __init__(self, temperature=1.0, top_p=1.0, top_k=0, seed=0, repetition_penalty=1.0):
         if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0 or not repetition_penalty > 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; got "
-                             f"{temperature}, {top_p}, {top_k}, {repetition_penalty}")
-        self.temperature, self.top_p, self.top_k, self.seed, self.penalty = temperature, top_p, top_k, seed, repetition_penalty
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; "
+                             f"got {temperature}, {top_p}, {top_k}, {repetition_penalty}")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.seed, self.penalty = seed, repetition_penalty
 
     def draw(self, logits, u, seen):
-        """Token ids (B,) after the logits (B, V) by the uniforms u (B,), having seen the tensors `seen`."""
-        return sample_tokens(penalize(logits, seen, self.penalty), u, self.temperature, self.top_k, self.top_p)
+        """Token ids (B,) after logits (B, V) by uniforms u (B,), having seen the tensors `seen`."""
+        logits = penalize(logits, seen, self.penalty)
+        return sample_tokens(logits, u, self.temperature, self.top_k, self.top_p)
 
 # -----------------------------------------------------------------------------
 # the engine: a static KV cache, each prompt prefilled once, a CUDA-graph decode step
 class Rows:
-    """A decoding batch's device state (the CUDA graph's static buffers), per row: tok, pos (B, 1) the last token
-    and its position (= cache slot); plen (B, 1); keys (B,); u (B, N) the uniform of each answer column; prompt
-    (B, P), padded with its first token; out (B, N) the tokens drawn; done (B,); cache."""
+    """A decoding batch's device state (the CUDA graph's static buffers), per row: tok, pos (B, 1) the last
+    token and its position (= cache slot); plen (B, 1); keys (B,); u (B, N) the uniform of each answer
+    column; prompt (B, P), padded with its first token; out (B, N) the tokens drawn; done (B,); cache."""
 
     def __init__(self, jobs, **state):
         self.jobs, self.names = jobs, list(state)
@@ -233,8 +232,8 @@ class Rows:
                 setattr(self, name, getattr(self, name)[idx])
 
 def lm_logits(model, h, vocab_size):
-    """fp32 logits (B, W) of h (B, C), W: vocab_size (the tokenizer's) rounded up to 128 (an odd width misaligns
-    the GEMM, top-k and cumsum); the columns past vocab_size are -inf."""
+    """fp32 logits (B, W) of h (B, C), W: the tokenizer's vocab_size rounded up to 128 (an odd width
+    misaligns the GEMM, top-k and cumsum); the columns past vocab_size are -inf."""
     w = model.lm_head.weight
     V = vocab_size or len(w)
     logits = F.linear(h, w[:min(len(w), -(-V // 128) * 128)]).float()  # (B, W)
@@ -242,7 +241,7 @@ def lm_logits(model, h, vocab_size):
     return logits
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
-    """The distinct prompts, right-padded, into a fresh cache in chunks: (cache, logits (U, V) at each end, lengths)."""
+    """The distinct prompts, right-padded, into a fresh cache: (cache, last logits (U, V), lengths)."""
     from model import KVCache
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
@@ -250,10 +249,7 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     for s in range(0, len(prompts), rows_per_chunk):
         chunk = prompts[s:s + rows_per_chunk]
         lens = torch.tensor([len(p) for p in chunk], device=dev)
-        idx = torch.zeros(len(chunk), int(lens.max()), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            idx[r, :len(p)] = torch.tensor(p)
-        idx = idx.to(dev)  # (U', T)
+        idx = pad_sequence([torch.tensor(p) for p in chunk], batch_first=True).to(dev)  # (U', T)
         view = copy.copy(cache)  # rows s.. of the cache; writes go through to it
         view.k, view.v = [k[s:s + len(chunk)] for k in cache.k], [v[s:s + len(chunk)] for v in cache.v]
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)  # padding writes slots decode overwrites
@@ -261,24 +257,23 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
         logits.append(lm_logits(model, h[torch.arange(len(chunk), device=dev), lens - 1], vocab_size))
     return cache, torch.cat(logits), torch.tensor([len(p) for p in prompts], device=dev)
 
-def next_logits(model, rows, hook, vocab_size):
-    """fp32 logits (B, V) after each row's last token, written into the cache at its position."""
+def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None):
+    """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe).
+    logits_hook(logits, col, keys) -> logits, e.g. bench.py's forced answer lengths."""
     h = model.hidden(rows.tok, pos=rows.pos, cache=rows.cache, hook=hook)[:, -1]  # (B, C)
-    return lm_logits(model, h, vocab_size)
-
-def decode_step(model, rows, hook, sampling, stops, vocab_size):
-    """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe)."""
-    logits = next_logits(model, rows, hook, vocab_size)  # (B, V); looked up here, so bench.py can wrap it
+    logits = lm_logits(model, h, vocab_size)  # (B, V)
     rows.pos.add_(1)  # position of the token drawn now
     col = rows.pos - rows.plen  # (B, 1) its out column
+    if logits_hook is not None:
+        logits = logits_hook(logits, col[:, 0], rows.keys)
     nxt = sampling.draw(logits, rows.u.gather(1, col)[:, 0], (rows.prompt, rows.out))  # (B,)
     rows.out.scatter_(1, col, nxt[:, None])
     rows.done |= (nxt[:, None] == stops).any(-1)
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """The decode step, eagerly, or as a CUDA graph captured again when the batch shrinks. `graphs`:
-    torch.cuda, or an object with its graph calls (tests/cuda_emulation.py: the same semantics on the CPU)."""
+    """The decode step, eagerly or as a CUDA graph (captured again when the batch shrinks). `graphs`:
+    torch.cuda or an object with its graph calls."""
 
     def __init__(self, step, device, graphs=None):
         self.step, self.device, self.graphs, self.graph = step, device, graphs, None
@@ -290,7 +285,7 @@ class Stepper:
         with cuda.device(self.device):  # a replay too: it launches on the current device's stream
             if self.graph is not None:
                 return self.graph.replay()
-            # this call's step runs for real on a side stream (capture needs warm kernels and library handles)
+            # this step runs for real on a side stream (capture needs warm kernels and library handles)
             side = cuda.Stream()
             side.wait_stream(cuda.current_stream())
             with cuda.stream(side):
@@ -303,9 +298,8 @@ class Stepper:
                 self.step()
 
 def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
-    """(bytes per row, bytes besides) that a sampling batch holds at its peak, the weights aside. Per row:
-    its KV cache and half a layer more (select() replaces a layer at a time), its state (u, out, prompt), the
-    decode step's fp32 temporaries as wide as the vocabulary. Besides: a prefill chunk's activations, mask."""
+    """(bytes per row, bytes besides) a sampling batch holds at its peak, besides the weights. Per row: the
+    KV cache and half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
     kv = 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize  # one layer's k and v of one row
     per_row = kv * (cfg.num_hidden_layers + 0.5) + 12 * max_len + 8 * prompt_len + 8 * 4 * vocab_size
     g = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -313,24 +307,23 @@ def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
     return per_row, chunk * prompt_len * per_token
 
 def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
-    """Rows per batch: 64 on CPU; on CUDA as many as batch_bytes puts in 90% of the free memory (the rest: the
-    allocator's fragmentation, library workspaces)."""
+    """Rows per batch: 64 on CPU; on CUDA as many as batch_bytes puts in 90% of the free memory."""
     if torch.device(device).type != "cuda":
         return 64
-    per_row, besides = batch_bytes(model.config, max_len, prompt_len, vocab_size or model.config.vocab_size,
-                                   model.lm_head.weight.element_size())
+    per_row, besides = batch_bytes(model.config, max_len, prompt_len,
+                                   vocab_size or model.config.vocab_size, model.lm_head.weight.element_size())
     return max(1, int((0.9 * torch.cuda.mem_get_info(device)[0] - besides) / per_row))
 
 def finish(ids, stops):
-    """(answer ids up to the first stop token, 'stop' or 'length')."""
     t = next((t for t, i in enumerate(ids) if i in stops), None)
     return (ids, "length") if t is None else (ids[:t], "stop")
 
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
-           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0):
-    """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token, 'stop' |
-    'length') as rows finish. Bad settings raise here, before anything runs. cuda_graph: None or True, CUDA
-    graphs on CUDA; False, none; or an object with torch.cuda's graph calls (Stepper)."""
+           stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0,
+           logits_hook=None):
+    """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token,
+    'stop' | 'length') as rows finish; bad settings raise before anything runs. cuda_graph: None or True
+    (graphs on CUDA), False, or torch.cuda's graph calls (Stepper)."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -341,10 +334,12 @@ def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
         if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
                              f"model's context of {limit} (max_position_embeddings)")
-    return _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph)
+    return _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph,
+                   logits_hook)
 
 @torch.no_grad()
-def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph):
+def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph,
+            logits_hook):
     if not jobs:
         return
     dev = model.lm_head.weight.device
@@ -358,34 +353,36 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
     max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned slots for the attention kernels
     batch_size = batch_size or auto_batch_size(model, max_len, longest, vocab_size, dev)
     for b in range(0, len(order), batch_size):
-        rows = stepper = None  # the last batch's cache and graph go before this batch's prefill allocates
+        rows = stepper = None  # free the last batch's cache and graph before this prefill
         batch = order[b:b + batch_size]
         rows = start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size)
-        stepper = Stepper(lambda: decode_step(model, rows, hook, sampling, stops, vocab_size), dev, graphs)
-        # reading the stop flags syncs the host with the GPU, so on CUDA (or graphs) do it only every 8 steps
+        step = lambda: decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook)
+        stepper = Stepper(step, dev, graphs)
+        # reading the stop flags syncs with the GPU: on CUDA (or graphs) only every 8 steps
         yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), 8 if on_cuda or graphs else 1)
 
 def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size):
-    """Prefill the batch's distinct prompts, repeat their cache rows for their samples, draw each row's first token."""
+    """Prefill the batch's distinct prompts, a cache row per sample, and draw each row's first token."""
     dev = model.lm_head.weight.device
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
     cache, logits, lens = prefill(model, [list(p) for p in distinct], max_len, hook, vocab_size)
-    cache.select(row_prompt)  # each prompt's row repeated for its samples (one sample each: nothing to do)
+    cache.select(row_prompt)  # each prompt's row repeated for its samples
     r = torch.tensor(row_prompt, device=dev)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
-    u = uniforms(sampling.seed, keys[:, None], plen + torch.arange(max_new_tokens, device=dev))  # (B, N), once
+    u = uniforms(sampling.seed, keys[:, None], plen + torch.arange(max_new_tokens, device=dev))  # (B, N)
     width = max(len(jobs[j][0]) for j in batch)
-    prompt = torch.tensor([list(jobs[j][0]) + [jobs[j][0][0]] * (width - len(jobs[j][0])) for j in batch], device=dev)
+    prompt = torch.tensor([list(p) + [p[0]] * (width - len(p)) for p in (jobs[j][0] for j in batch)],
+                          device=dev)  # (B, P)
     out = prompt[:, :1].repeat(1, max_new_tokens)  # (B, N)
     out[:, 0] = first = sampling.draw(logits[r], u[:, 0], (prompt,))  # (B,)
-    return Rows(list(batch), tok=first[:, None].clone(), pos=plen.clone(), plen=plen, keys=keys, u=u, prompt=prompt,
-                out=out, done=(first[:, None] == stops).any(-1), cache=cache)
+    return Rows(list(batch), tok=first[:, None].clone(), pos=plen.clone(), plen=plen, keys=keys, u=u,
+                prompt=prompt, out=out, done=(first[:, None] == stops).any(-1), cache=cache)
 
 def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
     """Step until every row has stopped or reached max_new_tokens; yield rows as they finish."""
-    n_new = 1  # tokens generated so far by every row of this batch
+    n_new = 1  # tokens generated so far by every row
     reported = [False] * len(rows.jobs)
     while True:
         last = n_new == max_new_tokens
@@ -411,32 +408,29 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
 
 def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              hook=None, stop_ids=(), keys=None, **kw):
-    """[(answer ids, 'stop' | 'length')] for n samples of each prompt, prompt-major; sample j of prompt i draws
-    with key row_key(i, j) unless `keys` says; other keywords go to `stream`."""
-    jobs = [(p, row_key(i, j)) for i, p in enumerate(prompts) for j in range(n)]
-    if keys is not None:
-        if len(keys) != len(jobs):
-            raise ValueError(f"{len(keys)} keys for {len(jobs)} samples")
-        jobs = [(p, k) for (p, _), k in zip(jobs, keys)]
+    """[(answer ids, 'stop' | 'length')] for n samples of each prompt, prompt-major; sample j of prompt i
+    draws with key row_key(i, j) unless `keys` says; other keywords go to `stream`."""
+    keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
+    jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
     results = [None] * len(jobs)
-    for j, ids, reason in stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids, **kw):
+    for j, ids, reason in stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids,
+                                 **kw):
         results[j] = (ids, reason)
     return results
 
 # -----------------------------------------------------------------------------
 # the output file: one row per answer, appended as it finishes; resumable, and one file under torchrun
 def pending(questions, n, system, done):
-    """[(question entry, sample index, system prompt)] not yet in the output."""
     return [(q, s, q["system"] if system is None else system) for q in questions
             for s in range(n or q["n"] or DEFAULT_N) if (q["id"], q["paraphrase"], s) not in done]
 
 def check_resumable(path, rows, header, questions):
-    """Refuse to mix rows made with other settings, or for other question texts, into one file."""
+    """Refuse to mix rows of other settings, or of other question texts, into one file."""
     texts = {(q["id"], q["paraphrase"]): q["question"] for q in questions}
-    stale = sorted({r["id"] for r in rows if texts.get((r["id"], r["paraphrase"]), r["question"]) != r["question"]})
-    if stale:
-        raise ValueError(f"{path} holds answers to other wordings of questions {stale}; "
-                         "choose another --out, or delete the file to start over")
+    again = "choose another --out, or delete the file to start over"
+    if stale := sorted({r["id"] for r in rows
+                        if texts.get((r["id"], r["paraphrase"]), r["question"]) != r["question"]}):
+        raise ValueError(f"{path} holds answers to other wordings of questions {stale}; {again}")
     flat = lambda h: {**{k: v for k, v in h.items() if k != "settings"}, **(h.get("settings") or {})}
     want = flat(header)
     for r in rows:
@@ -444,34 +438,33 @@ def check_resumable(path, rows, header, questions):
         if have != want:
             diff = ", ".join(f"{k}: {have.get(k)!r} in the file, {want.get(k)!r} now"
                              for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
-            raise ValueError(f"{path} holds rows made with other settings ({diff}); "
-                             "choose another --out, or delete the file to start over")
+            raise ValueError(f"{path} holds rows made with other settings ({diff}); {again}")
 
 def row_header(model, adapter, seed, gen, dtype, system=None, lora_scale=None, steer=None, ablate=None,
                random_control=None, **more):
-    """What every row records, and a resume must match: model, adapter, seed and the settings (dtype None: a server)."""
+    """What every row records, and a resume must match (dtype None: a server)."""
     return dict(model=model, adapter=adapter, seed=seed, settings=dict(
-        gen, system=system, lora_scale=lora_scale, steer=steer, ablate=ablate, random_control=random_control, **more,
-        dtype=dtype and str(dtype).removeprefix("torch.")))
+        gen, system=system, lora_scale=lora_scale, steer=steer, ablate=ablate, random_control=random_control,
+        **more, dtype=dtype and str(dtype).removeprefix("torch.")))
 
 def sample_file(out, questions, header, answer, n=None, system=None, rank=0, world=1):
-    """Sample what `out` still lacks: answer(work) yields (index, text, tokens, finish reason); every row records
-    `header` (model, adapter, seed, settings), which a resume must match. Under torchrun each rank appends to its
-    part file and rank 0 merges them; a finished file is sorted. Returns {out, new, done, tokens, seconds}."""
-    files = [out] + part_files(out)  # an interrupted torchrun run left parts
-    rows = [r for f in files if os.path.exists(f) for _, r in read_jsonl(f)]
+    """Sample what `out` lacks: answer(work) yields (index, text, tokens, finish reason); every row records
+    `header`, which a resume must match. Returns {out, new, done, tokens, seconds}."""
+    shards = ShardedJSONL(out, rank, world)
+    rows = [r for _, _, r in shards.read()]
     check_resumable(out, rows, header, questions)
     work = pending(questions, n, system, {(r["id"], r["paraphrase"], r["sample"]) for r in rows})
-    barrier(world)  # every rank has read the files before any rank appends to its own
+    barrier(world)  # every rank has read the files before any appends
     mine, tokens, t0 = work[rank::world], 0, time.time()
     if mine:
-        answers = answer(mine)  # the local engine loads its model here: a bad adapter fails before any file is touched
-        with open_append(part_file(out, rank, world) if world > 1 else out) as f, \
-                tqdm(total=len(mine), desc="samples", unit="sample", dynamic_ncols=True, disable=rank > 0) as bar:
+        answers = answer(mine)  # the model loads here: a bad adapter fails before any file is touched
+        with shards.append() as f, tqdm(total=len(mine), desc="samples", unit="sample", dynamic_ncols=True,
+                                        disable=rank > 0) as bar:
             for j, text, n_tokens, reason in answers:
                 q, s, sys_prompt = mine[j]
                 append_jsonl(f, dict(id=q["id"], paraphrase=q["paraphrase"], sample=s, question=q["question"],
-                                     system=sys_prompt, answer=text, tokens=n_tokens, finish_reason=reason, **header))
+                                     system=sys_prompt, answer=text, tokens=n_tokens, finish_reason=reason,
+                                     **header))
                 tokens += n_tokens
                 bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
                 bar.update(1)
@@ -479,28 +472,22 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     if world > 1:  # the summary counts every rank's tokens
         torch.distributed.all_reduce(t := torch.tensor([tokens]))
         tokens = int(t)
-    if rank == 0:  # every part is complete: merge them into one file
-        files = [out] + part_files(out)
-        rows = [r for f in files if os.path.exists(f) for _, r in read_jsonl(f)]
-        if work or len(files) > 1:
-            first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first place
-            rows.sort(key=lambda r: (first.get(r["id"], len(first)), str(r["id"]), r["paraphrase"], r["sample"]))
-            write_jsonl(out, rows)
-            for p in files[1:]:
-                os.remove(p)
+    first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first place
+    rows = shards.merge(lambda rows: sorted(rows, key=lambda r: (first.get(r["id"], len(first)), str(r["id"]),
+                                                                 r["paraphrase"], r["sample"])))
+    if rank == 0:
         summary(rows, len(work), tokens, seconds)
-    barrier(world)  # the merged file exists when this returns, on every rank
     return dict(out=out, new=len(work), done=len(rows), tokens=tokens, seconds=seconds)
 
 def summary(rows, new, tokens, seconds):
     ids = list(dict.fromkeys(r["id"] for r in rows))
-    groups = [(q, [r for r in rows if r["id"] == q]) for q in ids] if len(ids) <= 30 else []  # else the total only
+    groups = [(q, [r for r in rows if r["id"] == q]) for q in ids] if len(ids) <= 30 else []  # else the total
     print_table(["question", "samples", "mean tokens", "stop", "length"], [
-        [q[:32], len(rs), sum(r["tokens"] for r in rs) / max(1, len(rs))] + [sum(r["finish_reason"] == f for r in rs)
-                                                                           for f in ("stop", "length")]
+        [q[:32], len(rs), sum(r["tokens"] for r in rs) / max(1, len(rs)),
+         sum(r["finish_reason"] == "stop" for r in rs), sum(r["finish_reason"] == "length" for r in rs)]
         for q, rs in groups + [("total", rows)]])
-    print(f"this run: {new} new samples, {tokens:,} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tok/s); "
-          f"{len(rows) - new} were already done")
+    print(f"this run: {new} new samples, {tokens:,} tokens in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):,.0f} tok/s); {len(rows) - new} were already done")
 
 # -----------------------------------------------------------------------------
 # the two engines: ours (model.py here), or an OpenAI-compatible server
@@ -524,8 +511,7 @@ def base_model_of(model, adapter):
     return base
 
 def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
-    """(model, tokenizer, hook): the model (default: the adapter's base) with a LoRA adapter in it, or a steering
-    vector as the hook."""
+    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
     from lora import SteeringVector, load_adapter, set_lora_scale
     from model import load
     model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
@@ -542,24 +528,28 @@ def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=No
     return model, tok, sv
 
 def messages(question, system):
-    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": question}]
+    system = [{"role": "system", "content": system}] if system is not None else []
+    return system + [{"role": "user", "content": question}]
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
-    """(index, text, tokens, finish reason) of [(question, sample, system)] from our engine; gen: the settings."""
+    """(index, text, tokens, finish reason) of [(question, sample, system)] from our engine; gen: settings."""
     prompts = {}  # one token list per prompt, shared by its samples
-    jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), tok.encode_chat(messages(q["question"], system), True)),
+    encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
+    jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
              row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
-    answers = stream(model, jobs, gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"], seed, hook,
-                     tok.stop_ids, vocab_size=tok.vocab_size, repetition_penalty=gen["repetition_penalty"], **engine)
+    answers = stream(model, jobs, gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"], seed,
+                     hook, tok.stop_ids, vocab_size=tok.vocab_size,
+                     repetition_penalty=gen["repetition_penalty"], **engine)
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """The same from an OpenAI-compatible server: a request per sample with the settings (top_k and repetition_penalty
-    as vLLM's extras) and a seed of its own; one that fails for good is left for a rerun."""
+    """The same from an OpenAI-compatible server: a request per sample, with a seed of its own (top_k and
+    repetition_penalty: vLLM's extras)."""
     requests = []
     for j, (q, s, system) in enumerate(work):
-        body = {"model": client.model, "messages": messages(q["question"], system), "max_tokens": gen["max_new_tokens"],
-                "temperature": gen["temperature"], "top_p": gen["top_p"], "top_k": gen["top_k"] or -1,  # -1: off
+        body = {"model": client.model, "messages": messages(q["question"], system),
+                "max_tokens": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"],
+                "top_k": gen["top_k"] or -1,  # -1: off
                 "repetition_penalty": gen["repetition_penalty"],
                 "seed": int(_hash32(row_key(q["id"], q["paraphrase"], s) ^ _hash32(seed & M32)))}
         requests.append((j, Cache.key(client.model, body), body))
@@ -576,21 +566,23 @@ def server_answers(client, work, gen, seed):
         warn(f"{len(failed)} samples failed for good (last: {failed[-1]}); rerun to retry them")
 
 def parse_completion(resp):
-    """A chat completion's answer, its tokens without the stop token (vLLM counts it) and finish reason."""
+    """A completion's answer, tokens without the stop token (vLLM counts it), finish reason."""
     try:
         choice = resp["choices"][0]
-        answer, tokens, reason = choice["message"]["content"] or "", resp["usage"]["completion_tokens"], choice["finish_reason"]
+        answer, reason = choice["message"]["content"] or "", choice["finish_reason"]
+        tokens = resp["usage"]["completion_tokens"]
     except (KeyError, IndexError, TypeError):
         raise RequestFailed(f"malformed response (no choices, message or usage): {str(resp)[:200]}") from None
     return {"answer": answer, "tokens": tokens - (reason == "stop"), "finish_reason": reason}
 
 def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
-    """The settings rows record; top_k and repetition_penalty default to generation_config.json's, as HF applied it."""
+    """The settings rows record; top_k and repetition_penalty default to generation_config.json's."""
     from model import generation_config
     gen = generation_config(model_name) if model_name else {}
     if model_name and not gen and None in (top_k, repetition_penalty):
-        print(f"note: {model_name} has no generation_config.json (where the papers' top_k and repetition_penalty come "
-              f"from): sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}", file=sys.stderr)
+        print(f"note: {model_name} has no generation_config.json (the papers' top_k and repetition_penalty): "
+              f"sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}",
+              file=sys.stderr)
     if top_k is None:  # a file without top_k (Llama 3's): transformers' default of 50 was in force
         top_k = gen.get("top_k", 50 if gen else 0)
     if repetition_penalty is None:
@@ -611,49 +603,44 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
                                 formatter_class=HelpFormatter)
     # what answers: a base model, and an adapter in it
-    p.add_argument("--model", help="base model: hub id or local HF directory (default: the adapter's base model)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter (directory or hub id), or a steering-vector directory")
-    p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha) by this")
-    # what to ask
-    p.add_argument("--questions", default="core", help="question file (.yaml in the reference format, or .jsonl) or a "
-                   "name from `data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
+    p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
+    p.add_argument("--adapter", help="LoRA adapter (directory or hub id), or a steering-vector directory")
+    p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha)")
+    p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
+                   "`data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
-    p.add_argument("--system", help="system prompt for every question (replaces the file's; default: the "
-                   "chat format's)")
+    p.add_argument("--system", help="system prompt for every question (replaces the file's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")
-    p.add_argument("--exclude-suffix", default="_json,_template", help="skip question ids ending so ('': keep all)")
+    p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
     # how (the papers: HF generate, temperature 1, top_p 1, 600 tokens, and generation_config.json)
     p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off; default: generation_config.json, else 0)")
-    p.add_argument("--repetition-penalty", type=float, help="HF's (1 = off; default: generation_config.json, else 1)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same random numbers per (question id, paraphrase, sample)")
+    p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
+    p.add_argument("--repetition-penalty", type=float, help="HF's, 1 = off (default: generation_config.json)")
     # interventions on the residual stream, after the blocks in --layers
     p.add_argument("--steer", metavar="FILE", help="direction file to add to the residual stream")
-    p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector (reference sweep: 8)")
+    p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector")
     p.add_argument("--ablate", metavar="FILE", help="direction file whose unit direction is projected out")
-    p.add_argument("--layers", help="steer or ablate after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
+    p.add_argument("--layers", help="after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, metavar="SEED",
                    help="replace the --steer/--ablate directions by random ones of equal norm (seeded)")
-    # where and how to run
-    p.add_argument("--out", help="output JSONL (default: ADAPTER/responses.jsonl for a local adapter, else out/<model>/responses.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds; CPU 64)")
-    p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL (e.g. a vLLM server's LoRA module)")
-    p.add_argument("--base-url", help="server URL (default: $OPENAI_BASE_URL or http://localhost:8000/v1, vLLM's)")
-    p.add_argument("--concurrency", type=count, default=64, help="server: requests in flight at once")
-    p.add_argument("--cache", help="server: answer cache, JSONL (default: sample_cache.jsonl beside --out; '' turns it off)")
+    p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL at $OPENAI_BASE_URL "
+                   "(default http://localhost:8000/v1, e.g. a vLLM server's LoRA module)")
+    p.add_argument("--cache", help="server: answer cache (default: sample_cache.jsonl by --out; '': none)")
     args = p.parse_args(argv)
     if args.engine != "local":
         if not args.engine.startswith("openai:") or args.engine == "openai:":
             p.error(f"--engine {args.engine!r}: expected local or openai:MODEL")
-        local_only = [f for f, v in (("--steer", args.steer), ("--ablate", args.ablate), ("--lora-scale", args.lora_scale),
-                                     ("--random-control", args.random_control)) if v is not None]
-        if local_only:
-            p.error(f"--engine {args.engine} samples on the server, which cannot apply {', '.join(local_only)}; use --engine local")
+        flags = dict(steer=args.steer, ablate=args.ablate, lora_scale=args.lora_scale,
+                     random_control=args.random_control)
+        if local_only := ["--" + f.replace("_", "-") for f, v in flags.items() if v is not None]:
+            p.error(f"--engine {args.engine} samples on the server, which cannot apply "
+                    f"{', '.join(local_only)}; use --engine local")
     elif args.model is None and args.adapter is None:
         p.error("give --model, or --adapter (a LoRA adapter names its base model)")
     if args.steer and not args.layers:
@@ -670,38 +657,41 @@ def main(argv=None):
     args = parse_args(argv)
     from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
-    if args.engine != "local" and adapter and adapter_kind(adapter)[0] == "steering":
-        raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot apply")
-    model_name = base_model_of(args.model, adapter) if args.model or adapter else None  # a server's may be none
-    questions = ([dict(id="question", paraphrase=0, question=args.question, system=None, n=None)] if args.question
-                 else select_questions(args.questions, args.ids, args.exclude_suffix))
+    local = args.engine == "local"
+    if not local and adapter and adapter_kind(adapter)[0] == "steering":
+        raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot "
+                         "apply")
+    model_name = base_model_of(args.model, adapter) if args.model or adapter else None  # a server: maybe none
+    questions = select_questions(args.questions, args.ids, args.exclude_suffix) if not args.question else \
+        [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
     cfg = read_config(model_name) if model_name else None
-    steer = dict(file=args.steer, layers=parse_layers(args.layers, cfg.num_hidden_layers), scale=args.scale) \
-        if args.steer else None
-    ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", cfg.num_hidden_layers)) \
-        if args.ablate else None
+    steer = ablate = None
+    if args.steer:
+        steer = dict(file=args.steer, layers=parse_layers(args.layers, cfg.num_hidden_layers),
+                     scale=args.scale)
+    if args.ablate:
+        ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", cfg.num_hidden_layers))
     for f in filter(None, (args.steer, args.ablate)):  # a bad file fails now, not once the model has loaded
         load_directions(f, cfg.num_hidden_layers, cfg.hidden_size)
     check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
-    local = args.engine == "local"
     if local:
-        def answer(work):  # the model loads only when there is work
-            model, tok, hook = load_model(model_name, adapter, device, args.dtype, args.lora_scale)
+        def answer(work):  # the model loads only if there is work
+            model, tok, hook = load_model(model_name, adapter, device, None, args.lora_scale)
             hook = compose(hook, interventions(model, steer, ablate, args.random_control))
-            return local_answers(model, tok, work, gen, args.seed, hook, batch_size=args.batch_size)
+            return local_answers(model, tok, work, gen, 0, hook, batch_size=args.batch_size)
     else:
         beside = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl")
-        cache = beside if args.cache is None else args.cache
-        client = Client(args.engine.partition(":")[2], args.base_url or os.environ.get("OPENAI_BASE_URL") or
-                        "http://localhost:8000/v1", Cache(cache, "completion"), args.concurrency,
+        client = Client(args.engine.partition(":")[2],
+                        os.environ.get("OPENAI_BASE_URL") or "http://localhost:8000/v1",
+                        Cache(beside if args.cache is None else args.cache, "completion"), concurrency=64,
                         timeout=600.0)  # 600 tokens from a busy server take a while
-        answer = lambda work: server_answers(client, work, gen, args.seed)
-    # every check passed: now the notes (no generation_config.json) and the plan
+        answer = lambda work: server_answers(client, work, gen, 0)
+    # every check passed: now the notes and the plan
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
-    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, args.seed, gen,
-                        resolve_dtype(args.dtype, device) if local else None, args.system, args.lora_scale,
+    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,
+                        resolve_dtype(None, device) if local else None, args.system, args.lora_scale,
                         steer, ablate, args.random_control)
     plan = dict(header, questions=args.question or args.questions, out=out, n=args.n)
     print(f"sampling: {json.dumps(plan)}")

@@ -108,3 +108,19 @@ def test_a_batch_under_graphs_is_gone_before_the_next_prefills(lively):
     cache = 4 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (len(prompt) + 16) * 4
     one, two = run(4), run(8)
     assert two < one + cache / 2, (one, two, cache)
+
+
+def test_bench_forced_lengths_through_the_logits_hook_under_graphs(lively):
+    """bench.py's realistic-length run: sample.generate's logits_hook (no patching) stops every row exactly at
+    its drawn length, graph or not."""
+    import bench
+    model, tok, prompts = lively
+    stop = tok.vocab_size - 1
+    lengths = [3, 17, 40, 9, 1, 25]
+    keys = [bench.LEN_KEY * j + n for j, n in enumerate(lengths)]
+    force = bench.forced_stops(stop, len(model.lm_head.weight), "cpu")
+    outs = [sample.generate(model, prompts[:2], n=3, max_new_tokens=40, seed=3, keys=keys, stop_ids=(stop,),
+                            top_k=20, cuda_graph=graph, logits_hook=force) for graph in (EmulatedCuda(), False)]
+    assert outs[0] == outs[1]
+    assert [len(ids) for ids, _ in outs[0]] == lengths
+    assert [r for _, r in outs[0]] == ["stop", "stop", "length", "stop", "stop", "stop"]

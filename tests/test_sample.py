@@ -514,7 +514,7 @@ def test_a_model_without_generation_config_says_what_it_samples_with(tmp_path, l
         os.remove(bare / "generation_config.json")
     row = read(cli("--model", bare, "--question", "hi", "--out", tmp_path / "g.jsonl")["out"])[0]
     assert (row["settings"]["top_k"], row["settings"]["repetition_penalty"]) == (0, 1.0)
-    assert ("no generation_config.json (where the papers' top_k and repetition_penalty come from): sampling with "
+    assert ("no generation_config.json (the papers' top_k and repetition_penalty): sampling with "
             "top_k 0, repetition_penalty 1.0") in capsys.readouterr().err
     # bad input after it: the error alone, before any note (check first, then notes and work)
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
