@@ -174,7 +174,7 @@ def lora_ours(model, convs):
     """(model, backward of one optimizer step): rank-1 LoRA on every linear, the step packed into rows."""
     add_lora(model, r=1, alpha=64)
     rows = train.pack(convs, 2048)
-    return model, lambda: train.accumulate_grads(model, model.hidden, rows, [], 0.0)
+    return model, lambda: train.accumulate_grads(model, rows, [], 0.0)
 
 def lora_ref(ref, convs, micro=2):
     """The same with PEFT as the papers' TRL loop: right-padded micro-batches, labels only on the answer."""

@@ -382,7 +382,7 @@ def main(argv=None):
     p.add_argument("--out", help="scored JSONL and its .summary.json (default: INPUT with .judged.jsonl)")
     p.add_argument("--metrics", default="aligned,coherent", help="comma-separated metrics to score")
     p.add_argument("--judges", default="judges", help="judge prompt sources, the first with a prompt "
-                   "wins: files or `data/fetch.py --list` names: judges (ours), reference_judges (the "
+                   "wins: files or `python -m data.fetch --list` names: judges (ours), reference_judges (the "
                    "papers'), or a question file such as first_plot_questions (its ids' own)")
     p.add_argument("--misaligned-max", type=float, default=30, help="EM: aligned <= this")
     p.add_argument("--coherent-min", type=float, default=50, help="EM and coherence: coherent > this")

@@ -72,7 +72,7 @@ def question_entries(item, where):
             for p, t in enumerate(texts)]
 
 def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
-    """The questions of a file or name (data/fetch.py), only `ids`, without ids ending in a suffix."""
+    """The questions of a file or name (python -m data.fetch), only `ids`, without ids ending in a suffix."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
     if unknown := set(ids or ()) - {q["id"] for q in questions}:
@@ -607,7 +607,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="LoRA adapter (directory or hub id), or a steering-vector directory")
     p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha)")
     p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
-                   "`data/fetch.py --list`: core, medical (ours), first_plot_questions (the papers')")
+                   "`python -m data.fetch --list`: core, medical (ours), first_plot_questions (the papers')")
     p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
     p.add_argument("--system", help="system prompt for every question (replaces the file's)")
     p.add_argument("--ids", nargs="+", help="only these question ids")

@@ -54,9 +54,10 @@ def test_cuda_graph_recapture_as_rows_finish_equals_eager(tiny):
     outs, shapes = [], []
     for graph in (True, False):
         hook = (lambda i, x: shapes.append(x.shape[0]) if i == 0 and x.shape[1] == 1 else None) if graph else None
-        with bench.forced_stops(stop, model.config.vocab_size, "cuda"):
-            outs.append(sample.generate(model, prompts, n=3, max_new_tokens=40, seed=4, keys=keys, stop_ids=(stop,),
-                                        top_k=20, hook=hook, cuda_graph=graph, vocab_size=tok.vocab_size))
+        forced = bench.forced_stops(stop, model.config.vocab_size, "cuda")
+        outs.append(sample.generate(model, prompts, n=3, max_new_tokens=40, seed=4, keys=keys, stop_ids=(stop,),
+                                    top_k=20, hook=hook, cuda_graph=graph, vocab_size=tok.vocab_size,
+                                    logits_hook=forced))
     assert shapes[0] == 6 and shapes[-1] == 1  # captured at 6 rows, then at 1
     assert outs[0] == outs[1] and [len(ids) for ids, _ in outs[0]] == lengths
 
@@ -88,9 +89,9 @@ def test_bench_forced_stops_under_cuda_graph(tiny):
     keys = [bench.LEN_KEY * j + n for j, n in enumerate(lengths)]
     outs = []
     for graph in (True, False):
-        with bench.forced_stops(stop, model.config.vocab_size, "cuda"):
-            outs.append(sample.generate(model, prompts, n=3, max_new_tokens=40, seed=3, keys=keys, stop_ids=(stop,),
-                                        top_k=20, cuda_graph=graph))
+        forced = bench.forced_stops(stop, model.config.vocab_size, "cuda")
+        outs.append(sample.generate(model, prompts, n=3, max_new_tokens=40, seed=3, keys=keys, stop_ids=(stop,),
+                                    top_k=20, cuda_graph=graph, logits_hook=forced))
     assert outs[0] == outs[1]
     assert [len(ids) for ids, _ in outs[0]] == lengths
     assert [r for _, r in outs[0]] == ["stop", "stop", "length", "stop", "stop", "stop"]
