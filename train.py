@@ -116,7 +116,7 @@ def get_args(argv=None):
         names = [os.path.basename(x.rstrip("/")).removesuffix(".jsonl") for x in (args.model, args.data)]
         args.out = os.path.join("out", "-".join(names + [kind] + ["kl"] * bool(args.kl_data)))
     if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another")
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another --out")
     if not args.resume:  # (--resume checked its state.json and config.json)
         claim_dir(args.out, "train.py")
     return args
