@@ -95,21 +95,23 @@ def checkpoint_scaled(model, tensors, multiplier):
     finally:
         set_lora_scale(model, 1.0)
 
-def behaviour(args, cks, out):
-    """EM % of chosen checkpoints with B scaled by each multiplier (sampled and judged, resumable)."""
+def behaviour(cks, out, steps, multipliers, model=None, **sampling):
+    """EM % of the checkpoints at `steps` (None: all) with B x each multiplier, sampled and judged (resumable);
+    sampling: directions.sample_and_judge's keywords."""
     by_step = {s: (d, t) for s, d, t in cks}
-    chosen = sorted(by_step if args.behaviour == "all" else {int(s) for s in args.behaviour.split(",")})
+    chosen = sorted(set(steps or by_step))
     if missing := [s for s in chosen if s not in by_step]:
-        raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {', '.join(map(str, sorted(by_step)))}")
-    mults = list(dict.fromkeys(float(m) for m in args.multipliers.split(",")))  # each once: one row per run
+        raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {sorted(by_step)}")
+    mults = list(dict.fromkeys(multipliers))  # each once: one row per run
     runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")) for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
-    jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m),
+    jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m), None,
              lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, path in runs]
-    summaries = directions.sample_and_judge(args, sample.base_model_of(args.model, first), first, jobs)
+    summaries = directions.sample_and_judge(sample.base_model_of(model, first), first, jobs, **sampling)
     rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=path)
             for (s, m, path), o in zip(runs, (x["overall"] for x in summaries))]
-    print_table(["step"] + [f"EM % at B x{m:g}" for m in mults], [[s] + [r["em_pct"] for r in rows if r["step"] == s] for s in chosen])
+    print_table(["step"] + [f"EM % at B x{m:g}" for m in mults],
+                [[s] + [r["em_pct"] for r in rows if r["step"] == s] for s in chosen])
     return rows
 
 def main(argv=None):
@@ -155,7 +157,10 @@ def main(argv=None):
                 [[k, len(local[k]), turn[k]["A"], turn[k]["B"], max((r["B"] for r in local[k]), default=None)] for k in ks])
     claim_dir(out, "phase.py", create=True)
     if args.behaviour:
-        result["behaviour"] = behaviour(args, cks, out)
+        chosen = None if args.behaviour == "all" else [int(s) for s in args.behaviour.split(",")]
+        mults = [float(m) for m in args.multipliers.split(",")]
+        sampling = {k: getattr(args, k) for k in directions.SAMPLING}
+        result["behaviour"] = behaviour(cks, out, chosen, mults, args.model, **sampling)
     write_json(os.path.join(out, "phase.json"), result)
     return result
 
