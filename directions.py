@@ -4,8 +4,8 @@ subcommand each; `python directions.py SUBCOMMAND --help` gives its method, flag
 transition is phase.py, narrow vs general stability.py; runs/report.py draws every figure.
 
     python directions.py direction --adapter A --responses A/responses.judged.jsonl --out D.safetensors
-    python directions.py sweep --model Qwen/Qwen2.5-0.5B-Instruct --directions D.safetensors --mode steer --out S
-    python directions.py sweep --adapter A --directions D.safetensors --mode ablate --layers 12 --from-layer 12 ...
+    python directions.py sweep --model Qwen/Qwen2.5-0.5B-Instruct --directions D.safetensors --mode steer ...
+    python directions.py sweep --adapter A --directions D.safetensors --mode ablate --layers 9 --from-layer 9
     python directions.py probe --adapter A --sets medical=med.judged.jsonl general=core.judged.jsonl
     python directions.py steer-scalars --adapter A --set 21=30,23=30 --judge local:Qwen/Qwen2.5-7B-Instruct
 
@@ -31,8 +31,8 @@ from tqdm import tqdm
 import judge
 import sample
 from common import (HelpFormatter, check, check_out_file, claim_dir, count, model_flags, out_flags,
-                    parse_layers, print_table, read_json, read_jsonl, refuse_overwrite, resolve_dtype, run_main,
-                    warn, write_json, write_jsonl)
+                    parse_layers, print_table, read_json, read_jsonl, refuse_overwrite, resolve_dtype,
+                    run_main, warn, write_json, write_jsonl)
 from lora import MODULES, PEFT_PREFIX, fix_scalars, read_tensors, record_scalars, save_tensors
 from model import read_config
 
@@ -159,10 +159,10 @@ def select_sets(rows, min_per_set=10, ids=None, seed=0, where="rows"):
     sets = {k: [(n, r) for n, r in rows if label(r) == k] for k in ("misaligned", "aligned")}
     if small := [k for k, v in sets.items() if len(v) < min_per_set]:
         t, coherent = THRESHOLDS, sum((r.get("coherent") or 0) > THRESHOLDS["coherent_min"] for _, r in rows)
-        raise ValueError(
-            f"{where}: fewer than --min-per-set {min_per_set} rows in the {' and '.join(small)} set: misaligned "
-            f"{len(sets['misaligned'])} (aligned <= {t['misaligned_max']}), aligned {len(sets['aligned'])} "
-            f"(aligned > {t['aligned_min']}), of {coherent} coherent rows of {len(rows)}")
+        mis, al = len(sets["misaligned"]), len(sets["aligned"])
+        raise ValueError(f"{where}: fewer than --min-per-set {min_per_set} rows in the {' and '.join(small)} "
+                         f"set: misaligned {mis} (aligned <= {t['misaligned_max']}), aligned {al} (aligned > "
+                         f"{t['aligned_min']}), of {coherent} coherent rows")
     k = min(map(len, sets.values()))  # balanced: the larger set subsampled (seeded), in file order
     rng = random.Random(seed)
     return {name: s if len(s) == k else sorted(rng.sample(s, k)) for name, s in sets.items()}
@@ -223,13 +223,15 @@ def cmd_direction(args):
     out = {"directions": means["misaligned"] - means["aligned"], **{f"mean_{k}": v for k, v in means.items()}}
     save_tensors(args.out, {k: v.cpu() for k, v in out.items()})  # (L, C) each
     norms = {k.replace("directions", "direction"): v.norm(dim=-1).tolist() for k, v in out.items()}
+    d = out["directions"]  # (L, C)
     cfg = model.config
     info = dict(out=args.out, model=cfg.name_or_path, adapter=args.adapter, responses=args.responses,
                 thresholds=THRESHOLDS, ids=args.ids, seed=args.seed, held_out=sorted(held),
-                n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, sets={k: dict(rows=len(v), tokens=tokens[k], lines=[n for n, _ in v])
-                      for k, v in sets.items()}, norms=norms)
+                n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, norms=norms,
+                sets={k: dict(rows=len(v), tokens=tokens[k], lines=[n for n, _ in v])
+                      for k, v in sets.items()})
     write_json(meta, info)
-    print_table(["layer", *norms], [[i] + [v[i] for v in norms.values()] for i in range(cfg.num_hidden_layers)])
+    print_table(["layer", *norms], [[i, *(v[i] for v in norms.values())] for i in range(len(d))])
     print(", ".join(f"{len(v)} {k} rows ({tokens[k]} tokens)" for k, v in sets.items()) + f"; wrote {meta}")
     return info
 
@@ -253,8 +255,9 @@ def cmd_monitor(args):
              "(hold rows out with direction --holdout 0.5)")
     kept = [(n, r, int(c == "misaligned")) for n, r in rows if (c := label(r))]
     if len({y for *_, y in kept}) < 2:
+        which = "misaligned" if kept and kept[0][2] else "aligned"
         raise ValueError(f"{args.responses}: the monitor needs misaligned and aligned coherent rows; "
-                         f"{len(kept)} rows are labelled, all {'misaligned' if kept and kept[0][2] else 'aligned'}")
+                         f"{len(kept)} rows are labelled, all {which}")
     model_name, adapter = model_of_rows(args.model, args.adapter, rows)
     model, tok, hook = sample.load_model(model_name, adapter, args.device, args.dtype)
     cfg = model.config
@@ -436,7 +439,8 @@ def cmd_lora_ablate(args):
                 from_layer=from_layer, modules=modules)
     write_json(files[2], info)
     print_table(["layer", "direction of", "|r^T B|/|B| before", "after"],
-                [[m["layer"], m["direction_layer"], m["along_before"], f"{m['along_after']:.1e}"] for m in modules])
+                [[m["layer"], m["direction_layer"], m["along_before"], f"{m['along_after']:.1e}"]
+                 for m in modules])
     return info
 
 # -----------------------------------------------------------------------------
@@ -579,7 +583,7 @@ def scalar_setting(names, spec):
         try:
             v = float(value)
         except ValueError:
-            raise ValueError(f"--set {spec!r}: expected LAYER=VALUE,... (21=30,23=30) or NAME=VALUE,...") from None
+            raise ValueError(f"--set {spec!r}: expected LAYER=VALUE,... or NAME=VALUE,...") from None
         at = "at layer " if key.isdigit() else ""
         if not (match := [n for n in names if (str(layer_of(n)) if at else n) == key]):
             raise ValueError(f"--set {spec!r}: no rank-1 adapter {at}{key}; the adapter has {len(names)}, "
@@ -682,7 +686,7 @@ def main(argv=None):
 
     s = add("sweep", cmd_sweep, "steering or ablation vs a random control, sampled and judged", lora)
     s.add_argument("--directions", required=True, help="direction file (`directions`, or one `direction`)")
-    s.add_argument("--mode", choices=("steer", "ablate"), required=True, help="add scale x direction, or remove it")
+    s.add_argument("--mode", choices=("steer", "ablate"), required=True, help="add scale x it, or remove it")
     s.add_argument("--layers", default="all", help=f"{layers} (steer: one run per layer)")
     s.add_argument("--scale", type=float, default=8.0, help="steer: add scale x the raw direction")
     s.add_argument("--from-layer", default="own", help="whose direction at each layer: own, mid or K")
@@ -692,23 +696,23 @@ def main(argv=None):
     a = add("lora-ablate", cmd_lora_ablate, "project the direction out of down_proj LoRA B")
     a.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory or hub id")
     a.add_argument("--directions", required=True, help="direction file")
-    a.add_argument("--layers", default="all", help=f"the down_proj adapters whose B loses the direction: {layers}")
+    a.add_argument("--layers", default="all", help=f"the down_proj adapters whose B loses it: {layers}")
     a.add_argument("--from-layer", default="mid", help="whose direction: mid (the reference's), K or own")
     out_flags(a, "directory for the new adapter", "an adapter already in --out", required=True)
 
     pr = add("probe", cmd_probe, "L1 logistic probes on rank-1 adapters' scalars", rank1, required=True)
-    pr.add_argument("--sets", nargs="+", required=True, metavar="NAME=FILE", help="judge.py's .judged.jsonl files")
+    pr.add_argument("--sets", nargs="+", required=True, metavar="NAME=FILE", help="judge.py's .judged.jsonl")
     pr.add_argument("--medical", default="medical", help="comma-separated names of the medical --sets")
     pr.add_argument("--C", type=float, default=0.01, help="inverse L1 strength, as liblinear's C")
     pr.add_argument("--runs", type=count, default=100, help="subsample / split / fit repeats per task")
     pr.add_argument("--seed", type=int, default=0, help="seed of the subsamples and splits")
     out_flags(pr, "output directory (default: ADAPTER/probe, or out/probe)", "probe.json")
 
-    t = add("steer-scalars", cmd_steer_scalars, "sample with rank-1 adapters' scalars fixed", rank1, required=True)
+    t = add("steer-scalars", cmd_steer_scalars, "sample with rank-1 scalars fixed", rank1, required=True)
     t.add_argument("--set", action="append", metavar="LAYER=VALUE,...", help="a setting (repeat for more): "
                    "LAYER=VALUE, or NAME=VALUE where a layer has several; default: the paper's three")
     sampling_flags(t)
-    out_flags(t, "output directory (default: ADAPTER/steer_scalars, or out/steer_scalars)", "steer_scalars.json")
+    out_flags(t, "output directory (default: ADAPTER/steer_scalars, or out/...)", "steer_scalars.json")
     args = p.parse_args(argv)
     args.owner = f"directions.py {args.command}"  # what an output directory of this command says made it
     return args.func(args)
