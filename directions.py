@@ -68,8 +68,8 @@ def label(row):
 
 def chat(row):
     """The messages of an answered row: its system prompt (None: the format's default), question, answer."""
-    answer = {"role": "assistant", "content": row["answer"]}
-    return sample.messages(row["question"], row.get("system")) + [answer]
+    turn = dict(role="assistant", content=row["answer"])
+    return sample.messages(row["question"], row.get("system")) + [turn]
 
 def model_of_rows(model, adapter, rows):
     """(model, adapter) as given, or else those that wrote the rows, as sample.py recorded them."""
@@ -86,6 +86,9 @@ def read_lora(path):
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight"))
     ab = {n: (t[f"{PEFT_PREFIX}{n}.lora_A.weight"], t[f"{PEFT_PREFIX}{n}.lora_B.weight"]) for n in names}
     return ab, read_json(os.path.join(src, "adapter_config.json"))
+
+def default_dir(adapter):
+    return adapter if os.path.isdir(adapter) else "out"  # where a subcommand's output goes without --out
 
 def layer_of(name):
     return int(name.split(".")[2])  # model.layers.L.mlp.down_proj
@@ -221,7 +224,6 @@ def cmd_direction(args):
     out = {"directions": means["misaligned"] - means["aligned"], **{f"mean_{k}": v for k, v in means.items()}}
     save_tensors(args.out, {k: v.cpu() for k, v in out.items()})  # (L, C) each
     norms = {k.replace("directions", "direction"): v.norm(dim=-1).tolist() for k, v in out.items()}
-    d = out["directions"]  # (L, C)
     cfg = model.config
     info = dict(out=args.out, model=cfg.name_or_path, adapter=args.adapter, responses=args.responses,
                 thresholds=THRESHOLDS, ids=args.ids, seed=args.seed, held_out=sorted(held),
@@ -229,7 +231,6 @@ def cmd_direction(args):
                 sets={k: dict(rows=len(v), tokens=tokens[k], lines=[n for n, _ in v])
                       for k, v in sets.items()})
     write_json(meta, info)
-    print_table(["layer", *norms], [[i, *(v[i] for v in norms.values())] for i in range(len(d))])
     print(", ".join(f"{len(v)} {k} rows ({tokens[k]} tokens)" for k, v in sets.items()) + f"; wrote {meta}")
     return info
 
@@ -383,13 +384,6 @@ def ablate_B(B, r):
     P = B - torch.outer(r, r @ B)  # (C, rank)
     return P * (B.norm() / P.norm()) if P.norm() > 0 else P  # a B that lay wholly along r stays zero
 
-def check_fits(d, base, path):
-    """Refuse directions (n_layers, C) of another shape than the adapter's local base model."""
-    if d.ndim == 2 and os.path.isfile(os.path.join(base, "config.json")):
-        if tuple(d.shape) != (shape := ((c := read_config(base)).num_hidden_layers, c.hidden_size)):
-            raise ValueError(f"{path}: directions of shape {tuple(d.shape)} do not fit the "
-                             f"adapter's model {base}, whose shape is {shape}")
-
 def cmd_lora_ablate(args):
     """B <- (I - r r^T) B for the down_proj adapters at --layers, each rescaled to its old norm; r: the unit
     direction of --from-layer. The reference's one use (eval/gen_judge_responses.py:37-48) is --layers 24
@@ -403,7 +397,11 @@ def cmd_lora_ablate(args):
     down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in lora if n.endswith("mlp.down_proj")}
     if not down:
         raise ValueError(f"{args.adapter}: no down_proj LoRA adapters")
-    check_fits(d, config.get("base_model_name_or_path") or "", args.directions)
+    base = config.get("base_model_name_or_path") or ""
+    if d.ndim == 2 and os.path.isfile(os.path.join(base, "config.json")):  # a local base: check the shape
+        if tuple(d.shape) != (shape := ((c := read_config(base)).num_hidden_layers, c.hidden_size)):
+            raise ValueError(f"{args.directions}: directions of shape {tuple(d.shape)} do not fit the "
+                             f"adapter's model {base}, whose shape is {shape}")
     layers = parse_layers(args.layers, d.shape[0] if d.ndim == 2 else max(down) + 1, "--layers")
     if args.layers != "all" and (missing := sorted(set(layers) - set(down))):
         raise ValueError(f"--layers {args.layers}: the adapter has no down_proj LoRA at layer {missing[0]} "
@@ -527,7 +525,7 @@ def cmd_probe(args):
     sets = dict(s.split("=", 1) if "=" in s else (None, s) for s in args.sets)
     if None in sets:
         raise ValueError(f"--sets: expected NAME=FILE.judged.jsonl, got {sets[None]!r}")
-    out = args.out or os.path.join(args.adapter if os.path.isdir(args.adapter) else "out", "probe")
+    out = args.out or os.path.join(default_dir(args.adapter), "probe")
     claim_dir(out, args.owner, ["probe.json"], args.force)
     labelled = {name: [(r, label(r)) for _, r in read_judged(path)] for name, path in sets.items()}
     names = rank1_adapters(args.adapter)
@@ -541,16 +539,15 @@ def cmd_probe(args):
                           **{c: sum(k == c for _, k in keep) for c in ("aligned", "misaligned")})
     X = {k: np.concatenate(v) for k, v in feats.items()}
     tasks = []
-    for task, c0, c1 in tqdm(TASKS, desc="probes"):
-        n0, n1 = len(X.get(c0, [])), len(X.get(c1, []))
-        fit = probe_task(X[c0], X[c1], args.C, args.runs) if min(n0, n1) >= 5 else \
-            dict(skipped="fewer than 5 tokens in a class")
-        tasks.append(dict(task=task, tokens_class0=n0, tokens_class1=n1, **fit))
-    for i, t in enumerate(tasks, 1):  # the reference's C 0.01 can leave nothing: say so, not 50% in silence
-        if "coef" in t and not any(t["coef"]):
+    for i, (task, c0, c1) in enumerate(tqdm(TASKS, desc="probes"), 1):
+        t = dict(task=task, tokens_class0=len(X.get(c0, [])), tokens_class1=len(X.get(c1, [])))
+        t |= probe_task(X[c0], X[c1], args.C, args.runs) if min(t["tokens_class0"], t["tokens_class1"]) >= 5 \
+            else dict(skipped="fewer than 5 tokens in a class")
+        if "coef" in t and not any(t["coef"]):  # the reference's C 0.01 can leave nothing: say so
             t["warning"] = (f"every coefficient is 0 at --C {args.C:g}: the L1 penalty won and the probe "
                             "learned nothing (a larger --C, e.g. 1, penalises less)")
-            warn(f"task {i} ({t['task']}): {t['warning']}")
+            warn(f"task {i} ({task}): {t['warning']}")
+        tasks.append(t)
     result = dict(model=sample.base_model_of(args.model, args.adapter), adapter=args.adapter, adapters=names,
                   layers=[layer_of(n) for n in names], sets=info, C=args.C, runs=args.runs,
                   thresholds=THRESHOLDS, tasks=tasks)
@@ -603,7 +600,7 @@ def cmd_steer_scalars(args):
     """Sample with rank-1 adapters' A.x fixed at every position (the reference does not say which), judge
     aligned, coherent and medical, and report the reference's four cells (`quadrants`) beside EM %. Writes
     OUT/<setting>.jsonl, its judged file and OUT/steer_scalars.json."""
-    out = args.out or os.path.join(args.adapter if os.path.isdir(args.adapter) else "out", "steer_scalars")
+    out = args.out or os.path.join(default_dir(args.adapter), "steer_scalars")
     claim_dir(out, args.owner, ["steer_scalars.json"], args.force)
     names = rank1_adapters(args.adapter)
     settings = [(spec, scalar_setting(names, spec)) for spec in args.set or PAPER_SETTINGS]
