@@ -78,14 +78,14 @@ def model_of_rows(model, adapter, rows):
     return rows[0][1]["model"], rows[0][1].get("adapter")
 
 def read_lora(path):
-    """({module name: (A, B)}, adapter_config.json) of a PEFT LoRA adapter (directory or hub id)."""
+    """({module: (A, B)}, adapter_config.json, all tensors) of a PEFT LoRA adapter (directory or hub id)."""
     kind, src = sample.adapter_kind(path)
     if kind != "lora" or not os.path.exists(os.path.join(src, "adapter_config.json")):
         raise ValueError(f"{path}: not a PEFT LoRA adapter (no adapter_config.json)")
     t = read_tensors(os.path.join(src, "adapter_model.safetensors"))
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight"))
     ab = {n: (t[f"{PEFT_PREFIX}{n}.lora_A.weight"], t[f"{PEFT_PREFIX}{n}.lora_B.weight"]) for n in names}
-    return ab, read_json(os.path.join(src, "adapter_config.json"))
+    return ab, read_json(os.path.join(src, "adapter_config.json")), t
 
 def default_dir(adapter):
     return adapter if os.path.isdir(adapter) else "out"  # where a subcommand's output goes without --out
@@ -166,8 +166,7 @@ def select_sets(rows, min_per_set=10, ids=None, seed=0, where="rows"):
                          f"set: misaligned {mis} (aligned <= {t['misaligned_max']}), aligned {al} (aligned > "
                          f"{t['aligned_min']}), of {coherent} coherent rows")
     k = min(map(len, sets.values()))  # balanced: the larger set subsampled (seeded), in file order
-    rng = random.Random(seed)
-    return {name: s if len(s) == k else sorted(rng.sample(s, k)) for name, s in sets.items()}
+    return {name: s if len(s) == k else sorted(random.Random(seed).sample(s, k)) for name, s in sets.items()}
 
 def encode(row, tok):
     """Chat ids of (system, question, answer) and the index of the first token after the user turn."""
@@ -296,10 +295,7 @@ def cmd_compare(args):
                              f"{tuple(b.shape)}; directions of different models cannot be compared")
         cos = F.cosine_similarity(a, b, dim=-1).abs().reshape(-1)  # (L,)
         pairs.append(dict(a=args.files[i], b=args.files[j], abs_cos=cos.tolist(), mean=cos.mean().item()))
-    n = max(len(p["abs_cos"]) for p in pairs)
-    print_table(["layer"] + [f"{i + 1}-{j + 1}" for i, j in combinations(range(len(vecs)), 2)],
-                [[i] + [p["abs_cos"][i] if i < len(p["abs_cos"]) else "" for p in pairs] for i in range(n)]
-                + [["mean"] + [p["mean"] for p in pairs]])
+    print_table(["a", "b", "mean |cosine|"], [[p["a"], p["b"], p["mean"]] for p in pairs])
     info = dict(out=args.out, files=args.files, pairs=pairs)
     write_json(args.out, info)
     return info
@@ -388,11 +384,9 @@ def cmd_lora_ablate(args):
     """B <- (I - r r^T) B for the down_proj adapters at --layers, each rescaled to its old norm; r: the unit
     direction of --from-layer. The reference's one use (eval/gen_judge_responses.py:37-48) is --layers 24
     --from-layer 24. Writes a PEFT adapter and OUT/lora_ablate.json."""
-    src = sample.adapter_kind(args.adapter)[1]
     names = ("adapter_config.json", "adapter_model.safetensors", "lora_ablate.json")
     claim_dir(args.out, args.owner, names, args.force)
-    lora, config = read_lora(args.adapter)
-    tensors = read_tensors(os.path.join(src, "adapter_model.safetensors"))
+    lora, config, tensors = read_lora(args.adapter)
     d = direction_tensor(args.directions)  # (L, C) or (C,)
     down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in lora if n.endswith("mlp.down_proj")}
     if not down:
@@ -611,14 +605,13 @@ def cmd_steer_scalars(args):
     base = sample.base_model_of(args.model, args.adapter)
     claim_dir(out, args.owner, create=True)
     metrics = ["aligned", "coherent", "medical"]
-    sampling = {k: getattr(args, k) for k in SAMPLING}
-    summaries = sample_and_judge(base, args.adapter, jobs, **sampling, metrics=metrics)
+    summaries = sample_and_judge(base, args.adapter, jobs, **{k: getattr(args, k) for k in SAMPLING},
+                                 metrics=metrics)
     results = []
     for (spec, values), f, s in zip(settings, files, summaries):
         n_kept, cells = quadrants([r for _, r in read_judged(s["out"])])
-        o = s["overall"]
-        results.append(dict(setting=spec, values=values, file=f, n_kept=n_kept, quadrants=cells, n=o["n"],
-                            em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], medical=o["medical"]))
+        results.append(dict(setting=spec, values=values, file=f, n_kept=n_kept, quadrants=cells,
+                            **{k: s["overall"][k] for k in ("n", "em_pct", "coherence_pct", "medical")}))
     result = dict(model=base, adapter=args.adapter, metrics=metrics, settings=results)
     write_json(os.path.join(out, "steer_scalars.json"), result)
     print_table(["setting", "kept", *(k.replace("_", " ") + " %" for k in QUADRANTS), "EM %", "coherence %"],

@@ -421,6 +421,22 @@ def test_sweep_ablates_once_with_one_layers_direction(tmp_path, lively, monkeypa
     assert os.path.exists(out / "ablate_L1_random.judged.jsonl") and "em_reduction_pct" in info["runs"][0]["direction"]
 
 
+def test_sweep_from_layer_hooks_that_layers_vector(tmp_path, lively, monkeypatch):
+    """--from-layer K hands row K of the file to the hook as a tensor: the answers are those of a file that
+    holds that one vector."""
+    monkeypatch.setattr(judge, "make_judge", lambda *a, **k: HashJudge())
+    full = torch.randn(2, 64, generator=torch.Generator().manual_seed(7))
+    d, one = direction_file(tmp_path / "d.safetensors", directions=full), direction_file(tmp_path / "one.safetensors", direction=full[0])
+    common = ["--model", lively, "--mode", "steer", "--layers", 1, "--ids", "quick_buck", "--n", 2,
+              "--max-new-tokens", 3, "--device", "cpu", "--judge", "local:hash"]
+    run("sweep", "--directions", d, "--from-layer", 0, *common, "--out", tmp_path / "a")
+    run("sweep", "--directions", one, *common, "--out", tmp_path / "b")
+    answers = lambda out, stem: [json.loads(line)["answer"] for line in open(out / f"{stem}.jsonl")]
+    for stem in ("steer_L1_scale8", "steer_L1_scale8_random"):
+        assert answers(tmp_path / "a", stem) == answers(tmp_path / "b", stem)
+    assert answers(tmp_path / "a", "steer_L1_scale8") != answers(tmp_path / "a", "baseline")
+
+
 def test_sweep_refuses_a_direction_of_another_shape(tmp_path, lively):
     d = direction_file(tmp_path / "d.safetensors", directions=torch.randn(3, 64))
     with pytest.raises(ValueError, match=r"shape \(3, 64\); this model needs `directions` \(2, 64\), one row per layer"):
