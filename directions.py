@@ -119,7 +119,7 @@ def direction_layer(spec, n_layers):
 # sampling and judging many files with one model and one judge (sweep, steer-scalars, phase --behaviour)
 def sample_and_judge(model_name, adapter, jobs, questions="core", ids=None, exclude_suffix="_json,_template",
                      n=None, max_new_tokens=600, judge_spec=judge.DEFAULT_JUDGE, device="cpu", dtype=None,
-                     metrics=("aligned", "coherent"), seed=0):
+                     metrics=("aligned", "coherent")):
     """Sample, then judge, each job (out.jsonl, the settings its rows record, a residual-stream hook or None,
     setup(model): a context to sample in, or None) with one model and one judge, each loaded only if a file
     has work left; both resume. Returns the judge's summaries."""
@@ -131,7 +131,7 @@ def sample_and_judge(model_name, adapter, jobs, questions="core", ids=None, excl
     for k, (out, settings, hook, setup) in enumerate(jobs, 1):
         print(f"[{k}/{len(jobs)}] {out}")
         s = dict(settings)  # a job may record another adapter (phase.py: each checkpoint's)
-        header = sample.row_header(model_name, s.pop("adapter", adapter), seed, gen,
+        header = sample.row_header(model_name, s.pop("adapter", adapter), 0, gen,
                                    resolve_dtype(dtype, device), **s)
         with contextlib.ExitStack() as stack:
             def answer(work):
@@ -139,7 +139,7 @@ def sample_and_judge(model_name, adapter, jobs, questions="core", ids=None, excl
                 model, tok, adapter_hook = loaded[0]
                 if setup:
                     stack.enter_context(setup(model))
-                return sample.local_answers(model, tok, work, gen, seed, sample.compose(adapter_hook, hook))
+                return sample.local_answers(model, tok, work, gen, 0, sample.compose(adapter_hook, hook))
             sample.sample_file(out, entries, header, answer, n)
     loaded.clear()  # free the sampling model before a local judge loads
     gc.collect(), torch.cuda.empty_cache()  # (a no-op without CUDA)
@@ -251,17 +251,14 @@ def cmd_monitor(args):
              "(hold rows out with direction --holdout 0.5)")
     kept = [(n, r, int(c == "misaligned")) for n, r in rows if (c := label(r))]
     if len({y for *_, y in kept}) < 2:
-        which = "misaligned" if kept and kept[0][2] else "aligned"
-        raise ValueError(f"{args.responses}: the monitor needs misaligned and aligned coherent rows; "
-                         f"{len(kept)} rows are labelled, all {which}")
+        raise ValueError(f"{args.responses}: the monitor needs misaligned and aligned coherent rows")
     model_name, adapter = model_of_rows(args.model, args.adapter, rows)
     model, tok, hook = sample.load_model(model_name, adapter, args.device, args.dtype)
     cfg = model.config
     d = sample.load_directions(args.directions, cfg.num_hidden_layers, cfg.hidden_size)  # (L, C) or (C,)
     if (d.norm(dim=-1) == 0).any():
         raise ValueError(f"{args.directions}: a layer's direction is zero; it has no unit vector")
-    units = (d / d.norm(dim=-1, keepdim=True)).expand(cfg.num_hidden_layers, -1)  # (L, C)
-    units = units.to(model.lm_head.weight.device)
+    units = (d / d.norm(dim=-1, keepdim=True)).expand(cfg.num_hidden_layers, -1).to(args.device)  # (L, C)
     proj = span_mean(model, tok, [r for _, r, _ in kept], hook, args.batch_size, "answers", units)  # (n, L)
     proj = proj.cpu().double()
     y = np.array([lab for *_, lab in kept])
