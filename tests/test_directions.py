@@ -426,7 +426,8 @@ def test_sweep_from_layer_hooks_that_layers_vector(tmp_path, lively, monkeypatch
     holds that one vector."""
     monkeypatch.setattr(judge, "make_judge", lambda *a, **k: HashJudge())
     full = torch.randn(2, 64, generator=torch.Generator().manual_seed(7))
-    d, one = direction_file(tmp_path / "d.safetensors", directions=full), direction_file(tmp_path / "one.safetensors", direction=full[0])
+    d = direction_file(tmp_path / "d.safetensors", directions=full)
+    one = direction_file(tmp_path / "one.safetensors", direction=full[0])
     common = ["--model", lively, "--mode", "steer", "--layers", 1, "--ids", "quick_buck", "--n", 2,
               "--max-new-tokens", 3, "--device", "cpu", "--judge", "local:hash"]
     run("sweep", "--directions", d, "--from-layer", 0, *common, "--out", tmp_path / "a")
