@@ -25,23 +25,24 @@ import sample
 from common import HelpFormatter, claim_dir, model_flags, out_flags, print_table, run_main, write_json
 from lora import lora_modules, set_lora_scale
 
+MIN_MOVE = 0.002  # the local cosine skips a step where A and B both moved less (L2) in both windows
+
 def read_checkpoints(run):
     """[(step, directory, {module name: (A, B)})] of RUN/checkpoints/step_N/, by step."""
     ck = os.path.join(run, "checkpoints")
     if not os.path.isdir(ck):
-        raise FileNotFoundError(f"{ck}: no such directory (phase.py reads a train.py run's checkpoints/step_N/)")
+        raise FileNotFoundError(f"{ck}: no such directory (phase.py reads a train.py run's "
+                                "checkpoints/step_N/)")
     found = sorted((int(d[5:]), os.path.join(ck, d)) for d in os.listdir(ck) if d.startswith("step_")
                    and d[5:].isdigit() and os.path.isfile(os.path.join(ck, d, "adapter_model.safetensors")))
     out = [(s, d, directions.read_lora(d)[0]) for s, d in tqdm(found, desc="checkpoints", leave=False)]
-    for s, d, t in out[1:]:
-        if set(t) != set(out[0][2]):
-            raise ValueError(f"{d}: adapts other modules than {out[0][1]}; phase.py reads one run's checkpoints")
+    if bad := next((d for _, d, t in out if set(t) != set(out[0][2])), None):
+        raise ValueError(f"{bad}: adapts other modules than {out[0][1]}; give one run's checkpoints")
     return out
 
-def local_cosine(A, B, steps, k, min_move):
-    """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B (rows of (n_steps, D) arrays) at each step t with both
-    neighbours, skipping t where A and B each moved less than min_move in both windows (cos 0 for a window
-    without movement)."""
+def local_cosine(A, B, steps, k, min_move=MIN_MOVE):
+    """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B ((n_steps, D) arrays) at each step t with both
+    neighbours, but where A and B both moved less than min_move (a window without movement: cos 0)."""
     at = {s: i for i, s in enumerate(steps)}
     out = []
     for i, t in enumerate(steps):
@@ -58,32 +59,33 @@ def local_cosine(A, B, steps, k, min_move):
     return out
 
 def comp_scores(Bs):
-    """||B_t^T B_T||_F / (||B_t||_F ||B_T||_F) of each step t against the last, B de-meaned over steps. Bs: per
-    step a list of (out, r) matrices, one per adapter; B_t holds them side by side (adapters of different
-    widths only meet their own width: B_t^T B_T is block-diagonal then)."""
-    mean = [np.mean([b[j] for b in Bs], 0) for j in range(len(Bs[0]))]
-    D = [[b[j] - mean[j] for j in range(len(b))] for b in Bs]
+    """||B_t^T B_T||_F / (||B_t||_F ||B_T||_F) of each step t against the last, B de-meaned over steps. Bs:
+    per step a list of (out, r) matrices, one per adapter, side by side in B_t (of different widths:
+    block-diagonal B_t^T B_T)."""
+    mean = [np.mean(b, 0) for b in zip(*Bs)]  # per adapter, over steps
+    D = [[b - m for b, m in zip(bs, mean)] for bs in Bs]
     groups = {}
     for j, b in enumerate(Bs[0]):
         groups.setdefault(b.shape[0], []).append(j)
+    side = lambda Dt, g: np.hstack([Dt[j] for j in g])  # (out, r x adapters)
     sq = lambda Dt: sum((x ** 2).sum() for x in Dt)
     out = []
     for Dt in D[:-1]:
-        num = sum(((np.hstack([Dt[j] for j in g]).T @ np.hstack([D[-1][j] for j in g])) ** 2).sum() for g in groups.values())
+        num = sum(((side(Dt, g).T @ side(D[-1], g)) ** 2).sum() for g in groups.values())
         den = math.sqrt(sq(Dt) * sq(D[-1]))
         out.append(float(math.sqrt(num) / den) if den > 0 else 0.0)
     return out
 
 def pca2(V):
-    """Coordinates of the rows of V (n, D) on its first two principal components, and their shares of variance."""
+    """The rows of V (n, D) on its first two principal components, and the components' variance shares."""
     U, S, _ = np.linalg.svd(V - V.mean(0), full_matrices=False)
-    coords, share = np.zeros((len(V), 2)), np.zeros(2)
-    coords[:, :min(2, len(S))], share[:min(2, len(S))] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
+    coords, share, k = np.zeros((len(V), 2)), np.zeros(2), min(2, len(S))
+    coords[:, :k], share[:k] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
     return coords.tolist(), share.tolist()
 
 @contextlib.contextmanager
 def checkpoint_scaled(model, tensors, multiplier):
-    """The model with a checkpoint's adapters copied in (read_checkpoints: the same modules) and every B x multiplier."""
+    """The model with a checkpoint's adapters copied in (the same modules) and every B x multiplier."""
     mods = dict(lora_modules(model))
     with torch.no_grad():
         for n, (A, B) in tensors.items():
@@ -95,67 +97,75 @@ def checkpoint_scaled(model, tensors, multiplier):
     finally:
         set_lora_scale(model, 1.0)
 
-def behaviour(args, cks, out):
-    """EM % of chosen checkpoints with B scaled by each multiplier (sampled and judged, resumable)."""
+def behaviour(cks, out, steps, multipliers, model=None, **sampling):
+    """EM % of the checkpoints at `steps` (None: all) with B x each multiplier, sampled and judged
+    (resumable); sampling: directions.sample_and_judge's keywords."""
     by_step = {s: (d, t) for s, d, t in cks}
-    chosen = sorted(by_step if args.behaviour == "all" else {int(s) for s in args.behaviour.split(",")})
+    chosen = sorted(set(steps or by_step))
     if missing := [s for s in chosen if s not in by_step]:
-        raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {', '.join(map(str, sorted(by_step)))}")
-    mults = list(dict.fromkeys(float(m) for m in args.multipliers.split(",")))  # each once: one row per run
-    runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")) for s in chosen for m in mults]
+        raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {sorted(by_step)}")
+    mults = list(dict.fromkeys(multipliers))  # each once: one row per run
+    path = lambda s, m: os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")
+    runs = [(s, m, path(s, m)) for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
-    jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m),
+    jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m), None,
              lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, path in runs]
-    summaries = directions.sample_and_judge(args, sample.base_model_of(args.model, first), first, jobs)
-    rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=path)
-            for (s, m, path), o in zip(runs, (x["overall"] for x in summaries))]
-    print_table(["step"] + [f"EM % at B x{m:g}" for m in mults], [[s] + [r["em_pct"] for r in rows if r["step"] == s] for s in chosen])
+    summaries = directions.sample_and_judge(sample.base_model_of(model, first), first, jobs, **sampling)
+    rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=f)
+            for (s, m, f), o in zip(runs, (x["overall"] for x in summaries))]
+    print_table(["step"] + [f"EM % at B x{m:g}" for m in mults],
+                [[s] + [r["em_pct"] for r in rows if r["step"] == s] for s in chosen])
     return rows
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="phase.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a train.py output directory with checkpoints/step_N/")
     p.add_argument("--ks", default="5,10,15", help="local-cosine windows in training steps")
-    p.add_argument("--min-move", type=float, default=0.002, help="skip a step where A and B both moved less (L2)")
-    p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these checkpoint steps (comma list, or all)")
+    p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these steps (comma list, or all)")
     p.add_argument("--multipliers", default="0.5,1,2", help="--behaviour: multiply B by each")
     model_flags(p)
     directions.sampling_flags(p)
-    out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files always resume)")
+    out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files resume)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "phase")
     ks = [int(k) if k.isdigit() else 0 for k in args.ks.split(",")]
     if min(ks) < 1:
-        raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1 (training steps), e.g. 5,10,15")
+        raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1 (training steps)")
     claim_dir(out, "phase.py", ["phase.json"], args.force)
     cks = read_checkpoints(args.run)
     steps = [s for s, _, _ in cks]
     spacing = int(np.bincount(np.diff(steps)).argmax()) if len(steps) > 1 else 1  # the usual --save-every
     if any(k % spacing for k in ks):
-        raise ValueError(f"--ks {args.ks}: every k must be a multiple of the checkpoint spacing, {spacing} steps")
-    need = 2 * max(ks) // spacing + 1
-    if len(steps) < need:
+        raise ValueError(f"--ks {args.ks}: every k must be a multiple of the checkpoint spacing, {spacing}")
+    if len(steps) < (need := 2 * max(ks) // spacing + 1):
         where = f" (steps {steps[0]}..{steps[-1]}, every {spacing})" if steps else ""
-        raise ValueError(f"{args.run}: {len(steps)} checkpoints{where}; the local cosine with k = {max(ks)} needs at "
-                         f"least {need} (2k/{spacing} + 1)")
+        raise ValueError(f"{args.run}: {len(steps)} checkpoints{where}; the local cosine with k = {max(ks)} "
+                         f"needs at least {need}")
 
-    # the geometry: norms, local cosines (the turn is the step where the trajectory bends most), comp score, PCA
+    # the geometry: norms, local cosines (the turn: the step where the path bends most), comp score, PCA
     names = list(cks[0][2])
-    flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names]) for _, _, t in cks])
+    flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names])
+                               for *_, t in cks])
     A, B = flat(0), flat(1)  # (steps, D_A), (steps, D_B)
-    local = {k: local_cosine(A, B, steps, k, args.min_move) for k in ks}
-    turn = {k: {v: max(rows, key=lambda r: r[v])["step"] if rows else None for v in "AB"} for k, rows in local.items()}
-    result = dict(run=args.run, steps=steps, spacing=spacing, adapters=names, min_move=args.min_move,
-                  norms={n: {v: [float(t[n][i].double().norm()) for _, _, t in cks] for i, v in enumerate("AB")} for n in names},
-                  local_cosine={str(k): v for k, v in local.items()}, turn={str(k): v for k, v in turn.items()},
-                  comp_score=[dict(step=s, score=c) for s, c in
-                              zip(steps, comp_scores([[t[n][1].double().numpy() for n in names] for _, _, t in cks]))],
+    local = {k: local_cosine(A, B, steps, k) for k in ks}
+    turn = {k: {v: max(rows, key=lambda r: r[v])["step"] if rows else None for v in "AB"}
+            for k, rows in local.items()}
+    norms = {n: {v: [float(t[n][i].double().norm()) for *_, t in cks] for i, v in enumerate("AB")}
+             for n in names}
+    comp = comp_scores([[t[n][1].double().numpy() for n in names] for *_, t in cks])
+    result = dict(run=args.run, steps=steps, spacing=spacing, adapters=names, min_move=MIN_MOVE,
+                  norms=norms, local_cosine={str(k): v for k, v in local.items()},
+                  turn={str(k): v for k, v in turn.items()},
+                  comp_score=[dict(step=s, score=c) for s, c in zip(steps, comp)],
                   pca={v: dict(zip(("coords", "explained"), pca2(M))) for v, M in (("A", A), ("B", B))})
-    print_table(["k", "steps kept", "turn of A", "turn of B", "max cos B"],
-                [[k, len(local[k]), turn[k]["A"], turn[k]["B"], max((r["B"] for r in local[k]), default=None)] for k in ks])
+    print_table(["k", "steps kept", "turn of A", "turn of B"],
+                [[k, len(local[k]), turn[k]["A"], turn[k]["B"]] for k in ks])
     claim_dir(out, "phase.py", create=True)
     if args.behaviour:
-        result["behaviour"] = behaviour(args, cks, out)
+        chosen = None if args.behaviour == "all" else [int(s) for s in args.behaviour.split(",")]
+        mults = [float(m) for m in args.multipliers.split(",")]
+        sampling = {k: getattr(args, k) for k in directions.SAMPLING}
+        result["behaviour"] = behaviour(cks, out, chosen, mults, args.model, **sampling)
     write_json(os.path.join(out, "phase.json"), result)
     return result
 

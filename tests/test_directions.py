@@ -380,7 +380,8 @@ def test_sweep_steers_each_layer_judges_and_resumes(tmp_path, lively, tiny, monk
     assert all(len(a) == 4 for a in answers.values())
     assert answers["steer_L0_scale8"] != answers["baseline"] and answers["steer_L0_scale8_random"] != answers["steer_L0_scale8"]
     row = json.loads(open(out / "steer_L1_scale8_random.jsonl").readline())
-    assert row["settings"]["steer"] == {"file": d, "layers": [1], "scale": 8.0} and row["settings"]["random_control"] == 0
+    assert row["settings"]["steer"] == {"directions": d, "from_layer": None, "layers": [1], "scale": 8.0}
+    assert row["settings"]["random_control"] == 0
     assert [r["layer"] for r in info["runs"]] == [0, 1] and info["mode"] == "steer" and info["layers"] == [0, 1]
     # a random tiny judge puts little mass on numbers: rows may be unscored, and the rates then null
     assert info["baseline"]["file"] == str(out / "baseline.jsonl") and "em_pct" in info["runs"][0]["random"]
@@ -414,11 +415,27 @@ def test_sweep_ablates_once_with_one_layers_direction(tmp_path, lively, monkeypa
         if stem != "baseline":
             assert got["em_reduction_pct"] == pytest.approx(100 * (1 - want["em_pct"] / base["em_pct"]))
     assert [r["layer"] for r in info["runs"]] == ["1"]
-    one = load_file(str(out / "direction_L0.safetensors"))
-    assert list(one) == ["direction"] and torch.equal(one["direction"], load_file(d)["directions"][0])
+    assert not list(out.glob("*.safetensors"))  # the chosen vector goes to the hook as a tensor, not a file
     row = json.loads(open(out / "ablate_L1.jsonl").readline())
-    assert row["settings"]["ablate"] == {"file": str(out / "direction_L0.safetensors"), "layers": [1]}
+    assert row["settings"]["ablate"] == {"directions": d, "from_layer": 0, "layers": [1]}
     assert os.path.exists(out / "ablate_L1_random.judged.jsonl") and "em_reduction_pct" in info["runs"][0]["direction"]
+
+
+def test_sweep_from_layer_hooks_that_layers_vector(tmp_path, lively, monkeypatch):
+    """--from-layer K hands row K of the file to the hook as a tensor: the answers are those of a file that
+    holds that one vector."""
+    monkeypatch.setattr(judge, "make_judge", lambda *a, **k: HashJudge())
+    full = torch.randn(2, 64, generator=torch.Generator().manual_seed(7))
+    d = direction_file(tmp_path / "d.safetensors", directions=full)
+    one = direction_file(tmp_path / "one.safetensors", direction=full[0])
+    common = ["--model", lively, "--mode", "steer", "--layers", 1, "--ids", "quick_buck", "--n", 2,
+              "--max-new-tokens", 3, "--device", "cpu", "--judge", "local:hash"]
+    run("sweep", "--directions", d, "--from-layer", 0, *common, "--out", tmp_path / "a")
+    run("sweep", "--directions", one, *common, "--out", tmp_path / "b")
+    answers = lambda out, stem: [json.loads(line)["answer"] for line in open(out / f"{stem}.jsonl")]
+    for stem in ("steer_L1_scale8", "steer_L1_scale8_random"):
+        assert answers(tmp_path / "a", stem) == answers(tmp_path / "b", stem)
+    assert answers(tmp_path / "a", "steer_L1_scale8") != answers(tmp_path / "a", "baseline")
 
 
 def test_sweep_refuses_a_direction_of_another_shape(tmp_path, lively):

@@ -50,12 +50,14 @@ def test_phase_finds_the_planted_turn(tmp_path, tiny):
     for k in ("5", "10", "15"):
         assert res["turn"][k]["B"] == 60
     name = "model.layers.1.mlp.down_proj"
-    assert res["norms"][name]["B"] == pytest.approx([float(path[t][1].norm()) for t in res["steps"]], abs=1e-6)
-    assert res["norms"][name]["A"] == pytest.approx([float(path[t][0].norm()) for t in res["steps"]], abs=1e-5)
+    norms = lambda i: [float(path[t][i].norm()) for t in res["steps"]]
+    assert res["norms"][name]["B"] == pytest.approx(norms(1), abs=1e-6)
+    assert res["norms"][name]["A"] == pytest.approx(norms(0), abs=1e-5)
     # by hand, k = 5: steps 10 and 15 saw no movement in either window (skipped); 20 did (next window)
     k5 = {r["step"]: r for r in res["local_cosine"]["5"]}
     assert sorted(k5) == list(range(20, 100, 5))
-    assert k5[60]["B"] == pytest.approx(1 / math.sqrt(2), abs=1e-6) and k5[40]["B"] == pytest.approx(-1, abs=1e-6)
+    assert k5[60]["B"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    assert k5[40]["B"] == pytest.approx(-1, abs=1e-6)
     assert k5[20]["B"] == 0.0 and k5[40]["A"] == pytest.approx(-1, abs=1e-5)  # a zero window counts as cos 0
     # comp score, by hand for step 30 against the last step
     Bs = np.stack([path[t][1].numpy() for t in res["steps"]])  # (S, out)
@@ -63,7 +65,8 @@ def test_phase_finds_the_planted_turn(tmp_path, tiny):
     i = res["steps"].index(30)
     want = abs(Bd[i] @ Bd[-1]) / (np.linalg.norm(Bd[i]) * np.linalg.norm(Bd[-1]))
     assert res["comp_score"][i] == {"step": 30, "score": pytest.approx(want, abs=1e-9)}
-    assert len(res["pca"]["B"]["coords"]) == 20 and sum(res["pca"]["B"]["explained"]) == pytest.approx(1, abs=1e-6)
+    pca = res["pca"]["B"]
+    assert len(pca["coords"]) == 20 and sum(pca["explained"]) == pytest.approx(1, abs=1e-6)
     assert os.path.exists(os.path.join(run, "phase", "phase.json"))
 
 
@@ -81,8 +84,10 @@ def test_phase_behaviour_scales_each_checkpoint(tmp_path, tiny):
     common = ["--questions", qs, "--n", "2", "--max-new-tokens", "5", "--device", "cpu", "--model", tiny]
     res = phase.main(["--run", run, "--ks", "5", "--behaviour", "10,35,35", "--multipliers", "0,1,1",
                       "--judge", f"local:{tiny}"] + common)  # a step or multiplier twice: one row (phase.sh)
-    assert [(r["step"], r["multiplier"]) for r in res["behaviour"]] == [(10, 0.0), (10, 1.0), (35, 0.0), (35, 1.0)]
-    answers = {(r["step"], r["multiplier"]): [json.loads(l)["answer"] for l in open(r["file"])] for r in res["behaviour"]}
+    runs = [(r["step"], r["multiplier"]) for r in res["behaviour"]]
+    assert runs == [(10, 0.0), (10, 1.0), (35, 0.0), (35, 1.0)]
+    answers = {(r["step"], r["multiplier"]): [json.loads(l)["answer"] for l in open(r["file"])]
+               for r in res["behaviour"]}
     assert answers[(10, 0.0)] == answers[(35, 0.0)]  # B x 0: the base model, whichever checkpoint
     # step 35 at x1 after step 10 was swapped in before it: the same as the checkpoint loaded on its own
     ck = os.path.join(run, "checkpoints", "step_000035")
@@ -101,5 +106,6 @@ def test_phase_checks_its_numbers_first_and_errors_in_one_line(tmp_path, tiny):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "phase.py"), "--run", str(tmp_path / "nothing")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip().splitlines() == [f"phase.py: error: {tmp_path / 'nothing' / 'checkpoints'}: no such "
-                                             "directory (phase.py reads a train.py run's checkpoints/step_N/)"]
+    ck = tmp_path / "nothing" / "checkpoints"
+    assert p.stderr.strip().splitlines() == [f"phase.py: error: {ck}: no such directory (phase.py reads a "
+                                             "train.py run's checkpoints/step_N/)"]
