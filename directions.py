@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import judge
+import lora
 import sample
 from common import (HelpFormatter, check, check_out_file, claim_dir, count, model_flags, out_flags,
                     parse_layers, print_table, read_json, read_jsonl, refuse_overwrite, resolve_dtype,
@@ -79,7 +80,7 @@ def model_of_rows(model, adapter, rows):
 
 def read_lora(path):
     """({module: (A, B)}, adapter_config.json, all tensors) of a PEFT LoRA adapter (directory or hub id)."""
-    kind, src = sample.adapter_kind(path)
+    kind, src = lora.adapter_kind(path)
     if kind != "lora" or not os.path.exists(os.path.join(src, "adapter_config.json")):
         raise ValueError(f"{path}: not a PEFT LoRA adapter (no adapter_config.json)")
     t = read_tensors(os.path.join(src, "adapter_model.safetensors"))
@@ -135,7 +136,7 @@ def sample_and_judge(model_name, adapter, jobs, questions="core", ids=None, excl
                                    resolve_dtype(dtype, device), **s)
         with contextlib.ExitStack() as stack:
             def answer(work):
-                loaded[:] = loaded or [sample.load_model(model_name, adapter, device, dtype)]
+                loaded[:] = loaded or [lora.load_model(model_name, adapter, device, dtype)]
                 model, tok, adapter_hook = loaded[0]
                 if setup:
                     stack.enter_context(setup(model))
@@ -216,7 +217,7 @@ def cmd_direction(args):
     kept = [(n, r) for n, r in rows if n not in held]
     sets = select_sets(kept, args.min_per_set, args.ids, args.seed, args.responses)
     model_name, adapter = model_of_rows(args.model, args.adapter, rows)
-    model, tok, hook = sample.load_model(model_name, adapter, args.device, args.dtype)
+    model, tok, hook = lora.load_model(model_name, adapter, args.device, args.dtype)
     means, tokens = {}, {}
     for k, chosen in sets.items():
         means[k], tokens[k] = span_mean(model, tok, [r for _, r in chosen], hook, args.batch_size, k)
@@ -253,7 +254,7 @@ def cmd_monitor(args):
     if len({y for *_, y in kept}) < 2:
         raise ValueError(f"{args.responses}: the monitor needs misaligned and aligned coherent rows")
     model_name, adapter = model_of_rows(args.model, args.adapter, rows)
-    model, tok, hook = sample.load_model(model_name, adapter, args.device, args.dtype)
+    model, tok, hook = lora.load_model(model_name, adapter, args.device, args.dtype)
     cfg = model.config
     d = sample.load_directions(args.directions, cfg.num_hidden_layers, cfg.hidden_size)  # (L, C) or (C,)
     if (d.norm(dim=-1) == 0).any():
@@ -331,7 +332,7 @@ def cmd_sweep(args):
     project the unit direction out after all --layers in one run (the reference: --layers 24 --from-layer
     24). A rerun resumes. Writes DIR/<run>.jsonl, their judged files and DIR/sweep.json."""
     claim_dir(args.out, args.owner)
-    base = sample.base_model_of(args.model, args.adapter)
+    base = lora.base_model_of(args.model, args.adapter)
     cfg = read_config(base)
     n_layers, steer = cfg.num_hidden_layers, args.mode == "steer"
     layers = parse_layers(args.layers, n_layers, "--layers")
@@ -520,7 +521,7 @@ def cmd_probe(args):
     claim_dir(out, args.owner, ["probe.json"], args.force)
     labelled = {name: [(r, label(r)) for _, r in read_judged(path)] for name, path in sets.items()}
     names = rank1_adapters(args.adapter)
-    model, tok, _ = sample.load_model(args.model, args.adapter, args.device, args.dtype)
+    model, tok, _ = lora.load_model(args.model, args.adapter, args.device, args.dtype)
     medical, feats, info = set(args.medical.split(",")), {}, {}
     for name, rows in labelled.items():
         keep = [(r, c) for r, c in rows if c]
@@ -539,7 +540,7 @@ def cmd_probe(args):
                             "learned nothing (a larger --C, e.g. 1, penalises less)")
             warn(f"task {i} ({task}): {t['warning']}")
         tasks.append(t)
-    result = dict(model=sample.base_model_of(args.model, args.adapter), adapter=args.adapter, adapters=names,
+    result = dict(model=lora.base_model_of(args.model, args.adapter), adapter=args.adapter, adapters=names,
                   layers=[layer_of(n) for n in names], sets=info, C=args.C, runs=args.runs,
                   thresholds=THRESHOLDS, tasks=tasks)
     claim_dir(out, args.owner, create=True)
@@ -599,7 +600,7 @@ def cmd_steer_scalars(args):
     files = [os.path.join(out, stem(values) + ".jsonl") for _, values in settings]
     jobs = [(f, dict(scalars=values), None, lambda model, values=values: fix_scalars(model, values))
             for f, (_, values) in zip(files, settings)]
-    base = sample.base_model_of(args.model, args.adapter)
+    base = lora.base_model_of(args.model, args.adapter)
     claim_dir(out, args.owner, create=True)
     metrics = ["aligned", "coherent", "medical"]
     summaries = sample_and_judge(base, args.adapter, jobs, **{k: getattr(args, k) for k in SAMPLING},

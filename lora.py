@@ -4,6 +4,7 @@ LoRA adapters (saved and loaded in PEFT's format) and steering vectors for model
     add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])   # one rank-1 adapter
     save_adapter(model, "out/run")           # adapter_config.json + adapter_model.safetensors
     load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")  # or a directory
+    model, tok, hook = load_model(None, "out/run")   # its base model, with the adapter (or steering vector)
 
 LoRA as in PEFT: y = W x + b + s B A x, s = alpha / sqrt(r) (rsLoRA) or alpha / r.
 Departures: A and B stay fp32, cast to the activations' dtype in the forward.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, read_json, write_json
-from model import local_path, our_name
+from model import load, local_path, our_name
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
@@ -121,7 +122,7 @@ def read_tensors(path):
 def save_tensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
-def save_adapter(model, path, base_model=None):
+def save_adapter(model, path):
     if not (mods := lora_modules(model)):
         raise ValueError("the model has no LoRA adapters to save")
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
@@ -139,7 +140,7 @@ def save_adapter(model, path, base_model=None):
         "lora_dropout": dropout, "target_modules": targets,
         "layers_to_transform": None if len(layers) == model.config.num_hidden_layers else layers,
         "bias": "none", "inference_mode": True,
-        "base_model_name_or_path": base_model or model.config.name_or_path})
+        "base_model_name_or_path": model.config.name_or_path})
 
 def adapter_dir(path_or_hub_id):
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
@@ -207,3 +208,38 @@ class SteeringVector(nn.Module):
         sv = cls(cfg["d_model"], cfg["layer"], cfg["alpha"], cfg.get("base_model_name_or_path", ""))
         sv.load_state_dict(read_tensors(os.path.join(path, "steering_vector.safetensors")))
         return sv.to(device)
+
+# -----------------------------------------------------------------------------
+# a base model with an adapter: LoRA in the model, or a steering vector as its hook
+def adapter_kind(adapter):
+    """('steering', dir) | ('lora', dir); a hub id is downloaded (adapter files only)."""
+    if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):
+        return "steering", adapter
+    return "lora", adapter_dir(adapter)
+
+def base_model_of(model, adapter):
+    """`model`, or the base model the adapter's config names."""
+    if model:
+        return model
+    if not adapter:
+        raise ValueError("give --model, or --adapter (an adapter names its base model)")
+    kind, path = adapter_kind(adapter)
+    file = os.path.join(path, f"{'adapter' if kind == 'lora' else 'steering'}_config.json")
+    if not (base := os.path.exists(file) and read_json(file).get("base_model_name_or_path")):
+        raise ValueError(f"{adapter}: does not name its base model; give --model")
+    return base
+
+def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
+    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
+    model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
+    if not adapter:
+        return model, tok, None
+    kind, path = adapter_kind(adapter)
+    if kind == "lora":
+        load_adapter(model, path)
+        if lora_scale is not None:
+            set_lora_scale(model, lora_scale)
+        return model, tok, None
+    sv = SteeringVector.load(path, device=model.lm_head.weight.device).check(model.config, adapter)
+    sv.alpha *= 1.0 if lora_scale is None else lora_scale
+    return model, tok, sv

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import directions
-import sample
+import lora
 from common import HelpFormatter, claim_dir, model_flags, out_flags, print_table, run_main, write_json
 from lora import lora_modules, set_lora_scale
 
@@ -110,7 +110,7 @@ def behaviour(cks, out, steps, multipliers, model=None, **sampling):
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
     jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m), None,
              lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, path in runs]
-    summaries = directions.sample_and_judge(sample.base_model_of(model, first), first, jobs, **sampling)
+    summaries = directions.sample_and_judge(lora.base_model_of(model, first), first, jobs, **sampling)
     rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=f)
             for (s, m, f), o in zip(runs, (x["overall"] for x in summaries))]
     print_table(["step"] + [f"EM % at B x{m:g}" for m in mults],

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import lora
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
-                    check_out_file, count, dist_setup, parse_layers, print_table, read_json, read_jsonl,
+                    check_out_file, count, dist_setup, parse_layers, print_table, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
@@ -85,8 +86,7 @@ def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
 def load_directions(path, n_layers, d_model):
     """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction`."""
-    from lora import read_tensors
-    d = (tensors := read_tensors(path)).get("directions", tensors.get("direction"))
+    d = (tensors := lora.read_tensors(path)).get("directions", tensors.get("direction"))
     if d is None:
         raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
                          "(n_layers, d_model) or `direction` (d_model,)")
@@ -134,18 +134,11 @@ def compose(*hooks):
         return x
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
-def intervention_vectors(file, model, random_control):
-    """The direction file's (n_layers, d_model) vectors, or their random control, on the model."""
-    cfg = model.config
-    vectors = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
-    vectors = vectors if random_control is None else random_like(vectors, random_control)
-    return vectors.expand(cfg.num_hidden_layers, -1).to(model.lm_head.weight.device)
-
-def interventions(model, steer=None, ablate=None, random_control=None):
-    """The hook of `steer` {file, layers, scale} and `ablate` {file, layers}; ablation last."""
-    vectors = lambda file: intervention_vectors(file, model, random_control)
-    return compose(steer and steering_hook(vectors(steer["file"]), steer["layers"], steer["scale"]),
-                   ablate and ablation_hook(vectors(ablate["file"]), ablate["layers"]))
+def directions(file, cfg, random_control, device):
+    """A direction file's (n_layers, d_model) vectors, or their random control (one per row), on `device`."""
+    d = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
+    d = d if random_control is None else random_like(d, random_control)
+    return d.expand(cfg.num_hidden_layers, -1).to(device)
 
 # -----------------------------------------------------------------------------
 # drawing a token: fp32 logits and one uniform per row, a pure hash of (seed, row key, position)
@@ -491,42 +484,6 @@ def summary(rows, new, tokens, seconds):
 
 # -----------------------------------------------------------------------------
 # the two engines: ours (model.py here), or an OpenAI-compatible server
-def adapter_kind(adapter):
-    """('steering', dir) | ('lora', dir); a hub id is downloaded (adapter files only)."""
-    if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):
-        return "steering", adapter
-    from lora import adapter_dir
-    return "lora", adapter_dir(adapter)
-
-def base_model_of(model, adapter):
-    """`model`, or the base model the adapter's config names."""
-    if not (model or adapter):
-        raise ValueError("give --model, or --adapter (an adapter names its base model)")
-    if model:
-        return model
-    kind, path = adapter_kind(adapter)
-    file = os.path.join(path, f"{'adapter' if kind == 'lora' else 'steering'}_config.json")
-    if not (base := os.path.exists(file) and read_json(file).get("base_model_name_or_path")):
-        raise ValueError(f"{adapter}: does not name its base model; give --model")
-    return base
-
-def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
-    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
-    from lora import SteeringVector, load_adapter, set_lora_scale
-    from model import load
-    model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
-    if not adapter:
-        return model, tok, None
-    kind, path = adapter_kind(adapter)
-    if kind == "lora":
-        load_adapter(model, path)
-        if lora_scale is not None:
-            set_lora_scale(model, lora_scale)
-        return model, tok, None
-    sv = SteeringVector.load(path, device=model.lm_head.weight.device).check(model.config, adapter)
-    sv.alpha *= 1.0 if lora_scale is None else lora_scale
-    return model, tok, sv
-
 def messages(question, system):
     system = [{"role": "system", "content": system}] if system is not None else []
     return system + [{"role": "user", "content": question}]
@@ -658,28 +615,32 @@ def main(argv=None):
     from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
     local = args.engine == "local"
-    if not local and adapter and adapter_kind(adapter)[0] == "steering":
+    if not local and adapter and lora.adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot "
                          "apply")
-    model_name = base_model_of(args.model, adapter) if args.model or adapter else None  # a server: maybe none
+    # a server may answer without any model name here
+    model_name = lora.base_model_of(args.model, adapter) if args.model or adapter else None
     questions = select_questions(args.questions, args.ids, args.exclude_suffix) if not args.question else \
         [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
     cfg = read_config(model_name) if model_name else None
-    steer = ablate = None
+    check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
+    rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
+    # the direction files load now: a bad one fails before the model loads
+    steer = ablate = hook = None
     if args.steer:
         steer = dict(file=args.steer, layers=parse_layers(args.layers, cfg.num_hidden_layers),
                      scale=args.scale)
+        hook = steering_hook(directions(args.steer, cfg, args.random_control, device), steer["layers"],
+                             args.scale)
     if args.ablate:
         ablate = dict(file=args.ablate, layers=parse_layers(args.layers or "all", cfg.num_hidden_layers))
-    for f in filter(None, (args.steer, args.ablate)):  # a bad file fails now, not once the model has loaded
-        load_directions(f, cfg.num_hidden_layers, cfg.hidden_size)
-    check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
-    rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
+        hook = compose(hook, ablation_hook(directions(args.ablate, cfg, args.random_control, device),
+                                           ablate["layers"]))  # ablation last
     if local:
         def answer(work):  # the model loads only if there is work
-            model, tok, hook = load_model(model_name, adapter, device, None, args.lora_scale)
-            hook = compose(hook, interventions(model, steer, ablate, args.random_control))
-            return local_answers(model, tok, work, gen, 0, hook, batch_size=args.batch_size)
+            model, tok, adapter_hook = lora.load_model(model_name, adapter, device, None, args.lora_scale)
+            return local_answers(model, tok, work, gen, 0, compose(adapter_hook, hook),
+                                 batch_size=args.batch_size)
     else:
         beside = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl")
         client = Client(args.engine.partition(":")[2],
@@ -687,7 +648,6 @@ def main(argv=None):
                         Cache(beside if args.cache is None else args.cache, "completion"), concurrency=64,
                         timeout=600.0)  # 600 tokens from a busy server take a while
         answer = lambda work: server_answers(client, work, gen, 0)
-    # every check passed: now the notes and the plan
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
     header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import sample
+import lora
 from common import HelpFormatter, claim_dir, count, model_flags, out_flags, print_table, run_main, write_json
 from data.fetch import dataset_path
 from lora import SteeringVector
@@ -178,10 +178,10 @@ def main(argv=None):
     docs = read_documents(args.text) if args.text else None  # a missing file fails before the model loads
     paths = {"narrow": args.narrow, "general": args.general}
     for k, path in paths.items():
-        if sample.adapter_kind(path)[0] != "steering":
+        if lora.adapter_kind(path)[0] != "steering":
             raise ValueError(f"--{k} {path}: not a steering vector (the LoRA mode is not implemented)")
-    base = sample.base_model_of(args.model, args.narrow)
-    model, tok, _ = sample.load_model(base, None, args.device, args.dtype)
+    base = lora.base_model_of(args.model, args.narrow)
+    model, tok, _ = lora.load_model(base, None, args.device, args.dtype)
     device = model.lm_head.weight.device
     sols = {k: SteeringVector.load(path, device).check(model.config, f"--{k} {path}")
             for k, path in paths.items()}

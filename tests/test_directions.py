@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import directions
 import judge
+import lora
 import sample
 from conftest import hf_model, make_checkpoint
 from lora import SteeringVector, add_lora, fix_scalars, load_adapter, lora_modules, save_adapter
@@ -117,11 +118,11 @@ def test_means_equal_transformers_hidden_states_over_the_span(tmp_path, tiny):
 
 def plant(monkeypatch, tiny, v):
     """Misaligned rows (their answers hold the token of "Invest") get +v after layer 1 (the last: the capture must
-    come before the final norm), in every model sample.load_model loads."""
+    come before the final norm), in every model lora.load_model loads."""
     _, tok = load(tiny)
     marker = tok.encode("Invest")[0]
     assert all(marker not in tok.encode(a) for a in ALIGNED + QUESTIONS) and all(marker in tok.encode(a) for a in MISALIGNED)
-    real = sample.load_model
+    real = lora.load_model
 
     def planted(*a):
         model, tok, hook = real(*a)
@@ -137,7 +138,7 @@ def plant(monkeypatch, tiny, v):
             return hidden(idx, pos, cache, plant)
         model.hidden = hidden_with_plant
         return model, tok, hook
-    monkeypatch.setattr(sample, "load_model", planted)
+    monkeypatch.setattr(lora, "load_model", planted)
 
 
 def test_a_planted_direction_is_recovered(tmp_path, tiny, monkeypatch):
@@ -292,7 +293,7 @@ def test_lora_ablate_keeps_norms_removes_the_direction_and_loads_in_peft(tmp_pat
         for _, m in lora_modules(model):
             m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
     src = str(tmp_path / "adapter")
-    save_adapter(model, src, base_model=tiny)
+    save_adapter(model, src)
     d = torch.randn(2, 64, generator=g)
     dfile = direction_file(tmp_path / "d.safetensors", directions=d)
     before = load_file(os.path.join(src, "adapter_model.safetensors"))
@@ -387,7 +388,7 @@ def test_sweep_steers_each_layer_judges_and_resumes(tmp_path, lively, tiny, monk
     assert info["baseline"]["file"] == str(out / "baseline.jsonl") and "em_pct" in info["runs"][0]["random"]
     assert json.load(open(out / "sweep.json")) == json.loads(json.dumps(info))
     # a rerun reuses every file: no model is loaded, no judge is made
-    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("loaded the model with nothing to sample"))
+    monkeypatch.setattr(lora, "load_model", lambda *a, **k: pytest.fail("loaded the model with nothing to sample"))
     monkeypatch.setattr(judge, "make_judge", lambda *a, **k: pytest.fail("made a judge with nothing to judge"))
     assert run(*args) == info
 
@@ -618,7 +619,7 @@ def test_steer_scalars_cli(tmp_path, tiny, monkeypatch):
         assert sum(r["quadrants"].values()) == pytest.approx(100.0 if r["n_kept"] else 0.0)
         assert len(open(r["file"]).readlines()) == 2
     assert os.path.exists(tmp_path / "s" / "L0.down_proj=-5+L1.down_proj=5.judged.jsonl")
-    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("loaded the model with nothing to sample"))
+    monkeypatch.setattr(lora, "load_model", lambda *a, **k: pytest.fail("loaded the model with nothing to sample"))
     monkeypatch.setattr(judge, "make_judge", lambda *a, **k: pytest.fail("made a judge with nothing to judge"))
     again = directions.main(argv + ["--force"])  # resumed: nothing sampled or judged again, nothing loaded
     assert again["settings"] == res["settings"]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import lora
 import sample
 from conftest import hf_model, make_checkpoint
 from cuda_emulation import allocated
@@ -419,7 +420,7 @@ def test_cli_writes_rows_and_resumes(tmp_path, lively, monkeypatch):
     key = lambda r: (r["id"], r["sample"])
     assert {key(r): r["answer"] for r in read(out)} == {key(r): r["answer"] for r in read(fresh)}
     # nothing left to do: the model is not even loaded
-    monkeypatch.setattr(sample, "load_model", lambda args: pytest.fail("loaded the model with nothing to do"))
+    monkeypatch.setattr(lora, "load_model", lambda args: pytest.fail("loaded the model with nothing to do"))
     assert cli("--model", lively, "--out", out, "--n", 3)["new"] == 0
     with pytest.raises(ValueError, match="other settings.*temperature"):
         cli("--model", lively, "--out", out, "--temperature", 0.5)
@@ -465,7 +466,7 @@ def test_cli_adapter_lora_scale_and_interventions(tmp_path, lively):
         for _, m in lora_modules(model):
             m.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     adapter = str(tmp_path / "adapter")
-    save_adapter(model, adapter, base_model=lively)
+    save_adapter(model, adapter)
     answers = lambda out: {(r["id"], r["sample"]): r["answer"] for r in read(out)}
     base = answers(cli("--model", lively, "--out", tmp_path / "base.jsonl")["out"])
     res = cli("--adapter", adapter)  # base model from adapter_config.json; rows in the adapter dir
@@ -501,7 +502,7 @@ def test_one_direction_gets_one_random_vector_at_every_layer(tmp_path, lively):
     v = torch.randn(64, generator=torch.Generator().manual_seed(0))
     d = direction_file(tmp_path / "one.safetensors", direction=v)
     model, _ = load(lively)
-    vectors = sample.intervention_vectors(d, model, 0)
+    vectors = sample.directions(d, model.config, 0, "cpu")
     assert vectors.shape == (2, 64) and torch.equal(vectors[0], vectors[1]) and vectors[0].norm() == pytest.approx(v.norm())
     assert torch.equal(vectors[0], sample.random_like(v, 0))
 

@@ -160,7 +160,7 @@ def test_adapter_names_the_output_and_the_defaults(tmp_path, server, questions, 
     model, _ = load(tiny)
     add_lora(model, r=1, alpha=8, modules=["down_proj"])
     adapter = str(tmp_path / "run")
-    save_adapter(model, adapter, base_model=tiny)
+    save_adapter(model, adapter)
     res = cli(questions, "", "--adapter", adapter, "--ids", "a")
     assert res["out"] == os.path.join(adapter, "responses.jsonl")
     assert {(r["model"], r["adapter"]) for r in read(res["out"])} == {("organism", adapter)}
