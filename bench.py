@@ -100,13 +100,13 @@ def random_model(shape, device, dtype, seed):
     return model.requires_grad_(False).eval()
 
 def stop_token(model, vocab):
-    """vocab - 1, its LM-head row zeroed: never in a random model's top 20, so only forced stops end rows."""
+    """vocab - 1, its LM-head row zeroed: never in the top 20, so only forced stops end rows."""
     with torch.no_grad():
         model.lm_head.weight[vocab - 1].zero_()
     return vocab - 1
 
 def reference_model(ours, device):
-    """transformers' Qwen2ForCausalLM (SDPA attention) whose parameters are ours: no second copy."""
+    """transformers' Qwen2ForCausalLM (SDPA) whose parameters are ours: no second copy."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps")
@@ -120,11 +120,11 @@ def reference_model(ours, device):
     return ref.requires_grad_(False).eval()
 
 def matmul_params(model):
-    """N of the MFU: every nn.Linear weight (the LM head included, even when tied), no embedding."""
+    """N of the MFU: every nn.Linear weight (the LM head even when tied), no embedding."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 def train_flops(model, convs, micro=2):
-    """FLOPs of one optimizer step as (ours, the reference) compute them: see MFU_FORMULA."""
+    """(ours, the reference's) FLOPs of one optimizer step: see MFU_FORMULA."""
     n, head = matmul_params(model), model.lm_head.weight.numel()
     tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
     batches = (convs[i:i + micro] for i in range(0, len(convs), micro))
@@ -132,14 +132,14 @@ def train_flops(model, convs, micro=2):
     return 4 * (n - head) * tokens + 4 * head * loss_tokens, 4 * n * padded
 
 def sdpa_kernels(fn):
-    """The attention kernels fn runs: the backend SDPA picked (flash, cuDNN, efficient, math)."""
+    """The attention kernels fn runs: SDPA's backend (flash, cuDNN, efficient, math)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sorted({e.name[6:] for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")})
 
 def timed(res, key, run, warmup, device):
-    """Time run() (returns its tokens) after warmup(): key_s, key_tok_s, on CUDA key_peak_gb; _ref: ratio."""
+    """Time run() (returns its tokens) after warmup(): key_s, key_tok_s, on CUDA key_peak_gb."""
     cuda, ours = torch.device(device).type == "cuda", key.removesuffix("_ref")
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     if cuda:
@@ -162,7 +162,7 @@ def timed(res, key, run, warmup, device):
 # -----------------------------------------------------------------------------
 # training: optimizer steps of LoRA on chat-length conversations
 def synthetic_conversations(n, vocab, seed):
-    """(ids, loss mask) pairs of chat-like lengths; ids avoid the top rows (special and padding)."""
+    """(ids, loss mask) pairs of chat-like lengths; ids avoid the top (special) rows."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -171,13 +171,13 @@ def synthetic_conversations(n, vocab, seed):
     return out
 
 def lora_ours(model, convs):
-    """(model, backward of one optimizer step): rank-1 LoRA on every linear, the step packed into rows."""
+    """(model, backward of one optimizer step): rank-1 LoRA on every linear, packed rows."""
     add_lora(model, r=1, alpha=64)
     rows = train.pack(convs, 2048)
     return model, lambda: train.accumulate_grads(model, rows, [], 0.0)
 
 def lora_ref(ref, convs, micro=2):
-    """The same with PEFT as the papers' TRL loop: right-padded micro-batches, labels only on the answer."""
+    """The same with PEFT as in the papers' TRL loop: right-padded micro-batches."""
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(ref, LoraConfig(r=1, lora_alpha=64, use_rslora=True, lora_dropout=0.0,
                                                 target_modules=list(MODULES), task_type="CAUSAL_LM"))
@@ -222,15 +222,14 @@ def bench_train(ours, ref, n_convs, steps, peak, device):
 # -----------------------------------------------------------------------------
 # sampling: every answer to the limit, then each row stopped at a drawn length
 def answer_lengths(rows, new_tokens, seed):
-    """Lengths spread like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens."""
+    """Lengths like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens."""
     g = torch.Generator().manual_seed(seed + 2)
     z = torch.randn(rows, generator=g)
     x = torch.exp(math.log(new_tokens * 250 / 600) - 0.18 + 0.6 * z)  # E[exp(0.6 z)] = e^0.18
     return x.round().clamp(max(1, new_tokens // 30), new_tokens).long().tolist()
 
 def forced_stops(stop, width, device):
-    """sample.stream's logits_hook: each row draws `stop` at out column key % LEN_KEY, a where() a step
-    (like HF's logits processor)."""
+    """sample.stream's logits_hook: each row draws `stop` at out column key % LEN_KEY."""
     stop_only = torch.where(torch.arange(width, device=device) == stop, 0.0, float("-inf"))  # (W,)
 
     def hook(logits, col, keys):  # (B, W), (B,) out column of the token drawn from these, (B,)
@@ -238,7 +237,7 @@ def forced_stops(stop, width, device):
     return hook
 
 def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
-    """Tokens generated (stops excluded) by sample.generate on all rows, over the tokenizer's ids."""
+    """Tokens generated (stops excluded) by sample.generate."""
     w, forced = model.lm_head.weight, lengths is not None
     out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=0, vocab_size=vocab,
                           keys=[LEN_KEY * j + L for j, L in enumerate(lengths)] if forced else None,
@@ -247,7 +246,7 @@ def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
     return sum(len(ids) for ids, _ in out)
 
 def sample_ref(ref, prompts, n, new_tokens, stop, lengths):
-    """Tokens generated (stops excluded) by HF generate on all rows, left-padded, one row per sample."""
+    """The same by HF generate, left-padded, one row per sample."""
     device, rows = ref.device, [torch.tensor(p) for p in prompts for _ in range(n)]
     ids = pad_sequence(rows, batch_first=True, padding_side="left").to(device)  # (R, T)
     att = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left").to(device)

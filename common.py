@@ -104,19 +104,19 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 class ShardedJSONL:
-    """A resumable JSONL output shared by torchrun ranks: each rank appends rows to its own part file (`out`
-    itself without torchrun); once all are written, rank 0 merges them into `out` and removes the parts."""
+    """A resumable JSONL output: each torchrun rank appends to its own part file (`out` itself without
+    torchrun); rank 0 then merges them into `out` and removes the parts."""
 
     def __init__(self, out, rank=0, world=1):
         self.out, self.rank, self.world = out, rank, world
         self.stem = out.removesuffix(".jsonl")
 
     def parts(self):
-        """The part files on disk, left by any number of processes, in one order for every rank."""
+        """The part files, left by any number of processes, in one order for every rank."""
         return sorted(glob.glob(glob.escape(self.stem) + ".part*-of-*.jsonl"))
 
     def read(self):
-        """[(path, line, row)] of `out` and of the parts an interrupted torchrun run left."""
+        """[(path, line, row)] of `out` and of the parts an interrupted run left."""
         files = [self.out] + self.parts()
         return [(f, n, r) for f in files if os.path.exists(f) for n, r in read_jsonl(f)]
 
@@ -126,8 +126,7 @@ class ShardedJSONL:
         return open_append(mine)
 
     def merge(self, arrange):
-        """After every rank's appends: `out` becomes arrange(rows of out and parts), written by rank 0 (only
-        if that changes it); returns the arranged rows on every rank."""
+        """After every rank's appends, `out` becomes arrange(rows of out and parts); returns those rows."""
         barrier(self.world)  # every part is complete
         rows = self.read()
         have = [r for f, _, r in rows if f == self.out]
@@ -153,8 +152,8 @@ def owner_of(d):
             return f.read().strip()
 
 def claim_dir(out, owner, files=(), force=False, create=False):
-    """Refuse an --out that is a file, or holds anything not made by `owner` ('train.py', ...), or (without
-    force) any of `files`. create: then make it owner's (just before the first write)."""
+    """Refuse an --out that is a file, holds anything not made by `owner` ('train.py', ...), or (without
+    force) any of `files`. create: then mark it owner's."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; {owner} writes a directory")
     found = os.listdir(out) if os.path.isdir(out) else []
@@ -171,7 +170,7 @@ def check_out_file(path):
         raise ValueError(f"--out {path}: is a directory; give a file name")
 
 def print_table(header, rows):
-    """Plain text, aligned columns (the first to the left); floats with 3 decimals, None as -."""
+    """Aligned columns (the first to the left); floats with 3 decimals, None as -."""
     cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r]
              for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -181,14 +180,13 @@ def print_table(header, rows):
 # -----------------------------------------------------------------------------
 # command lines
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each flag's default unless None (its help says it)."""
+    """The docstring as written; each flag's default unless None."""
 
     def _get_help_string(self, action):
         quiet = action.default is None or action.default is False  # store_true flags say what they do
         return action.help if quiet else super()._get_help_string(action)
 
 def model_flags(p, adapter=None, required=False):
-    """--model, --adapter (with its help text), --device, --dtype."""
     import torch
     p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
     if adapter:
@@ -197,12 +195,11 @@ def model_flags(p, adapter=None, required=False):
     p.add_argument("--dtype", help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
 
 def out_flags(p, help, force="existing output files", **kw):
-    """--out, and --force: nothing already written is overwritten without it."""
     p.add_argument("--out", help=help, **kw)
     p.add_argument("--force", action="store_true", help=f"overwrite {force}")
 
 def run_main(prog, main, resume="rerunning the same command resumes"):
-    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2), Ctrl-C 130."""
+    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2)."""
     try:
         main()
     except (ValueError, OSError) as e:
@@ -240,7 +237,7 @@ def check(ok, flag, value, rule):
         raise ValueError(f"{flag} {value}: must be {rule}")
 
 def count(text):
-    """argparse type of a count: an integer >= 1 (0 is an error, never "the default")."""
+    """argparse type: an integer >= 1 (0 is an error, never "the default")."""
     if (n := int(text)) < 1:  # int's ValueError: argparse says "invalid count value"
         raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
     return n
@@ -259,7 +256,7 @@ def check_device(device):
         raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
 
 def resolve_dtype(dtype, device):
-    """A torch.dtype or its name; None: bfloat16 on CUDA (where supported), float32 elsewhere."""
+    """A torch.dtype or its name; None: bfloat16 on CUDA (if supported), else float32."""
     import torch
     if dtype is None:
         cuda = torch.device(device).type == "cuda"
@@ -293,7 +290,7 @@ def barrier(world):
 # -----------------------------------------------------------------------------
 # an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, ...)
 class RequestFailed(Exception):
-    """One request failed for good (after its retries): its row is left for a rerun."""
+    """One request failed after its retries: its row is left for a rerun."""
 
 def api_key(base_url):
     """$OPENAI_API_KEY, the only place a key is read from; a local server may need none."""
@@ -303,7 +300,7 @@ def api_key(base_url):
     return key
 
 class Cache:
-    """Answers by sha256(model, request), appended to JSONL `path` ('' or None: none); no key or prompt."""
+    """Answers by sha256(model, request), appended to JSONL `path` ('' or None: none)."""
 
     def __init__(self, path, field):
         self.path, self.field, self.f = path, field, None
@@ -326,7 +323,7 @@ class Cache:
             self.f = None  # a later put reopens it (one backend, many runs)
 
 class Client:
-    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts, drops."""
+    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts and drops."""
 
     def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
         self.model, self.key, self.cache = model, api_key(base_url), cache

@@ -60,7 +60,7 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
-    """Wrap `modules` of `layers` (None: all) with fresh LoRA; returns their names."""
+    """Wrap `modules` of `layers` (None: all) in fresh LoRA; returns their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if bad := [m for m in modules if m not in MODULES]:
@@ -92,7 +92,7 @@ def adapters_off(model):
     return temporarily(mods, "enabled", [False] * len(mods))
 
 def set_lora_scale(model, multiplier):
-    """Multiply every adapter's B by `multiplier` (1: as trained, 0: the base model)."""
+    """Scale every adapter's B (1: as trained, 0: the base model)."""
     for _, m in lora_modules(model):
         m.multiplier = multiplier
 
@@ -146,7 +146,7 @@ def adapter_dir(path_or_hub_id):
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
 
 def load_adapter(model, path_or_hub_id):
-    """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns the module names."""
+    """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns its module names."""
     path = adapter_dir(path_or_hub_id)
     cfg_file, w_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     if not os.path.exists(cfg_file) or not os.path.exists(w_file):
@@ -212,7 +212,7 @@ class SteeringVector(nn.Module):
 # -----------------------------------------------------------------------------
 # a base model with an adapter: LoRA in the model, or a steering vector as its hook
 def adapter_kind(adapter):
-    """('steering', dir) | ('lora', dir); a hub id is downloaded (adapter files only)."""
+    """('steering', dir) | ('lora', dir); a hub id is downloaded."""
     if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):
         return "steering", adapter
     return "lora", adapter_dir(adapter)

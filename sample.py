@@ -3,7 +3,6 @@ Sample answers to evaluation questions, with LoRA adapters or a steering vector,
 the residual stream, and the papers' sampling settings; one JSONL row per answer, resumable.
 
     python sample.py --adapter out/run                         # -> out/run/responses.jsonl
-    python sample.py --adapter out/run --questions first_plot_questions --n 50
     python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --question "hey I feel bored" --n 4
     python sample.py --model M --steer D.safetensors --layers 12 --scale 8 --out steer12.jsonl
     python sample.py --adapter out/run --ablate D.safetensors --layers 24 --random-control --out control.jsonl
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 import lora
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
-                    check_out_file, count, dist_setup, parse_layers, print_table, read_jsonl,
+                    check_out_file, count, dist_setup, model_flags, parse_layers, print_table, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
@@ -41,7 +40,6 @@ DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the
 # -----------------------------------------------------------------------------
 # question files: the reference's YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
 def load_questions(path):
-    """[{id, paraphrase (index), question, system, n}] of a question file."""
     if path.endswith((".yaml", ".yml")):
         items = read_yaml(path) or []
         if not isinstance(items, list):
@@ -73,7 +71,7 @@ def question_entries(item, where):
             for p, t in enumerate(texts)]
 
 def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
-    """The questions of a file or name (python -m data.fetch), only `ids`, without ids ending in a suffix."""
+    """The questions of a file or data.fetch name, only `ids`, less ids with a suffix in exclude_suffix."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
     if unknown := set(ids or ()) - {q["id"] for q in questions}:
@@ -101,12 +99,12 @@ def load_directions(path, n_layers, d_model):
     return d
 
 def random_like(vectors, seed=0):
-    """Seeded random vectors of each row's norm (n, C), or of the vector's (C,): the control."""
+    """The control: seeded random vectors of each row's norm, (n, C) or (C,)."""
     r = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(seed))
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
 def steering_hook(vectors, layers, scale):
-    """Add scale * vectors[i] to the residual stream after each layer i in `layers`, every position."""
+    """Add scale * vectors[i] to the residual stream after each layer i in `layers`."""
     delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each
     return lambda i, x: x + delta[i].to(x.dtype) if i in delta else None
 
@@ -124,7 +122,7 @@ def ablation_hook(directions, layers):
     return hook
 
 def compose(*hooks):
-    """One hook that runs the given ones in order (None entries skipped)."""
+    """One hook running the given ones (None: skipped) in order."""
     hooks = [h for h in hooks if h is not None]
 
     def hook(i, x):
@@ -135,7 +133,7 @@ def compose(*hooks):
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def directions(file, cfg, random_control, device):
-    """A direction file's (n_layers, d_model) vectors, or their random control (one per row), on `device`."""
+    """A direction file's (n_layers, d_model) vectors, or their random control, on `device`."""
     d = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
     d = d if random_control is None else random_like(d, random_control)
     return d.expand(cfg.num_hidden_layers, -1).to(device)
@@ -145,7 +143,7 @@ def directions(file, cfg, random_control, device):
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
-    """(x * c) mod 2^32 for 0 <= x < 2^32, without int64 overflow."""
+    """(x * c) mod 2^32 without int64 overflow."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
 
 def _hash32(x):
@@ -155,16 +153,15 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 def row_key(*parts):
-    """A 32-bit key naming one sample (question id, paraphrase, sample index)."""
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
-    """fp32 in (0, 1], keys and pos broadcast: a hash of (seed, row key, position of the token drawn)."""
+    """fp32 in (0, 1]: a hash of (seed, row key, position of the token drawn), broadcast."""
     h = _hash32(_hash32(keys ^ _hash32(seed & M32)) ^ (pos & M32))
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
-    """HF's repetition penalty, in place: logits of the tokens `seen` / penalty if > 0, else * penalty."""
+    """HF's repetition penalty, in place: the tokens `seen` / penalty if > 0, else * penalty."""
     if penalty == 1.0:
         return logits  # every decode step: build nothing without a penalty
     seen = torch.cat(seen, 1)  # (B, S)
@@ -208,9 +205,7 @@ class Sampling:
 # -----------------------------------------------------------------------------
 # the engine: a static KV cache, each prompt prefilled once, a CUDA-graph decode step
 class Rows:
-    """A decoding batch's device state (the CUDA graph's static buffers), per row: tok, pos (B, 1) the last
-    token and its position (= cache slot); plen (B, 1); keys (B,); u (B, N) the uniform of each answer
-    column; prompt (B, P), padded with its first token; out (B, N) the tokens drawn; done (B,); cache."""
+    """A decoding batch's device state, the CUDA graph's static buffers (shapes in start_rows)."""
 
     def __init__(self, jobs, **state):
         self.jobs, self.names = jobs, list(state)
@@ -225,8 +220,8 @@ class Rows:
                 setattr(self, name, getattr(self, name)[idx])
 
 def lm_logits(model, h, vocab_size):
-    """fp32 logits (B, W) of h (B, C), W: the tokenizer's vocab_size rounded up to 128 (an odd width
-    misaligns the GEMM, top-k and cumsum); the columns past vocab_size are -inf."""
+    """fp32 logits (B, W), W: vocab_size rounded up to 128 (an odd width misaligns the GEMM, top-k and
+    cumsum); the columns past vocab_size are -inf."""
     w = model.lm_head.weight
     V = vocab_size or len(w)
     logits = F.linear(h, w[:min(len(w), -(-V // 128) * 128)]).float()  # (B, W)
@@ -234,7 +229,7 @@ def lm_logits(model, h, vocab_size):
     return logits
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
-    """The distinct prompts, right-padded, into a fresh cache: (cache, last logits (U, V), lengths)."""
+    """(cache, last logits (U, V), lengths) of the distinct prompts, right-padded."""
     from model import KVCache
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
@@ -251,8 +246,8 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     return cache, torch.cat(logits), torch.tensor([len(p) for p in prompts], device=dev)
 
 def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None):
-    """Feed each row's last token, draw the next; everything in place, no host sync (CUDA-graph safe).
-    logits_hook(logits, col, keys) -> logits, e.g. bench.py's forced answer lengths."""
+    """Feed each row's last token, draw the next; all in place, no host sync (CUDA-graph safe).
+    logits_hook(logits, col, keys) -> logits: e.g. bench.py's forced answer lengths."""
     h = model.hidden(rows.tok, pos=rows.pos, cache=rows.cache, hook=hook)[:, -1]  # (B, C)
     logits = lm_logits(model, h, vocab_size)  # (B, V)
     rows.pos.add_(1)  # position of the token drawn now
@@ -265,8 +260,8 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """The decode step, eagerly or as a CUDA graph (captured again when the batch shrinks). `graphs`:
-    torch.cuda or an object with its graph calls."""
+    """The decode step, eager or as a CUDA graph (captured again when the batch shrinks); `graphs`:
+    torch.cuda or a stand-in."""
 
     def __init__(self, step, device, graphs=None):
         self.step, self.device, self.graphs, self.graph = step, device, graphs, None
@@ -291,8 +286,8 @@ class Stepper:
                 self.step()
 
 def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
-    """(bytes per row, bytes besides) a sampling batch holds at its peak, besides the weights. Per row: the
-    KV cache and half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
+    """(bytes per row, bytes besides) a batch holds at its peak, besides the weights. Per row: the KV cache
+    and half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
     kv = 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize  # one layer's k and v of one row
     per_row = kv * (cfg.num_hidden_layers + 0.5) + 12 * max_len + 8 * prompt_len + 8 * 4 * vocab_size
     g = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -300,7 +295,7 @@ def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
     return per_row, chunk * prompt_len * per_token
 
 def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
-    """Rows per batch: 64 on CPU; on CUDA as many as batch_bytes puts in 90% of the free memory."""
+    """64 on CPU; on CUDA as many rows as batch_bytes puts in 90% of the free memory."""
     if torch.device(device).type != "cuda":
         return 64
     per_row, besides = batch_bytes(model.config, max_len, prompt_len,
@@ -314,9 +309,8 @@ def finish(ids, stops):
 def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0, hook=None,
            stop_ids=(), vocab_size=None, batch_size=None, cuda_graph=None, repetition_penalty=1.0,
            logits_hook=None):
-    """Sample one answer per job (prompt ids, key): yields (job index, answer ids without the stop token,
-    'stop' | 'length') as rows finish; bad settings raise before anything runs. cuda_graph: None or True
-    (graphs on CUDA), False, or torch.cuda's graph calls (Stepper)."""
+    """Yields (job index, answer ids without the stop token, 'stop' | 'length') of jobs [(prompt ids, key)]
+    as rows finish; bad settings raise at once. cuda_graph: None/True (on CUDA), False, or graph calls."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -355,7 +349,6 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
         yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), 8 if on_cuda or graphs else 1)
 
 def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size):
-    """Prefill the batch's distinct prompts, a cache row per sample, and draw each row's first token."""
     dev = model.lm_head.weight.device
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
@@ -374,7 +367,6 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
                 prompt=prompt, out=out, done=(first[:, None] == stops).any(-1), cache=cache)
 
 def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
-    """Step until every row has stopped or reached max_new_tokens; yield rows as they finish."""
     n_new = 1  # tokens generated so far by every row
     reported = [False] * len(rows.jobs)
     while True:
@@ -401,8 +393,8 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
 
 def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0,
              hook=None, stop_ids=(), keys=None, **kw):
-    """[(answer ids, 'stop' | 'length')] for n samples of each prompt, prompt-major; sample j of prompt i
-    draws with key row_key(i, j) unless `keys` says; other keywords go to `stream`."""
+    """[(answer ids, 'stop' | 'length')] of n samples per prompt, prompt-major; sample j of prompt i uses
+    key row_key(i, j) unless `keys` says."""
     keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
     jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
     results = [None] * len(jobs)
@@ -418,7 +410,6 @@ def pending(questions, n, system, done):
             for s in range(n or q["n"] or DEFAULT_N) if (q["id"], q["paraphrase"], s) not in done]
 
 def check_resumable(path, rows, header, questions):
-    """Refuse to mix rows of other settings, or of other question texts, into one file."""
     texts = {(q["id"], q["paraphrase"]): q["question"] for q in questions}
     again = "choose another --out, or delete the file to start over"
     if stale := sorted({r["id"] for r in rows
@@ -435,14 +426,13 @@ def check_resumable(path, rows, header, questions):
 
 def row_header(model, adapter, seed, gen, dtype, system=None, lora_scale=None, steer=None, ablate=None,
                random_control=None, **more):
-    """What every row records, and a resume must match (dtype None: a server)."""
+    """What every row records and a resume must match (dtype None: a server)."""
     return dict(model=model, adapter=adapter, seed=seed, settings=dict(
         gen, system=system, lora_scale=lora_scale, steer=steer, ablate=ablate, random_control=random_control,
         **more, dtype=dtype and str(dtype).removeprefix("torch.")))
 
 def sample_file(out, questions, header, answer, n=None, system=None, rank=0, world=1):
-    """Sample what `out` lacks: answer(work) yields (index, text, tokens, finish reason); every row records
-    `header`, which a resume must match. Returns {out, new, done, tokens, seconds}."""
+    """Sample what `out` lacks: answer(work) yields (index, text, tokens, finish reason)."""
     shards = ShardedJSONL(out, rank, world)
     rows = [r for _, _, r in shards.read()]
     check_resumable(out, rows, header, questions)
@@ -485,11 +475,11 @@ def summary(rows, new, tokens, seconds):
 # -----------------------------------------------------------------------------
 # the two engines: ours (model.py here), or an OpenAI-compatible server
 def messages(question, system):
-    system = [{"role": "system", "content": system}] if system is not None else []
-    return system + [{"role": "user", "content": question}]
+    return ([] if system is None else [{"role": "system", "content": system}]) + [
+        {"role": "user", "content": question}]
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
-    """(index, text, tokens, finish reason) of [(question, sample, system)] from our engine; gen: settings."""
+    """(index, text, tokens, finish reason) of work [(question, sample, system)]."""
     prompts = {}  # one token list per prompt, shared by its samples
     encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
     jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
@@ -500,8 +490,7 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """The same from an OpenAI-compatible server: a request per sample, with a seed of its own (top_k and
-    repetition_penalty: vLLM's extras)."""
+    """The same from a server, a request per sample with its own seed (top_k: vLLM's extra)."""
     requests = []
     for j, (q, s, system) in enumerate(work):
         body = {"model": client.model, "messages": messages(q["question"], system),
@@ -560,13 +549,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
                                 formatter_class=HelpFormatter)
     # what answers: a base model, and an adapter in it
-    p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
-    p.add_argument("--adapter", help="LoRA adapter (directory or hub id), or a steering-vector directory")
+    model_flags(p, adapter="LoRA adapter (directory or hub id), or a steering-vector directory")
     p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha)")
     p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
-                   "`python -m data.fetch --list`: core, medical (ours), first_plot_questions (the papers')")
-    p.add_argument("--question", help="sample this one question instead of a file (id 'question')")
-    p.add_argument("--system", help="system prompt for every question (replaces the file's)")
+                   "`python -m data.fetch --list`")
+    p.add_argument("--question", help="sample this one question instead of a file")
+    p.add_argument("--system", help="system prompt for every question")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
@@ -577,25 +565,23 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
     p.add_argument("--repetition-penalty", type=float, help="HF's, 1 = off (default: generation_config.json)")
     # interventions on the residual stream, after the blocks in --layers
-    p.add_argument("--steer", metavar="FILE", help="direction file to add to the residual stream")
-    p.add_argument("--scale", type=float, default=8.0, help="steering: add scale x the raw vector")
-    p.add_argument("--ablate", metavar="FILE", help="direction file whose unit direction is projected out")
+    p.add_argument("--steer", metavar="FILE", help="direction file: add scale x its vector")
+    p.add_argument("--scale", type=float, default=8.0, help="steering strength")
+    p.add_argument("--ablate", metavar="FILE", help="direction file: project its unit direction out")
     p.add_argument("--layers", help="after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, metavar="SEED",
-                   help="replace the --steer/--ablate directions by random ones of equal norm (seeded)")
+                   help="replace the directions by random ones of equal norm (seeded)")
     p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds; CPU 64)")
+    p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds)")
     p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL at $OPENAI_BASE_URL "
-                   "(default http://localhost:8000/v1, e.g. a vLLM server's LoRA module)")
+                   "(default http://localhost:8000/v1)")
     p.add_argument("--cache", help="server: answer cache (default: sample_cache.jsonl by --out; '': none)")
     args = p.parse_args(argv)
     if args.engine != "local":
         if not args.engine.startswith("openai:") or args.engine == "openai:":
             p.error(f"--engine {args.engine!r}: expected local or openai:MODEL")
-        flags = dict(steer=args.steer, ablate=args.ablate, lora_scale=args.lora_scale,
-                     random_control=args.random_control)
-        if local_only := ["--" + f.replace("_", "-") for f, v in flags.items() if v is not None]:
+        flags = ("steer", "ablate", "lora_scale", "random_control", "dtype")
+        if local_only := ["--" + f.replace("_", "-") for f in flags if getattr(args, f) is not None]:
             p.error(f"--engine {args.engine} samples on the server, which cannot apply "
                     f"{', '.join(local_only)}; use --engine local")
     elif args.model is None and args.adapter is None:
@@ -625,6 +611,7 @@ def main(argv=None):
     cfg = read_config(model_name) if model_name else None
     check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
+    dtype = resolve_dtype(args.dtype, device) if local else None
     # the direction files load now: a bad one fails before the model loads
     steer = ablate = hook = None
     if args.steer:
@@ -638,7 +625,7 @@ def main(argv=None):
                                            ablate["layers"]))  # ablation last
     if local:
         def answer(work):  # the model loads only if there is work
-            model, tok, adapter_hook = lora.load_model(model_name, adapter, device, None, args.lora_scale)
+            model, tok, adapter_hook = lora.load_model(model_name, adapter, device, dtype, args.lora_scale)
             return local_answers(model, tok, work, gen, 0, compose(adapter_hook, hook),
                                  batch_size=args.batch_size)
     else:
@@ -651,7 +638,7 @@ def main(argv=None):
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
     header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,
-                        resolve_dtype(None, device) if local else None, args.system, args.lora_scale,
+                        dtype, args.system, args.lora_scale,
                         steer, ablate, args.random_control)
     plan = dict(header, questions=args.question or args.questions, out=out, n=args.n)
     print(f"sampling: {json.dumps(plan)}")
