@@ -188,7 +188,7 @@ class SteeringVector(nn.Module):
         return x + self.alpha * self.vector.to(x.dtype) if i == self.layer else None
 
     def check(self, cfg, where):
-        """Itself, if it fits a model of this Config."""
+        """Itself, if it fits a model of Config `cfg`."""
         if self.vector.numel() != cfg.hidden_size or not 0 <= self.layer < cfg.num_hidden_layers:
             raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer "
                              f"{self.layer} does not fit the model, of width {cfg.hidden_size} with layers "
@@ -210,7 +210,7 @@ class SteeringVector(nn.Module):
         return sv.to(device)
 
 # -----------------------------------------------------------------------------
-# a base model with an adapter: LoRA in the model, or a steering vector as its hook
+# a base model with its adapter
 def adapter_kind(adapter):
     """('steering', dir) | ('lora', dir); a hub id is downloaded."""
     if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):

@@ -397,11 +397,8 @@ def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0
     key row_key(i, j) unless `keys` says."""
     keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
     jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
-    results = [None] * len(jobs)
-    for j, ids, reason in stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids,
-                                 **kw):
-        results[j] = (ids, reason)
-    return results
+    answers = stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids, **kw)
+    return [a[1:] for a in sorted(answers, key=lambda a: a[0])]  # (job index, ids, reason) in job order
 
 # -----------------------------------------------------------------------------
 # the output file: one row per answer, appended as it finishes; resumable, and one file under torchrun
@@ -440,7 +437,7 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     barrier(world)  # every rank has read the files before any appends
     mine, tokens, t0 = work[rank::world], 0, time.time()
     if mine:
-        answers = answer(mine)  # the model loads here: a bad adapter fails before any file is touched
+        answers = answer(mine)  # the model loads here: a bad adapter fails before a file is touched
         with shards.append() as f, tqdm(total=len(mine), desc="samples", unit="sample", dynamic_ncols=True,
                                         disable=rank > 0) as bar:
             for j, text, n_tokens, reason in answers:
@@ -473,7 +470,7 @@ def summary(rows, new, tokens, seconds):
           f"({tokens / max(seconds, 1e-9):,.0f} tok/s); {len(rows) - new} were already done")
 
 # -----------------------------------------------------------------------------
-# the two engines: ours (model.py here), or an OpenAI-compatible server
+# the two engines: ours, or an OpenAI-compatible server
 def messages(question, system):
     return ([] if system is None else [{"role": "system", "content": system}]) + [
         {"role": "user", "content": question}]
@@ -484,9 +481,8 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
     jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
              row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
-    answers = stream(model, jobs, gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"], seed,
-                     hook, tok.stop_ids, vocab_size=tok.vocab_size,
-                     repetition_penalty=gen["repetition_penalty"], **engine)
+    answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, **gen,
+                     **engine)  # gen: sampling_settings
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
@@ -558,7 +554,7 @@ def parse_args(argv=None):
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
-    # how (the papers: HF generate, temperature 1, top_p 1, 600 tokens, and generation_config.json)
+    # how (the papers': temperature 1, top_p 1, 600 tokens, and generation_config.json)
     p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
