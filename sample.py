@@ -481,8 +481,8 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
     jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
              row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
-    answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, **gen,
-                     **engine)  # gen: sampling_settings
+    answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size,
+                     **gen, **engine)  # gen: sampling_settings's keys are stream's
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
