@@ -66,7 +66,8 @@ def label(row):
 
 def chat(row):
     """An answered row's messages: its system prompt (None: the format's default), question, answer."""
-    return sample.messages(row["question"], row.get("system")) + [dict(role="assistant", content=row["answer"])]
+    answer = dict(role="assistant", content=row["answer"])
+    return sample.messages(row["question"], row.get("system")) + [answer]
 
 def model_of_rows(model, adapter, rows):
     """(model, adapter) as given, or else those that wrote the rows, as sample.py recorded them."""
@@ -113,9 +114,8 @@ def direction_layer(spec, n_layers):
 
 # -----------------------------------------------------------------------------
 # sampling and judging many files (sweep, steer-scalars, phase --behaviour)
-def sample_and_judge(model_name, adapter, jobs, questions="core", ids=None, exclude_suffix="_json,_template",
-                     n=None, max_new_tokens=600, judge_spec=judge.DEFAULT_JUDGE, device="cpu", dtype=None,
-                     metrics=("aligned", "coherent")):
+def sample_and_judge(model_name, adapter, jobs, *, questions, ids, exclude_suffix, n, max_new_tokens,
+                     judge_spec, device, dtype, metrics=("aligned", "coherent")):
     """Sample, then judge, each job (out.jsonl, settings its rows record, residual-stream hook or None,
     setup(model): a context to sample in, or None) with one model and one judge, each loaded only if
     needed; both resume. Returns the judge's summaries."""
@@ -175,7 +175,6 @@ def encode(row, tok):
 def span_mean(model, tok, rows, hook=None, batch_size=8, desc="rows", units=None):
     """The mean residual stream after each layer over the rows' answers, ((L, C) fp32, tokens); with units
     (L, C), each row's mean projected on them (n, L). Right-padded: causal attention never sees it."""
-
     cfg, dev = model.config, model.lm_head.weight.device
     total = torch.zeros(cfg.num_hidden_layers, cfg.hidden_size, device=dev)  # (L, C) fp32
     per_row = torch.zeros(len(rows), cfg.num_hidden_layers, device=dev)  # (n, L)
@@ -217,7 +216,6 @@ def cmd_direction(args):
     means, tokens = {}, {}
     for k, chosen in sets.items():
         means[k], tokens[k] = span_mean(model, tok, [r for _, r in chosen], hook, args.batch_size, k)
-
     out = {"directions": means["misaligned"] - means["aligned"], **{f"mean_{k}": v for k, v in means.items()}}
     save_tensors(args.out, {k: v.cpu() for k, v in out.items()})  # (L, C) each
     norms = {k.replace("directions", "direction"): v.norm(dim=-1).tolist() for k, v in out.items()}
@@ -391,8 +389,8 @@ def cmd_lora_ablate(args):
     modules = []
     for layer, key in sorted((k, v) for k, v in down.items() if k in layers):
         row, B = layer if from_layer is None else from_layer, tensors[key].float()  # B (C, rank)
-        r = d[row] if d.ndim == 2 and 0 <= row < len(d) else d  # (C,), or still (L, C) if no such row
-        if r.ndim != 1 or r.shape[0] != B.shape[0] or r.norm() == 0:
+        r = d[row] if d.ndim == 2 else d  # (C,): parse_layers and direction_layer kept row in d
+        if r.shape[0] != B.shape[0] or r.norm() == 0:
             raise ValueError(f"{args.directions}: directions of shape {tuple(d.shape)} do not fit {key} of "
                              f"shape {tuple(B.shape)}: need a non-zero row for layer {row}, {len(B)} wide")
         r = r / r.norm()
@@ -500,7 +498,6 @@ def cmd_probe(args):
     """L1 logistic probes on a rank-1 adapter's scalars A.x (a feature per adapter) on every answer token,
     labelled by row and set: the reference's four tasks, each --runs times. Writes OUT/probe.json. Known gap:
     the paper's coefficient figure kept tokens with log(importance) >= 0.5, by code it did not publish."""
-
     check(args.C > 0, "--C", args.C, "> 0")
     sets = dict(s.split("=", 1) if "=" in s else (None, s) for s in args.sets)
     if None in sets:
@@ -642,7 +639,6 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0, help="seed of the subsampling and of --holdout")
     d.add_argument("--holdout", type=float, default=0.0, help="fraction of the rows left out, for monitor")
     out_flags(d, "direction file to write (.safetensors; its .json beside it)", required=True)
-    m.add_argument("--directions", required=True, help="direction file")
     out_flags(m, "output directory", "monitor.json", required=True)
 
     c = add("compare", cmd_compare, "|cosine| per layer between direction files")
@@ -650,7 +646,6 @@ def main(argv=None):
     out_flags(c, "JSON to write", default="compare.json")
 
     s = add("sweep", cmd_sweep, "steering or ablation vs a random control, sampled and judged", lora)
-    s.add_argument("--directions", required=True, help="direction file")
     s.add_argument("--mode", choices=("steer", "ablate"), required=True, help="add scale x it, or remove it")
     s.add_argument("--layers", default="all", help=f"{layers} (steer: one run per layer)")
     s.add_argument("--scale", type=float, default=8.0, help="steer: add scale x the raw direction")
@@ -660,7 +655,8 @@ def main(argv=None):
 
     a = add("lora-ablate", cmd_lora_ablate, "project the direction out of down_proj LoRA B")
     a.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory or hub id")
-    a.add_argument("--directions", required=True, help="direction file")
+    for x in (m, s, a):
+        x.add_argument("--directions", required=True, help="direction file")
     a.add_argument("--layers", default="all", help=f"the down_proj adapters whose B loses it: {layers}")
     a.add_argument("--from-layer", default="mid", help="whose direction: mid (the reference's), K or own")
     out_flags(a, "directory for the new adapter", "an adapter already in --out", required=True)
@@ -679,7 +675,6 @@ def main(argv=None):
     out_flags(t, "output directory (default: ADAPTER/steer_scalars, or out/...)", "steer_scalars.json")
     args = p.parse_args(argv)
     args.owner = f"directions.py {args.command}"  # claim_dir's owner of an output directory
-
     return args.func(args)
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def behaviour(cks, out, steps, multipliers, model=None, **sampling):
     if missing := [s for s in chosen if s not in by_step]:
         raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {sorted(by_step)}")
     mults = list(dict.fromkeys(multipliers))  # each once: one row per run
-    runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")) for s in chosen for m in mults]
+    runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl"))
+            for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
     jobs = [(f, dict(adapter=by_step[s][0], lora_scale=m), None,
              lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, f in runs]
@@ -141,7 +142,6 @@ def main(argv=None):
                          f"needs at least {need}")
 
     # the geometry (the turn: the step where the path bends most)
-
     names = list(cks[0][2])
     flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names])
                                for *_, t in cks])
