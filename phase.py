@@ -80,7 +80,7 @@ def pca2(V):
     U, S, _ = np.linalg.svd(V - V.mean(0), full_matrices=False)
     coords, share, k = np.zeros((len(V), 2)), np.zeros(2), min(2, len(S))
     coords[:, :k], share[:k] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
-    return coords.tolist(), share.tolist()
+    return dict(coords=coords.tolist(), explained=share.tolist())
 
 @contextlib.contextmanager
 def checkpoint_scaled(model, tensors, multiplier):
@@ -156,7 +156,7 @@ def main(argv=None):
                   norms=norms, local_cosine={str(k): v for k, v in local.items()},
                   turn={str(k): v for k, v in turn.items()},
                   comp_score=[dict(step=s, score=c) for s, c in zip(steps, comp)],
-                  pca={v: dict(zip(("coords", "explained"), pca2(M))) for v, M in (("A", A), ("B", B))})
+                  pca=dict(A=pca2(A), B=pca2(B)))
     print_table(["k", "steps kept", "turn of A", "turn of B"],
                 [[k, len(local[k]), turn[k]["A"], turn[k]["B"]] for k in ks])
     claim_dir(out, "phase.py", create=True)
