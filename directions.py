@@ -120,7 +120,7 @@ def sample_and_judge(model_name, adapter, jobs, *, questions, ids, exclude_suffi
     """Sample, then judge, each job (out.jsonl, settings its rows record, residual-stream hook or None,
     setup(model): a context to sample in, or None) with one model and one judge, each loaded only if
     needed; both resume. Returns the judge's summaries."""
-    base_url = os.environ.get("OPENAI_BASE_URL") or judge.DEFAULT_BASE_URL
+    base_url = os.environ.get("OPENAI_BASE_URL")  # None: judge.py's default
     judge.judge_spec(judge_spec, base_url)  # a typo or a missing key fails before any sampling
     entries = sample.select_questions(questions, ids, exclude_suffix)
     gen = sample.sampling_settings(model_name, 1.0, 1.0, None, None, max_new_tokens)
@@ -151,7 +151,7 @@ def sample_and_judge(model_name, adapter, jobs, *, questions, ids, exclude_suffi
 
 # -----------------------------------------------------------------------------
 # direction: mean(misaligned) - mean(aligned) of the residual stream over the answers
-def select_sets(rows, min_per_set=10, ids=None, seed=0, where="rows"):
+def select_sets(rows, min_per_set, ids, seed, where):
     """{'misaligned': [(line, row)], 'aligned': [...]}: the coherent rows by label, balanced; `where` names
     the rows in the error."""
     rows = [(n, r) for n, r in rows if not ids or str(r.get("id")) in ids]
@@ -173,7 +173,7 @@ def encode(row, tok):
     return ids, len(prompt)
 
 @torch.no_grad()
-def span_mean(model, tok, rows, hook=None, batch_size=8, desc="rows", units=None):
+def span_mean(model, tok, rows, hook, batch_size, desc, units=None):
     """The mean residual stream after each layer over the rows' answers, ((L, C) fp32, tokens); with units
     (L, C), each row's mean projected on them (n, L). Right-padded: causal attention never sees it."""
     cfg, dev = model.config, model.lm_head.weight.device
