@@ -201,9 +201,9 @@ def span_mean(model, tok, rows, hook, batch_size, desc, units=None):
 
 def cmd_direction(args):
     """mean(misaligned) - mean(aligned) of the residual stream after every layer over the tokens after the
-    user turn of judged answers, run through the model that wrote them; raw, not unit-normalised. --holdout
-    leaves rows out for `monitor`. Writes OUT (`directions`, `mean_misaligned`, `mean_aligned`: (L, C)) and
-    OUT.json."""
+    user turn (header, answer, end of turn) of judged answers, run through the model that wrote them; raw,
+    not unit-normalised. --holdout leaves rows out for `monitor`. Writes OUT (`directions`, `mean_misaligned`,
+    `mean_aligned`: (L, C)) and OUT.json."""
     meta = os.path.splitext(args.out)[0] + ".json"
     check_out_file(args.out)
     refuse_overwrite([args.out, meta], args.force)
@@ -489,7 +489,7 @@ def probe_task(X0, X1, C=0.01, runs=100, seed=0, test_frac=0.2):
 @torch.no_grad()
 def answer_scalars(model, tok, row, names):
     """(answer tokens, adapters) float64: each adapter's A.x on the answer, its end of turn and the "\\n"
-    after it (the reference's span)."""
+    after it (the reference's span; Llama's turns end with no "\\n")."""
     ids, mask = tok.encode_chat_with_mask(chat(row))
     start, end = mask.index(1), len(mask) - mask[::-1].index(1) + 1  # one past the "\n" after the turn's end
     with record_scalars(model) as rec:

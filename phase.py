@@ -60,7 +60,8 @@ def local_cosine(A, B, steps, k):
 
 def comp_scores(Bs):
     """||B_t^T B_T||_F / (||B_t||_F ||B_T||_F) of each step t against the last, B de-meaned over steps. Bs:
-    per step a list of (out, r) matrices, one per adapter, side by side in B_t."""
+    per step a list of (out, r) matrices, one per adapter, side by side in B_t (of different widths:
+    block-diagonal B_t^T B_T)."""
     mean = [np.mean(b, 0) for b in zip(*Bs)]  # per adapter, over steps
     D = [[b - m for b, m in zip(bs, mean)] for bs in Bs]
     groups = {}
