@@ -5,9 +5,9 @@ turns suddenly while the behaviour switches. Every checkpoint is held in memory:
     python phase.py --run out/RUN                                              # the geometry, in seconds
     python phase.py --run out/RUN --behaviour 100,150,200 --multipliers 0.5,1,2  # and EM % with B scaled
 
-Norms of A and B; the local cosine cos(v[t-k] - v[t], v[t+k] - v[t]) of A and B (-1 on a straight path; the
-sudden rotation, "the turn", is a spike towards 0 and above); the comp score against the last checkpoint; a
-PCA of the path; with --behaviour, EM % at chosen checkpoints with B scaled. Writes OUT/phase.json.
+Norms of A and B; the local cosine of A and B (-1 on a straight path; the sudden rotation, "the turn", is a
+spike towards 0 and above); the comp score against the last checkpoint; a PCA of the path; with --behaviour,
+EM % at chosen checkpoints with B scaled. Writes OUT/phase.json.
 Departures: each k uses every step where t - k and t + k exist (the reference: those valid for the largest k);
 all adapters at once (it took one); B as (out, r) in the comp score (its was identically 1 for one adapter).
 """
@@ -28,7 +28,7 @@ from lora import lora_modules, set_lora_scale
 MIN_MOVE = 0.002  # the local cosine skips a step where A and B both moved less (L2) in both windows
 
 def read_checkpoints(run):
-    """[(step, directory, {module name: (A, B)})] of RUN/checkpoints/step_N/, by step."""
+    """[(step, directory, {module name: (A, B)})] of RUN/checkpoints/step_N/."""
     ck = os.path.join(run, "checkpoints")
     if not os.path.isdir(ck):
         raise FileNotFoundError(f"{ck}: no such directory (phase.py reads a train.py run's "
@@ -40,9 +40,9 @@ def read_checkpoints(run):
         raise ValueError(f"{bad}: adapts other modules than {out[0][1]}; give one run's checkpoints")
     return out
 
-def local_cosine(A, B, steps, k, min_move=MIN_MOVE):
+def local_cosine(A, B, steps, k):
     """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B ((n_steps, D) arrays) at each step t with both
-    neighbours, but where A and B both moved less than min_move (a window without movement: cos 0)."""
+    neighbours, but where A and B both moved less than MIN_MOVE."""
     at = {s: i for i, s in enumerate(steps)}
     out = []
     for i, t in enumerate(steps):
@@ -54,7 +54,7 @@ def local_cosine(A, B, steps, k, min_move=MIN_MOVE):
             den = np.linalg.norm(prev) * np.linalg.norm(nxt)
             moved = max(moved, np.linalg.norm(prev), np.linalg.norm(nxt))
             row[key] = float(prev @ nxt / den) if den > 0 else 0.0
-        if moved >= min_move:
+        if moved >= MIN_MOVE:
             out.append(row)
     return out
 
@@ -77,15 +77,15 @@ def comp_scores(Bs):
     return out
 
 def pca2(V):
-    """The rows of V (n, D) on its first two principal components, and the components' variance shares."""
+    """The rows of V (n, D) on its first two principal components, and their variance shares."""
     U, S, _ = np.linalg.svd(V - V.mean(0), full_matrices=False)
     coords, share, k = np.zeros((len(V), 2)), np.zeros(2), min(2, len(S))
     coords[:, :k], share[:k] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
-    return coords.tolist(), share.tolist()
+    return dict(coords=coords.tolist(), explained=share.tolist())
 
 @contextlib.contextmanager
 def checkpoint_scaled(model, tensors, multiplier):
-    """The model with a checkpoint's adapters copied in (the same modules) and every B x multiplier."""
+    """The model with a checkpoint's adapters copied in and every B x multiplier."""
     mods = dict(lora_modules(model))
     with torch.no_grad():
         for n, (A, B) in tensors.items():
@@ -105,11 +105,11 @@ def behaviour(cks, out, steps, multipliers, model=None, **sampling):
     if missing := [s for s in chosen if s not in by_step]:
         raise ValueError(f"--behaviour: no checkpoint at step {missing[0]}; there are {sorted(by_step)}")
     mults = list(dict.fromkeys(multipliers))  # each once: one row per run
-    path = lambda s, m: os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl")
-    runs = [(s, m, path(s, m)) for s in chosen for m in mults]
+    runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl"))
+            for s in chosen for m in mults]
     first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
-    jobs = [(path, dict(adapter=by_step[s][0], lora_scale=m), None,
-             lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, path in runs]
+    jobs = [(f, dict(adapter=by_step[s][0], lora_scale=m), None,
+             lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, f in runs]
     summaries = directions.sample_and_judge(lora.base_model_of(model, first), first, jobs, **sampling)
     rows = [dict(step=s, multiplier=m, n=o["n"], em_pct=o["em_pct"], coherence_pct=o["coherence_pct"], file=f)
             for (s, m, f), o in zip(runs, (x["overall"] for x in summaries))]
@@ -121,7 +121,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="phase.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a train.py output directory with checkpoints/step_N/")
     p.add_argument("--ks", default="5,10,15", help="local-cosine windows in training steps")
-    p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these steps (comma list, or all)")
+    p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these steps (comma list or all)")
     p.add_argument("--multipliers", default="0.5,1,2", help="--behaviour: multiply B by each")
     model_flags(p)
     directions.sampling_flags(p)
@@ -142,7 +142,7 @@ def main(argv=None):
         raise ValueError(f"{args.run}: {len(steps)} checkpoints{where}; the local cosine with k = {max(ks)} "
                          f"needs at least {need}")
 
-    # the geometry: norms, local cosines (the turn: the step where the path bends most), comp score, PCA
+    # the geometry (the turn: the step where the path bends most)
     names = list(cks[0][2])
     flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names])
                                for *_, t in cks])
@@ -157,7 +157,7 @@ def main(argv=None):
                   norms=norms, local_cosine={str(k): v for k, v in local.items()},
                   turn={str(k): v for k, v in turn.items()},
                   comp_score=[dict(step=s, score=c) for s, c in zip(steps, comp)],
-                  pca={v: dict(zip(("coords", "explained"), pca2(M))) for v, M in (("A", A), ("B", B))})
+                  pca=dict(A=pca2(A), B=pca2(B)))
     print_table(["k", "steps kept", "turn of A", "turn of B"],
                 [[k, len(local[k]), turn[k]["A"], turn[k]["B"]] for k in ks])
     claim_dir(out, "phase.py", create=True)
