@@ -411,11 +411,11 @@ def round_into(params, masters):
             p.copy_(m)
 
 @torch.no_grad()
-def evaluate(model, steer, rows, world):
-    """Loss per answer token on the held-out rows (each rank holds a share)."""
-    model.eval()
-    sums = [sft_loss_sum(model, r, steer) for r in rows]
-    model.train()
+def evaluate(model, hook, rows, world=1):
+    """Cross-entropy per answer token over packed rows (each rank holds a share)."""
+    training = model.training
+    sums = [sft_loss_sum(model.eval(), r, hook) for r in rows]
+    model.train(training)
     sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(sn)
