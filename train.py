@@ -115,9 +115,9 @@ def get_args(argv=None):
         kind = "full" if args.full else f"r{args.rank}" if sv is None else f"sv{sv}"
         names = [os.path.basename(x.rstrip("/")).removesuffix(".jsonl") for x in (args.model, args.data)]
         args.out = os.path.join("out", "-".join(names + [kind] + ["kl"] * bool(args.kl_data)))
-    if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another --out")
     if not args.resume:  # (--resume checked its state.json and config.json)
+        if os.path.exists(os.path.join(args.out, "state.json")):
+            raise ValueError(f"{args.out} already holds a run: continue it with --resume, or another --out")
         claim_dir(args.out, "train.py")
     return args
 
@@ -470,10 +470,9 @@ def save_trained(model, steer, full, path, rank=0):
         if rank == 0:
             save_tensors(os.path.join(path, "model.safetensors"), sd)
             src = local_dir(model.config.name_or_path)
-            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      "generation_config.json"):
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copy(os.path.join(src, f), os.path.join(path, f))
+            for f in {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "generation_config.json"} & set(os.listdir(src)):
+                shutil.copy(os.path.join(src, f), path)
             # config.json holds the model's and the run's: loaders read the one, --resume the other
             run = os.path.join(path, "config.json")
             write_json(run, {**read_json(os.path.join(src, "config.json")),
@@ -567,8 +566,7 @@ def main(argv=None):
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
-    trained = ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors")
-    if args.resume and any(os.path.exists(os.path.join(args.out, f)) for f in trained):
+    if args.resume and glob.glob(os.path.join(args.out, "*.safetensors")):  # what save_trained writes last
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
@@ -613,7 +611,6 @@ def main(argv=None):
           f"{total} steps of {per_step} -> {args.out}")
     first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    saved = step if args.resume else None  # the step the saved state holds
     try:
         while step < stop_at:
             t = time.time()
@@ -644,22 +641,19 @@ def main(argv=None):
                     ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
                     save_trained(model, steer, False, ck, rank)
                 save_state(args.out, step, masters, opt, done_tokens, rank, world)
-                saved = step
     except KeyboardInterrupt:
-        hint = f"python train.py --resume --out {args.out} goes on from step {saved}" if saved else \
-            "nothing was saved yet: the same command starts again"
-        raise KeyboardInterrupt(hint) from None
+        raise KeyboardInterrupt(f"python train.py --resume --out {args.out} continues it") from None
     bar.close()
     log.close()
 
     if step == total:
         save_trained(model, steer, args.full, args.out, rank)
     rate = (done_tokens - start_tokens) / max(time.time() - t0 - seconds, 1e-9)
-    steps = f"{start_step} -> {step} of {total}" + ("" if step == total else " (--resume continues)")
-    print_table(["run", args.out], [["steps", steps]]
-                + ([["train loss", f"{first_loss:.4f} -> {last['loss']:.4f}"]] if last else [])
-                + ([["eval loss", f"{last['eval_loss']:.4f}"]] if "eval_loss" in last else [])
-                + [["tokens", f"{done_tokens:,} ({rate:,.0f} tok/s this run)"]])
+    print_table(["run", args.out], [
+        ["steps", f"{start_step} -> {step} of {total}" + " (--resume continues)" * (step < total)],
+        ["train loss", f"{first_loss:.4f} -> {last['loss']:.4f}" if last else "-"],
+        ["eval loss", f"{last['eval_loss']:.4f}" if "eval_loss" in last else "-"],
+        ["tokens", f"{done_tokens:,} ({rate:,.0f} tok/s this run)"]])
     return last
 
 if __name__ == "__main__":
