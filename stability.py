@@ -131,14 +131,11 @@ def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     return res
 
 def print_summary(result):
-    sols = result["solutions"]
-    n, g = sols["narrow"], sols["general"]
+    """The losses and robustness; REPORT.md draws the rescaled losses and the KL curves."""
+    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
     print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
           f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
           f"norm {g['norm']:.4g}")
-    print_table(["scale", "narrow norm", "narrow loss", "general norm", "general loss"],
-                [[a["scale"], a["norm"], a["loss"], b["norm"], b["loss"]]
-                 for a, b in zip(n["rescale"], g["rescale"])])
     pct = lambda x: "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
     print_table(["e", "narrow loss increase %", "general loss increase %"],
                 [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
@@ -184,7 +181,7 @@ def main(argv=None):
     if text:
         result["text"] = dict(file=docs[0], documents=sum(int((r[1] == 0).sum()) for r in text),
                               tokens=sum(int(r[2].sum()) for r in text))
-    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)
+    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)  # 3: with the random one
     bar = tqdm(total=steps, desc="stability")
     sweeps = (scales, eps, args.seeds, text, norms, bar)
     result["solutions"] = {k: solution(model, rows, sv, base_loss, *sweeps) for k, sv in sols.items()}

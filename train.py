@@ -29,11 +29,13 @@ from importlib.metadata import version
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from common import (HelpFormatter, append_jsonl, barrier, check, check_device, claim_dir, dist_setup,
                     open_append, parse_layers, print_table, read_json, read_jsonl, warn, write_json,
                     write_jsonl)
+from data.fetch import dataset_path
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
 from model import load, load_tokenizer, local_dir, read_config, upload
 
@@ -182,8 +184,6 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
 
 def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
     """Tokenized (train, test, kl) conversations, and the sizes config.json records."""
-    from data.fetch import dataset_path
-
     def read(name, loss_on):
         path = dataset_path(name)
         return tokenize(read_conversations(path), tok, max_len, path, loss_on, truncate)
@@ -316,7 +316,6 @@ def accumulate_grads(model, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_
 # torchrun: replicated adapters summed once per step, or FSDP2
 def sync_step(params, loss, kl):
     """Sum the unsharded gradients, the loss and KL over ranks in one all-reduce."""
-    from torch.distributed.tensor import DTensor
     plain = [p for p in params if not isinstance(p, DTensor)]
     flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
                      [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in plain])
@@ -337,7 +336,6 @@ def shard(model, keep_whole):
 
 def whole(t, keep=True):
     """t whole on the CPU (None where not kept); a shard is gathered, so every rank calls this."""
-    from torch.distributed.tensor import DTensor
     t = t.full_tensor() if isinstance(t, DTensor) else t
     return t.detach().cpu().contiguous() if keep else None
 
@@ -426,7 +424,6 @@ def evaluate(model, hook, rows, world=1):
 def memory_plan(model, params, masters, max_len, grad_layers, kl):
     """Bytes per rank at a step's peak: weights, what trains, a row's activations through `grad_layers`
     blocks (without and with --grad-ckpt), the loss head's logits."""
-    from torch.distributed.tensor import DTensor
     cfg, s, T = model.config, model.lm_head.weight.element_size(), max_len
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     gathered = 2 * max(sum(p.numel() for p in b.parameters()) for b in model.model.layers) * s
@@ -576,8 +573,8 @@ def main(argv=None):
     model, _ = load(args.model, args.device, args.dtype)
     steer = None
     if args.steer_layer is not None:
-        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model)
-        steer = steer.to(args.device)
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha,
+                               args.model).to(args.device)
     elif args.full:
         model.requires_grad_(True)
     else:
