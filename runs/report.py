@@ -309,7 +309,8 @@ def sections(d):
     return out
 
 def main(d, note=None):
-    lines = [f"# {os.path.basename(os.path.abspath(d))}", "", "Written by runs/report.py from the files in this directory.", ""]
+    title = os.path.basename(os.path.abspath(d))
+    lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory.", ""]
     lines += [f"**{note}**", ""] if note else []
     lines += training(d) + rates(d) + sections(d)
     with open(f"{d}/REPORT.md.tmp", "w") as f:
