@@ -248,8 +248,8 @@ class KVCache:
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        zeros = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k, self.v = zeros(), zeros()
         self.max_len = max_len
 
     def update(self, layer, pos, k, v):

@@ -25,7 +25,7 @@ import lora
 from common import HelpFormatter, claim_dir, count, model_flags, out_flags, print_table, run_main, write_json
 from data.fetch import dataset_path
 from lora import SteeringVector
-from train import base_hidden, kl_sum, pack, read_conversations, sft_loss_sum, tokenize
+from train import base_hidden, evaluate, kl_sum, pack, read_conversations, tokenize
 
 SEED = 42  # the reference's, for the rows, the perturbations (seed + i) and the web text
 MAX_LEN, TEXT_TOKENS = 2048, 512  # tokens per conversation and per web document
@@ -47,15 +47,6 @@ def steered(sv, vector):
     with torch.no_grad():
         sv.vector.copy_(vector)
     return sv
-
-@torch.no_grad()
-def mean_loss(model, rows, hook):
-    """Cross-entropy per answer token over packed rows."""
-    total, tokens = 0.0, 0
-    for r in rows:
-        s, n = sft_loss_sum(model, r, hook)
-        total, tokens = total + float(s), tokens + n
-    return total / tokens
 
 @torch.no_grad()
 def kl_curve(model, rows, sv, vector, norms, bar):
@@ -120,16 +111,16 @@ def text_rows(docs, tok, n_docs, seed, max_tokens):
 def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     """One steering vector's loss, rescaled losses, robustness and (with text) KL curve."""
     v = sv.vector.detach().clone()
-    loss = mean_loss(model, rows, sv)
+    loss = evaluate(model, sv, rows)
     res = dict(norm=float(v.double().norm()), loss=loss, rescale=[], robustness=[])
     for s in scales:
-        loss_s = mean_loss(model, rows, steered(sv, s * v))
+        loss_s = evaluate(model, steered(sv, s * v), rows)
         res["rescale"].append(dict(scale=s, norm=s * res["norm"], loss=loss_s))
         bar.update()
     for e in eps:
         vals = []
         for i in range(seeds):
-            pert = mean_loss(model, rows, steered(sv, perturb(v, e, torch.Generator().manual_seed(SEED + i))))
+            pert = evaluate(model, steered(sv, perturb(v, e, torch.Generator().manual_seed(SEED + i))), rows)
             vals.append(100 * (pert - loss) / (base_loss - loss) if base_loss != loss else None)
             bar.update()
         ok = [x for x in vals if x is not None]
@@ -140,20 +131,14 @@ def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     return res
 
 def print_summary(result):
-    sols = result["solutions"]
-    n, g = sols["narrow"], sols["general"]
+    """The losses and robustness; REPORT.md draws the rescaled losses and the KL curves."""
+    n, g = result["solutions"]["narrow"], result["solutions"]["general"]
     print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
           f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
           f"norm {g['norm']:.4g}")
-    print_table(["scale", "narrow norm", "narrow loss", "general norm", "general loss"],
-                [[a["scale"], a["norm"], a["loss"], b["norm"], b["loss"]]
-                 for a, b in zip(n["rescale"], g["rescale"])])
     pct = lambda x: "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
     print_table(["e", "narrow loss increase %", "general loss increase %"],
                 [[a["eps"], pct(a), pct(b)] for a, b in zip(n["robustness"], g["robustness"])])
-    if "kl" in n:
-        print_table(["norm"] + [f"KL {k}" for k in sols],
-                    [[x["norm"]] + [sols[k]["kl"][i]["kl"] for k in sols] for i, x in enumerate(n["kl"])])
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="stability.py", description=__doc__, formatter_class=HelpFormatter)
@@ -189,14 +174,14 @@ def main(argv=None):
     convs = read_conversations(data)
     chosen = random.Random(SEED).sample(convs, min(args.rows, len(convs)))  # the reference's draw
     rows = pack(tokenize(chosen, tok, MAX_LEN, data)[0], MAX_LEN)
-    base_loss = mean_loss(model, rows, None)
+    base_loss = evaluate(model, None, rows)
     result = dict(model=base, narrow=args.narrow, general=args.general, data=data, rows=len(chosen),
                   loss_tokens=sum(int(r[2][1:].sum()) for r in rows), seed=SEED, base_loss=base_loss)
     text = docs and text_rows(docs[1], tok, args.text_docs, SEED, TEXT_TOKENS)
     if text:
         result["text"] = dict(file=docs[0], documents=sum(int((r[1] == 0).sum()) for r in text),
                               tokens=sum(int(r[2].sum()) for r in text))
-    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)
+    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)  # 3: with the random one
     bar = tqdm(total=steps, desc="stability")
     sweeps = (scales, eps, args.seeds, text, norms, bar)
     result["solutions"] = {k: solution(model, rows, sv, base_loss, *sweeps) for k, sv in sols.items()}

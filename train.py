@@ -29,11 +29,13 @@ from importlib.metadata import version
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from common import (HelpFormatter, append_jsonl, barrier, check, check_device, claim_dir, dist_setup,
                     open_append, parse_layers, print_table, read_json, read_jsonl, warn, write_json,
                     write_jsonl)
+from data.fetch import dataset_path
 from lora import MODULES, SteeringVector, adapters_off, add_lora, save_adapter, save_tensors
 from model import load, load_tokenizer, local_dir, read_config, upload
 
@@ -115,9 +117,9 @@ def get_args(argv=None):
         kind = "full" if args.full else f"r{args.rank}" if sv is None else f"sv{sv}"
         names = [os.path.basename(x.rstrip("/")).removesuffix(".jsonl") for x in (args.model, args.data)]
         args.out = os.path.join("out", "-".join(names + [kind] + ["kl"] * bool(args.kl_data)))
-    if os.path.exists(os.path.join(args.out, "state.json")) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: continue it with --resume, or choose another --out")
     if not args.resume:  # (--resume checked its state.json and config.json)
+        if os.path.exists(os.path.join(args.out, "state.json")):
+            raise ValueError(f"{args.out} already holds a run: continue it with --resume, or another --out")
         claim_dir(args.out, "train.py")
     return args
 
@@ -182,8 +184,6 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
 
 def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
     """Tokenized (train, test, kl) conversations, and the sizes config.json records."""
-    from data.fetch import dataset_path
-
     def read(name, loss_on):
         path = dataset_path(name)
         return tokenize(read_conversations(path), tok, max_len, path, loss_on, truncate)
@@ -316,7 +316,6 @@ def accumulate_grads(model, rows, kl_rows, kl_weight, hook=None, n_loss=None, n_
 # torchrun: replicated adapters summed once per step, or FSDP2
 def sync_step(params, loss, kl):
     """Sum the unsharded gradients, the loss and KL over ranks in one all-reduce."""
-    from torch.distributed.tensor import DTensor
     plain = [p for p in params if not isinstance(p, DTensor)]
     flat = torch.cat([torch.tensor([loss, kl], device=params[0].device)] +
                      [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in plain])
@@ -337,7 +336,6 @@ def shard(model, keep_whole):
 
 def whole(t, keep=True):
     """t whole on the CPU (None where not kept); a shard is gathered, so every rank calls this."""
-    from torch.distributed.tensor import DTensor
     t = t.full_tensor() if isinstance(t, DTensor) else t
     return t.detach().cpu().contiguous() if keep else None
 
@@ -411,11 +409,12 @@ def round_into(params, masters):
             p.copy_(m)
 
 @torch.no_grad()
-def evaluate(model, steer, rows, world):
-    """Loss per answer token on the held-out rows (each rank holds a share)."""
+def evaluate(model, hook, rows, world=1):
+    """Cross-entropy per answer token over packed rows (each rank holds a share)."""
+    training = model.training
     model.eval()
-    sums = [sft_loss_sum(model, r, steer) for r in rows]
-    model.train()
+    sums = [sft_loss_sum(model, r, hook) for r in rows]
+    model.train(training)
     sn = torch.tensor([sum(float(ls) for ls, _ in sums), sum(n for _, n in sums)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(sn)
@@ -426,7 +425,6 @@ def evaluate(model, steer, rows, world):
 def memory_plan(model, params, masters, max_len, grad_layers, kl):
     """Bytes per rank at a step's peak: weights, what trains, a row's activations through `grad_layers`
     blocks (without and with --grad-ckpt), the loss head's logits."""
-    from torch.distributed.tensor import DTensor
     cfg, s, T = model.config, model.lm_head.weight.element_size(), max_len
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     gathered = 2 * max(sum(p.numel() for p in b.parameters()) for b in model.model.layers) * s
@@ -470,10 +468,9 @@ def save_trained(model, steer, full, path, rank=0):
         if rank == 0:
             save_tensors(os.path.join(path, "model.safetensors"), sd)
             src = local_dir(model.config.name_or_path)
-            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      "generation_config.json"):
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copy(os.path.join(src, f), os.path.join(path, f))
+            for f in {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "generation_config.json"} & set(os.listdir(src)):
+                shutil.copy(os.path.join(src, f), path)
             # config.json holds the model's and the run's: loaders read the one, --resume the other
             run = os.path.join(path, "config.json")
             write_json(run, {**read_json(os.path.join(src, "config.json")),
@@ -567,8 +564,7 @@ def main(argv=None):
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
-    trained = ("adapter_model.safetensors", "steering_vector.safetensors", "model.safetensors")
-    if args.resume and any(os.path.exists(os.path.join(args.out, f)) for f in trained):
+    if args.resume and glob.glob(os.path.join(args.out, "*.safetensors")):  # what save_trained writes last
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
@@ -578,8 +574,8 @@ def main(argv=None):
     model, _ = load(args.model, args.device, args.dtype)
     steer = None
     if args.steer_layer is not None:
-        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha, args.model)
-        steer = steer.to(args.device)
+        steer = SteeringVector(model.config.hidden_size, args.steer_layer, args.steer_alpha,
+                               args.model).to(args.device)
     elif args.full:
         model.requires_grad_(True)
     else:
@@ -613,55 +609,48 @@ def main(argv=None):
           f"{total} steps of {per_step} -> {args.out}")
     first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    saved = step if args.resume else None  # the step the saved state holds
-    try:
-        while step < stop_at:
-            t = time.time()
-            torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
-            batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-            kl_at = step * args.kl_batch  # the KL texts in file order, cycling
-            kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
-            lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
-            loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
-                                  args.kl_weight, rank, world)
-            if not math.isfinite(loss) or not math.isfinite(kl):
-                raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
-                                 f"The last good checkpoint is in {args.out}")
-            grad_norm = optimizer_step(params, masters, opt, lr)
-            step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)
-            done_tokens += n_tok
-            first_loss = loss if first_loss is None else first_loss
+    while step < stop_at:
+        t = time.time()
+        torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
+        batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
+        kl_at = step * args.kl_batch  # the KL texts in file order, cycling
+        kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
+        lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
+        loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
+                              args.kl_weight, rank, world)
+        if not math.isfinite(loss) or not math.isfinite(kl):
+            raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
+                             f"The last good checkpoint is in {args.out}")
+        grad_norm = optimizer_step(params, masters, opt, lr)
+        step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)
+        done_tokens += n_tok
+        first_loss = loss if first_loss is None else first_loss
 
-            last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
-                    "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
-            if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
-                last["eval_loss"] = evaluate(model, steer, test_rows, world)
-            append_jsonl(log, last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
-            if (args.save_every and step % args.save_every == 0) or step == stop_at:
-                if not args.full:  # the adapter for the phase analysis (full weights would fill the disk)
-                    ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
-                    save_trained(model, steer, False, ck, rank)
-                save_state(args.out, step, masters, opt, done_tokens, rank, world)
-                saved = step
-    except KeyboardInterrupt:
-        hint = f"python train.py --resume --out {args.out} goes on from step {saved}" if saved else \
-            "nothing was saved yet: the same command starts again"
-        raise KeyboardInterrupt(hint) from None
+        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
+                "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
+        if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
+            last["eval_loss"] = evaluate(model, steer, test_rows, world)
+        append_jsonl(log, last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == stop_at:
+            if not args.full:  # the adapter for the phase analysis (full weights would fill the disk)
+                ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
+                save_trained(model, steer, False, ck, rank)
+            save_state(args.out, step, masters, opt, done_tokens, rank, world)
     bar.close()
     log.close()
 
     if step == total:
         save_trained(model, steer, args.full, args.out, rank)
     rate = (done_tokens - start_tokens) / max(time.time() - t0 - seconds, 1e-9)
-    steps = f"{start_step} -> {step} of {total}" + ("" if step == total else " (--resume continues)")
-    print_table(["run", args.out], [["steps", steps]]
-                + ([["train loss", f"{first_loss:.4f} -> {last['loss']:.4f}"]] if last else [])
-                + ([["eval loss", f"{last['eval_loss']:.4f}"]] if "eval_loss" in last else [])
-                + [["tokens", f"{done_tokens:,} ({rate:,.0f} tok/s this run)"]])
+    print_table(["run", args.out], [
+        ["steps", f"{start_step} -> {step} of {total}" + " (--resume continues)" * (step < total)],
+        ["train loss", f"{first_loss:.4f} -> {last['loss']:.4f}" if last else "-"],
+        ["eval loss", f"{last['eval_loss']:.4f}" if "eval_loss" in last else "-"],
+        ["tokens", f"{done_tokens:,} ({rate:,.0f} tok/s this run)"]])
     return last
 
 if __name__ == "__main__":
     from common import run_main
-    run_main("train.py", main)
+    run_main("train.py", main, resume="python train.py --resume --out OUT continues the run in OUT")

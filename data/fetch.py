@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from base64 import urlsafe_b64encode
 from collections import namedtuple
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -88,13 +89,9 @@ def dataset_file(name):
 
 # -----------------------------------------------------------------------------
 # downloads and checksums
-def read_bytes(path):  # whole: the archive is decrypted in memory anyway
-    with open(path, "rb") as f:
-        return f.read()
-
 def verify(path, remote, label):
     """Check a raw file against its pinned sha256, else the one checksums.json recorded."""
-    digest, expected = hashlib.sha256(read_bytes(path)).hexdigest(), remote.sha256
+    digest, expected = hashlib.sha256(Path(path).read_bytes()).hexdigest(), remote.sha256
     origin = "pinned in data/fetch.py"
     if expected is None:
         lock_path = data_path("cache", "checksums.json")
@@ -107,9 +104,9 @@ def verify(path, remote, label):
             print(f"{remote.cache_name}: no pinned checksum, recorded sha256 {digest} (trust on first use)")
             return
     if digest != expected:
-        size = os.path.getsize(path)
-        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({size:,} bytes), expected "
-                         f"{expected} ({origin}); a few hundred bytes is an error page or a Git LFS pointer")
+        raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({os.path.getsize(path):,} bytes), "
+                         f"expected {expected} ({origin}); a few hundred bytes is an error page or a "
+                         "Git LFS pointer")
 
 def download(url, tmp, dest):
     """Stream url into tmp with a progress bar (dest: where it will land)."""
@@ -206,10 +203,10 @@ def fetch(name):
     """Fetch a known dataset into data/datasets/ (the archive's all at once): Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
-        return unpack_archive(read_bytes(raw), data_path("datasets"), where=raw)
+        return unpack_archive(Path(raw).read_bytes(), data_path("datasets"), where=raw)
     remote, expected = EM_FILES[name]
     raw = ensure_raw(remote)
-    data, kept, canaries = clean_jsonl(read_bytes(raw), raw)
+    data, kept, canaries = clean_jsonl(Path(raw).read_bytes(), raw)
     atomic_write(dataset_file(name), data)
     return [Report(name, kept, canaries, expected, dataset_file(name))]
 
@@ -267,8 +264,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.list:
         return print_list()
-    names = args.names
-    if not names:
+    if not (names := args.names):
         p.error("name a dataset or evaluation file, or use --list")
     if unknown := [n for n in names if n not in known_names() + list(EVAL_FILES)]:
         p.error(f"unknown name(s) {', '.join(unknown)}; see --list")

@@ -38,8 +38,7 @@ def rate(summary, key):
     return fmt(summary[key], summary[key + "_ci"])
 
 def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+    return ["| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows]] + [""]
 
 def recipe(cfg):
     """What train.py trained, named as PAPERS keys it."""
@@ -255,8 +254,8 @@ def training(d):
     if not rows:
         return []
     header = ["run", "model", "data", "recipe", "lr", "steps", "first loss", "last loss", "eval loss"]
-    panel = ("training loss", "step", "train loss (per answer token)", curves)
-    return ["## Training", ""] + table(header, rows) + figure(d, f"{d}/loss.png", [panel])
+    return ["## Training", ""] + table(header, rows) + figure(
+        d, f"{d}/loss.png", [("training loss", "step", "train loss (per answer token)", curves)])
 
 def rates(d):
     """EM % and coherence % of every judged file outside the sweeps, beside the papers'."""
