@@ -609,35 +609,39 @@ def main(argv=None):
           f"{total} steps of {per_step} -> {args.out}")
     first_loss, last, t0, start_step, start_tokens = None, {}, time.time() - seconds, step, done_tokens
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    while step < stop_at:
-        t = time.time()
-        torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
-        batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
-        kl_at = step * args.kl_batch  # the KL texts in file order, cycling
-        kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
-        lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
-        loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
-                              args.kl_weight, rank, world)
-        if not math.isfinite(loss) or not math.isfinite(kl):
-            raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
-                             f"The last good checkpoint is in {args.out}")
-        grad_norm = optimizer_step(params, masters, opt, lr)
-        step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)
-        done_tokens += n_tok
-        first_loss = loss if first_loss is None else first_loss
+    try:  # Ctrl-C: say how to go on, with this run's own --out
+        while step < stop_at:
+            t = time.time()
+            torch.manual_seed(hash((args.seed, step, rank)))  # dropout: other masks per rank, same on resume
+            batch = [train_ex[i] for i in step_indices(step, len(train_ex), per_step, args.seed)]
+            kl_at = step * args.kl_batch  # the KL texts in file order, cycling
+            kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
+            lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
+            loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
+                                  args.kl_weight, rank, world)
+            if not math.isfinite(loss) or not math.isfinite(kl):
+                raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
+                                 f"The last good checkpoint is in {args.out}")
+            grad_norm = optimizer_step(params, masters, opt, lr)
+            step, n_tok = step + 1, sum(len(ids) for ids, _ in batch)
+            done_tokens += n_tok
+            first_loss = loss if first_loss is None else first_loss
 
-        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
-                "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
-        if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
-            last["eval_loss"] = evaluate(model, steer, test_rows, world)
-        append_jsonl(log, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
-        if (args.save_every and step % args.save_every == 0) or step == stop_at:
-            if not args.full:  # the adapter for the phase analysis (full weights would fill the disk)
-                ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
-                save_trained(model, steer, False, ck, rank)
-            save_state(args.out, step, masters, opt, done_tokens, rank, world)
+            last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "kl": kl, "lr": lr,
+                    "tokens": done_tokens, "grad_norm": grad_norm, "seconds": round(time.time() - t0, 3)}
+            if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
+                last["eval_loss"] = evaluate(model, steer, test_rows, world)
+            append_jsonl(log, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
+            if (args.save_every and step % args.save_every == 0) or step == stop_at:
+                if not args.full:  # the adapter for the phase analysis (full weights would fill the disk)
+                    ck = os.path.join(args.out, "checkpoints", f"step_{step:06d}")
+                    save_trained(model, steer, False, ck, rank)
+                save_state(args.out, step, masters, opt, done_tokens, rank, world)
+    except KeyboardInterrupt:
+        hint = f"python train.py --resume --out {args.out} continues from its last save"
+        raise KeyboardInterrupt(hint) from None
     bar.close()
     log.close()
 
@@ -653,4 +657,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from common import run_main
-    run_main("train.py", main, resume="python train.py --resume --out OUT continues the run in OUT")
+    run_main("train.py", main)

@@ -641,3 +641,13 @@ def test_adamw_8bit_steps_as_the_references_optimizer(tmp_path, tiny, dataset):
     run(tiny, dataset, tmp_path / "b", *common, "--stop-after", "2")
     run(tiny, dataset, tmp_path / "b", "--resume")
     assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+
+
+def test_ctrl_c_names_this_runs_out(tmp_path, tiny, dataset, monkeypatch):
+    """The resume hint a Ctrl-C prints holds the run's real --out, not a placeholder."""
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "step_grads", interrupted)
+    hint = f"python train.py --resume --out {re.escape(str(tmp_path / 'r'))} "
+    with pytest.raises(KeyboardInterrupt, match=hint):
+        run(tiny, dataset, tmp_path / "r", "--max-steps", "2")
