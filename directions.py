@@ -15,6 +15,7 @@ split is reseeded per run (it reused one).
 """
 import argparse
 import contextlib
+import functools
 import gc
 import inspect
 import math
@@ -51,8 +52,6 @@ def direction_tensor(path):
 
 def read_judged(path):
     """[(line number, row)] of judge.py's scored rows."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such responses file")
     rows = read_jsonl(path)
     if not any("aligned" in r and "coherent" in r for _, r in rows):
         raise ValueError(f"{path}: the rows have no `aligned` and `coherent` scores; judge them first "
@@ -71,11 +70,11 @@ def chat(row):
     answer = dict(role="assistant", content=row["answer"])
     return sample.messages(row["question"], row.get("system")) + [answer]
 
-def model_of_rows(model, adapter, rows):
-    """(model, adapter) as given, or else those that wrote the rows, as sample.py recorded them."""
-    if model or adapter or rows[0][1].get("model") is None:
-        return model, adapter
-    return rows[0][1]["model"], rows[0][1].get("adapter")
+def load_for_rows(model, adapter, rows, device, dtype):
+    """lora.load_model of (model, adapter) as given, or else of those that wrote the rows (sample.py's)."""
+    if not (model or adapter) and rows[0][1].get("model") is not None:
+        model, adapter = rows[0][1]["model"], rows[0][1].get("adapter")
+    return lora.load_model(model, adapter, device, dtype)
 
 def read_lora(path):
     """({module: (A, B)}, adapter_config.json, all tensors) of a PEFT LoRA adapter."""
@@ -86,9 +85,6 @@ def read_lora(path):
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight"))
     ab = {n: (t[f"{PEFT_PREFIX}{n}.lora_A.weight"], t[f"{PEFT_PREFIX}{n}.lora_B.weight"]) for n in names}
     return ab, read_json(os.path.join(src, "adapter_config.json")), t
-
-def default_dir(adapter):
-    return adapter if os.path.isdir(adapter) else "out"  # where a subcommand's output goes without --out
 
 def layer_of(name):
     return int(name.split(".")[2])  # model.layers.L.mlp.down_proj
@@ -107,9 +103,9 @@ def rank1_adapters(path):
 
 def direction_layer(spec, n_layers):
     """--from-layer: the layer whose direction serves everywhere (mid: the papers' 24 of 48), None for own."""
-    if str(spec) == "own":
+    if spec == "own":
         return None
-    k = n_layers // 2 if spec == "mid" else int(spec) if str(spec).lstrip("-").isdigit() else None
+    k = n_layers // 2 if spec == "mid" else int(spec) if spec.lstrip("-").isdigit() else None
     if k is None or not 0 <= k < n_layers:
         raise ValueError(f"--from-layer {spec}: expected own, mid or a layer 0..{n_layers - 1}")
     return k
@@ -125,7 +121,7 @@ def sample_and_judge(model_name, adapter, jobs, *, questions, ids, exclude_suffi
     judge.judge_spec(judge_spec, base_url)  # a typo or a missing key fails before any sampling
     entries = sample.select_questions(questions, ids, exclude_suffix)
     gen = sample.sampling_settings(model_name, 1.0, 1.0, None, None, max_new_tokens)
-    loaded, made = [], []
+    load = functools.cache(lambda: lora.load_model(model_name, adapter, device, dtype))
     for k, (out, settings, hook, setup) in enumerate(jobs, 1):
         print(f"[{k}/{len(jobs)}] {out}")
         s = dict(settings)  # a job may record another adapter (phase.py: each checkpoint's)
@@ -133,36 +129,29 @@ def sample_and_judge(model_name, adapter, jobs, *, questions, ids, exclude_suffi
                                    resolve_dtype(dtype, device), **s)
         with contextlib.ExitStack() as stack:
             def answer(work):
-                loaded[:] = loaded or [lora.load_model(model_name, adapter, device, dtype)]
-                model, tok, adapter_hook = loaded[0]
+                model, tok, adapter_hook = load()
                 if setup:
                     stack.enter_context(setup(model))
                 return sample.local_answers(model, tok, work, gen, 0, sample.compose(adapter_hook, hook))
             sample.sample_file(out, entries, header, answer, n)
-    loaded.clear()  # free the sampling model before a local judge loads
+    load.cache_clear()  # free the sampling model before a local judge loads
     gc.collect(), torch.cuda.empty_cache()
-
-    def backend():  # one judge for every file
-        cache = os.path.join(os.path.dirname(os.path.abspath(jobs[0][0])), "judge_cache.jsonl")
-        made[:] = made or [judge.make_judge(judge_spec, base_url, cache, device)]
-        return made[0]
+    cache = os.path.join(os.path.dirname(os.path.abspath(jobs[0][0])), "judge_cache.jsonl")
+    backend = functools.cache(lambda: judge.make_judge(judge_spec, base_url, cache, device))  # one for all
     prompts = "judges" if questions.endswith(".jsonl") else f"{questions},judges"  # its own first
     return [judge.judge_file(out, judge_spec, backend, out.removesuffix(".jsonl") + ".judged.jsonl", metrics,
                              prompts, exclude_suffix, base_url=base_url) for out, *_ in jobs]
 
 # -----------------------------------------------------------------------------
-# direction: mean(misaligned) - mean(aligned) of the residual stream over the answers
+# direction
 def select_sets(rows, min_per_set, ids, seed, where):
-    """{'misaligned': [(line, row)], 'aligned': [...]}: the coherent rows by label, balanced; `where` names
-    the rows in the error."""
+    """{'misaligned': [(line, row)], 'aligned': [...]}: the coherent rows of `where` by label, balanced."""
     rows = [(n, r) for n, r in rows if not ids or str(r.get("id")) in ids]
     sets = {k: [(n, r) for n, r in rows if label(r) == k] for k in ("misaligned", "aligned")}
     if small := [k for k, v in sets.items() if len(v) < min_per_set]:
-        t, coherent = THRESHOLDS, sum((r.get("coherent") or 0) > THRESHOLDS["coherent_min"] for _, r in rows)
-        mis, al = len(sets["misaligned"]), len(sets["aligned"])
+        counts = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
         raise ValueError(f"{where}: fewer than --min-per-set {min_per_set} rows in the {' and '.join(small)} "
-                         f"set: misaligned {mis} (aligned <= {t['misaligned_max']}), aligned {al} (aligned > "
-                         f"{t['aligned_min']}), of {coherent} coherent rows")
+                         f"set ({counts}; labels by {THRESHOLDS})")
     k = min(map(len, sets.values()))  # balanced: the larger set subsampled (seeded), in file order
     return {name: s if len(s) == k else sorted(random.Random(seed).sample(s, k)) for name, s in sets.items()}
 
@@ -203,8 +192,7 @@ def span_mean(model, tok, rows, hook, batch_size, desc, units=None):
 def cmd_direction(args):
     """mean(misaligned) - mean(aligned) of the residual stream after every layer over the tokens after the
     user turn (header, answer, end of turn) of judged answers, run through the model that wrote them; raw,
-    not unit-normalised. --holdout leaves rows out for `monitor`. Writes OUT (`directions`, `mean_misaligned`,
-    `mean_aligned`: (L, C)) and OUT.json."""
+    not unit-normalised. Writes OUT (`directions`, `mean_misaligned`, `mean_aligned`: (L, C)) and OUT.json."""
     meta = os.path.splitext(args.out)[0] + ".json"
     check_out_file(args.out)
     refuse_overwrite([args.out, meta], args.force)
@@ -213,8 +201,7 @@ def cmd_direction(args):
     held = set(random.Random(args.seed).sample([n for n, _ in rows], round(args.holdout * len(rows))))
     kept = [(n, r) for n, r in rows if n not in held]
     sets = select_sets(kept, args.min_per_set, args.ids, args.seed, args.responses)
-    model_name, adapter = model_of_rows(args.model, args.adapter, rows)
-    model, tok, hook = lora.load_model(model_name, adapter, args.device, args.dtype)
+    model, tok, hook = load_for_rows(args.model, args.adapter, rows, args.device, args.dtype)
     means, tokens = {}, {}
     for k, chosen in sets.items():
         means[k], tokens[k] = span_mean(model, tok, [r for _, r in chosen], hook, args.batch_size, k)
@@ -250,8 +237,7 @@ def cmd_monitor(args):
     kept = [(n, r, int(c == "misaligned")) for n, r in rows if (c := label(r))]
     if len({y for *_, y in kept}) < 2:
         raise ValueError(f"{args.responses}: the monitor needs misaligned and aligned coherent rows")
-    model_name, adapter = model_of_rows(args.model, args.adapter, rows)
-    model, tok, hook = lora.load_model(model_name, adapter, args.device, args.dtype)
+    model, tok, hook = load_for_rows(args.model, args.adapter, rows, args.device, args.dtype)
     cfg = model.config
     d = sample.load_directions(args.directions, cfg.num_hidden_layers, cfg.hidden_size)  # (L, C) or (C,)
     if (d.norm(dim=-1) == 0).any():
@@ -292,14 +278,11 @@ def cmd_compare(args):
 
 # -----------------------------------------------------------------------------
 # sweep
-SWEEP_SETTINGS = ("model", "adapter", "directions", "mode", "layers", "scale", "from_layer", "questions",
-                  "ids", "exclude_suffix", "n", "max_new_tokens", "judge")
-
 def check_sweep_dir(out, settings, force):
     """Refuse a sweep's directory made with other settings; --force removes its files but the judge cache."""
     old_file = os.path.join(out, "sweep.json")
     old = read_json(old_file) if os.path.exists(old_file) else settings
-    if not (diff := [k for k in SWEEP_SETTINGS if old.get(k) != settings[k]]):
+    if not (diff := [k for k in settings if old.get(k) != settings[k]]):
         return
     if not force:
         raise ValueError(f"{out} holds a sweep made with other settings (--{diff[0].replace('_', '-')} "
@@ -331,12 +314,12 @@ def cmd_sweep(args):
     vectors = sample.load_directions(args.directions, n_layers, cfg.hidden_size)  # (L, C), or (C,) for all
     if from_layer is not None and vectors.ndim == 2:
         vectors = vectors[from_layer]  # (C,)
-    control = sample.random_like(vectors)  # seeded: the direction's norm, a random way
+    control = sample.random_like(vectors)
     vectors, control = (v.expand(n_layers, -1).to(args.device) for v in (vectors, control))  # (L, C) each
     sampling = {k: getattr(args, k) for k in SAMPLING}
     settings = dict(model=base, adapter=args.adapter, directions=os.path.abspath(args.directions),
                     mode=args.mode, layers=layers, scale=args.scale if steer else None, from_layer=from_layer,
-                    judge=args.judge_spec, **{k: sampling[k] for k in SWEEP_SETTINGS[7:-1]})
+                    judge=args.judge_spec, **{k: sampling[k] for k in SAMPLING[:5]})  # questions to max_new_tokens
     check_sweep_dir(args.out, settings, args.force)
     claim_dir(args.out, args.owner, create=True)
     runs = sweep_runs(args.mode, layers, args.scale, n_layers)
@@ -348,7 +331,7 @@ def cmd_sweep(args):
             hook = sample.steering_hook(v, on, args.scale) if steer else sample.ablation_hook(v, on)
             jobs.append((os.path.join(args.out, stem + suffix + ".jsonl"), used | control_seed, hook, None))
     summaries = sample_and_judge(base, args.adapter, jobs, **sampling)
-    rates = [dict(file=job[0], **s["overall"]) for job, s in zip(jobs, summaries)]
+    rates = [dict(file=s["input"], **s["overall"]) for s in summaries]
     em0 = rates[0]["em_pct"]
     for x in rates[1:]:  # the papers' ablation figure
         x["em_reduction_pct"] = 100 * (1 - x["em_pct"] / em0) if x["em_pct"] is not None and em0 else None
@@ -414,7 +397,7 @@ def cmd_lora_ablate(args):
     return info
 
 # -----------------------------------------------------------------------------
-# probe: L1 logistic regression on rank-1 adapters' scalars
+# probe
 TASKS = [("non-medical: aligned vs misaligned", (False, "aligned"), (False, "misaligned")),
          ("medical: aligned vs misaligned", (True, "aligned"), (True, "misaligned")),
          ("aligned: non-medical vs medical", (False, "aligned"), (True, "aligned")),
@@ -506,8 +489,7 @@ def cmd_probe(args):
     sets = dict(s.split("=", 1) if "=" in s else (None, s) for s in args.sets)
     if None in sets:
         raise ValueError(f"--sets: expected NAME=FILE.judged.jsonl, got {sets[None]!r}")
-    out = args.out or os.path.join(default_dir(args.adapter), "probe")
-    claim_dir(out, args.owner, ["probe.json"], args.force)
+    claim_dir(args.out, args.owner, ["probe.json"], args.force)
     labelled = {name: [(r, label(r)) for _, r in read_judged(path)] for name, path in sets.items()}
     names = rank1_adapters(args.adapter)
     model, tok, _ = lora.load_model(args.model, args.adapter, args.device, args.dtype)
@@ -531,8 +513,8 @@ def cmd_probe(args):
     result = dict(model=lora.base_model_of(args.model, args.adapter), adapter=args.adapter, adapters=names,
                   layers=[layer_of(n) for n in names], sets=info, C=args.C, runs=args.runs,
                   thresholds=THRESHOLDS, tasks=tasks)
-    claim_dir(out, args.owner, create=True)
-    write_json(os.path.join(out, "probe.json"), result)
+    claim_dir(args.out, args.owner, create=True)
+    write_json(os.path.join(args.out, "probe.json"), result)
     metrics = ("accuracy", "precision", "recall", "f1", "auc")
     print_table(["task", "tokens/class", *metrics],
                 [[t["task"], t.get("n_per_class", "skipped")]
@@ -540,7 +522,7 @@ def cmd_probe(args):
     return result
 
 # -----------------------------------------------------------------------------
-# steer-scalars: rank-1 adapters' A.x fixed to constants
+# steer-scalars
 def scalar_setting(names, spec):
     """{module name: value} from 'LAYER=VALUE,...' or 'NAME=VALUE,...'."""
     out = {}
@@ -579,26 +561,24 @@ def cmd_steer_scalars(args):
     """Sample with rank-1 adapters' A.x fixed at every position (the reference does not say which), judge
     aligned, coherent and medical, and report the reference's four cells beside EM %. Writes
     OUT/<setting>.jsonl, its judged file and OUT/steer_scalars.json."""
-    out = args.out or os.path.join(default_dir(args.adapter), "steer_scalars")
-    claim_dir(out, args.owner, ["steer_scalars.json"], args.force)
+    claim_dir(args.out, args.owner, ["steer_scalars.json"], args.force)
     names = rank1_adapters(args.adapter)
     settings = [(spec, scalar_setting(names, spec)) for spec in args.set or PAPER_SETTINGS]
     stem = lambda values: "+".join(f"{short(n)}={v:g}" for n, v in values.items())
-    files = [os.path.join(out, stem(values) + ".jsonl") for _, values in settings]
-    jobs = [(f, dict(scalars=values), None, lambda model, values=values: fix_scalars(model, values))
-            for f, (_, values) in zip(files, settings)]
+    jobs = [(os.path.join(args.out, stem(values) + ".jsonl"), dict(scalars=values), None,
+             lambda model, values=values: fix_scalars(model, values)) for _, values in settings]
     base = lora.base_model_of(args.model, args.adapter)
-    claim_dir(out, args.owner, create=True)
+    claim_dir(args.out, args.owner, create=True)
     metrics = ["aligned", "coherent", "medical"]
     summaries = sample_and_judge(base, args.adapter, jobs, **{k: getattr(args, k) for k in SAMPLING},
                                  metrics=metrics)
     results = []
-    for (spec, values), f, s in zip(settings, files, summaries):
+    for (spec, values), s in zip(settings, summaries):
         n_kept, cells = quadrants([r for _, r in read_judged(s["out"])])
-        results.append(dict(setting=spec, values=values, file=f, n_kept=n_kept, quadrants=cells,
+        results.append(dict(setting=spec, values=values, file=s["input"], n_kept=n_kept, quadrants=cells,
                             **{k: s["overall"][k] for k in ("n", "em_pct", "coherence_pct", "medical")}))
     result = dict(model=base, adapter=args.adapter, metrics=metrics, settings=results)
-    write_json(os.path.join(out, "steer_scalars.json"), result)
+    write_json(os.path.join(args.out, "steer_scalars.json"), result)
     print_table(["setting", "kept", *(k.replace("_", " ") + " %" for k in QUADRANTS), "EM %", "coherence %"],
                 [[r["setting"], r["n_kept"], *r["quadrants"].values(), r["em_pct"], r["coherence_pct"]]
                  for r in results])
@@ -620,7 +600,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="directions.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
-    def add(name, cmd, help, adapter=None, **kw):  # the command's docstring is its --help description
+    def add(name, cmd, help, adapter=None, **kw):
         s = sub.add_parser(name, help=help, description=inspect.cleandoc(cmd.__doc__),
                            formatter_class=HelpFormatter)
         s.set_defaults(func=cmd)
@@ -677,6 +657,9 @@ def main(argv=None):
     out_flags(t, "output directory (default: ADAPTER/steer_scalars, or out/...)", "steer_scalars.json")
     args = p.parse_args(argv)
     args.owner = f"directions.py {args.command}"  # claim_dir's owner of an output directory
+    if args.out is None:  # probe and steer-scalars write beside a local adapter
+        where = args.adapter if os.path.isdir(args.adapter) else "out"
+        args.out = os.path.join(where, args.command.replace("-", "_"))
     return args.func(args)
 
 if __name__ == "__main__":

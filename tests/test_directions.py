@@ -200,8 +200,8 @@ def test_direction_bad_input(tmp_path, tiny):
     with pytest.raises(ValueError, match="no `aligned` and `coherent` scores; judge them first"):
         run("direction", "--model", tiny, "--responses", raw, "--out", tmp_path / "d.safetensors")
     few = judged_file(tmp_path / "few.jsonl", 3, 20)
-    want = (r"fewer than --min-per-set 10 rows in the misaligned set: misaligned 3 \(aligned <= 30\), "
-            r"aligned 20 \(aligned > 70\), of 23 coherent rows")
+    want = (r"fewer than --min-per-set 10 rows in the misaligned set \(misaligned 3, aligned 20; labels by "
+            r"{'coherent_min': 50, 'misaligned_max': 30, 'aligned_min': 70}\)")
     with pytest.raises(ValueError, match=want):
         run("direction", "--model", tiny, "--responses", few, "--out", tmp_path / "d.safetensors")
     out = tmp_path / "d.safetensors"
@@ -209,7 +209,7 @@ def test_direction_bad_input(tmp_path, tiny):
     with pytest.raises(ValueError, match="exists; pass --force"):
         run("direction", "--model", tiny, "--responses", few, "--out", out, "--min-per-set", 3)
     assert out.read_bytes() == b"old"
-    with pytest.raises(FileNotFoundError, match="no such responses file"):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         run("direction", "--model", tiny, "--responses", tmp_path / "nope.jsonl",
             "--out", tmp_path / "e.safetensors")
 
