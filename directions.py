@@ -105,7 +105,7 @@ def direction_layer(spec, n_layers):
     """--from-layer: the layer whose direction serves everywhere (mid: the papers' 24 of 48), None for own."""
     if spec == "own":
         return None
-    k = n_layers // 2 if spec == "mid" else int(spec) if spec.lstrip("-").isdigit() else None
+    k = n_layers // 2 if spec == "mid" else int(spec) if spec.isdigit() else None
     if k is None or not 0 <= k < n_layers:
         raise ValueError(f"--from-layer {spec}: expected own, mid or a layer 0..{n_layers - 1}")
     return k
@@ -293,7 +293,7 @@ def check_sweep_dir(out, settings, force):
             os.remove(os.path.join(out, f))
 
 def sweep_runs(mode, layers, scale, n_layers):
-    """[(label, stem, layers)]: steer one layer at a time (as the reference), or ablate all at once."""
+    """[(label, stem, layers)] of the intervention runs (see cmd_sweep)."""
     if mode == "steer":
         return [(i, f"steer_L{i}_scale{scale:g}", [i]) for i in layers]
     every = len(layers) == n_layers
@@ -309,7 +309,7 @@ def cmd_sweep(args):
     base = lora.base_model_of(args.model, args.adapter)
     cfg = read_config(base)
     n_layers, steer = cfg.num_hidden_layers, args.mode == "steer"
-    layers = parse_layers(args.layers, n_layers, "--layers")
+    layers = parse_layers(args.layers, n_layers)
     from_layer = direction_layer(args.from_layer, n_layers)
     vectors = sample.load_directions(args.directions, n_layers, cfg.hidden_size)  # (L, C), or (C,) for all
     if from_layer is not None and vectors.ndim == 2:
@@ -319,7 +319,7 @@ def cmd_sweep(args):
     sampling = {k: getattr(args, k) for k in SAMPLING}
     settings = dict(model=base, adapter=args.adapter, directions=os.path.abspath(args.directions),
                     mode=args.mode, layers=layers, scale=args.scale if steer else None, from_layer=from_layer,
-                    judge=args.judge_spec, **{k: sampling[k] for k in SAMPLING[:5]})  # questions to max_new_tokens
+                    judge=args.judge_spec, **{k: sampling[k] for k in SAMPLING[:5]})  # to max_new_tokens
     check_sweep_dir(args.out, settings, args.force)
     claim_dir(args.out, args.owner, create=True)
     runs = sweep_runs(args.mode, layers, args.scale, n_layers)
@@ -368,7 +368,7 @@ def cmd_lora_ablate(args):
         if tuple(d.shape) != (shape := ((c := read_config(base)).num_hidden_layers, c.hidden_size)):
             raise ValueError(f"{args.directions}: directions of shape {tuple(d.shape)} do not fit the "
                              f"adapter's model {base}, whose shape is {shape}")
-    layers = parse_layers(args.layers, d.shape[0] if d.ndim == 2 else max(down) + 1, "--layers")
+    layers = parse_layers(args.layers, d.shape[0] if d.ndim == 2 else max(down) + 1)
     if args.layers != "all" and (missing := sorted(set(layers) - set(down))):
         raise ValueError(f"--layers {args.layers}: the adapter has no down_proj LoRA at layer {missing[0]} "
                          f"(it has layers {sorted(down)})")

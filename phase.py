@@ -12,7 +12,6 @@ Departures: each k uses every step where t - k and t + k exist (the reference: t
 all adapters at once (it took one); B as (out, r) in the comp score (its was identically 1 for one adapter).
 """
 import argparse
-import contextlib
 import math
 import os
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import directions
 import lora
 from common import HelpFormatter, claim_dir, model_flags, out_flags, print_table, run_main, write_json
-from lora import lora_modules, set_lora_scale
+from lora import lora_modules
 
 MIN_MOVE = 0.002  # the local cosine skips a step where A and B both moved less (L2) in both windows
 
@@ -42,7 +41,7 @@ def read_checkpoints(run):
 
 def local_cosine(A, B, steps, k):
     """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B ((n_steps, D) arrays) at each step t with both
-    neighbours, but where A and B both moved less than MIN_MOVE."""
+    neighbours (but see MIN_MOVE)."""
     at = {s: i for i, s in enumerate(steps)}
     out = []
     for i, t in enumerate(steps):
@@ -83,21 +82,16 @@ def pca2(V):
     coords[:, :k], share[:k] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
     return dict(coords=coords.tolist(), explained=share.tolist())
 
-@contextlib.contextmanager
 def checkpoint_scaled(model, tensors, multiplier):
-    """The model with a checkpoint's adapters copied in and every B x multiplier."""
+    """Copy a checkpoint's adapters into the model; while inside, every B x multiplier."""
     mods = dict(lora_modules(model))
     with torch.no_grad():
         for n, (A, B) in tensors.items():
             mods[n].lora_A.copy_(A)
             mods[n].lora_B.copy_(B)
-    set_lora_scale(model, multiplier)
-    try:
-        yield
-    finally:
-        set_lora_scale(model, 1.0)
+    return lora.temporarily(mods.values(), "multiplier", [multiplier] * len(mods))
 
-def behaviour(cks, out, steps, multipliers, model=None, **sampling):
+def behaviour(cks, out, steps, multipliers, model, **sampling):
     """EM % of the checkpoints at `steps` (None: all) with B x each multiplier, sampled and judged
     (resumable); sampling: directions.sample_and_judge's keywords."""
     by_step = {s: (d, t) for s, d, t in cks}
@@ -147,19 +141,18 @@ def main(argv=None):
     flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names])
                                for *_, t in cks])
     A, B = flat(0), flat(1)  # (steps, D_A), (steps, D_B)
-    local = {k: local_cosine(A, B, steps, k) for k in ks}
+    local = {str(k): local_cosine(A, B, steps, k) for k in ks}  # str: JSON's keys
     turn = {k: {v: max(rows, key=lambda r: r[v])["step"] if rows else None for v in "AB"}
             for k, rows in local.items()}
     norms = {n: {v: [float(t[n][i].double().norm()) for *_, t in cks] for i, v in enumerate("AB")}
              for n in names}
     comp = comp_scores([[t[n][1].double().numpy() for n in names] for *_, t in cks])
     result = dict(run=args.run, steps=steps, spacing=spacing, adapters=names, min_move=MIN_MOVE,
-                  norms=norms, local_cosine={str(k): v for k, v in local.items()},
-                  turn={str(k): v for k, v in turn.items()},
+                  norms=norms, local_cosine=local, turn=turn,
                   comp_score=[dict(step=s, score=c) for s, c in zip(steps, comp)],
                   pca=dict(A=pca2(A), B=pca2(B)))
     print_table(["k", "steps kept", "turn of A", "turn of B"],
-                [[k, len(local[k]), turn[k]["A"], turn[k]["B"]] for k in ks])
+                [[k, len(rows), turn[k]["A"], turn[k]["B"]] for k, rows in local.items()])
     claim_dir(out, "phase.py", create=True)
     if args.behaviour:
         chosen = None if args.behaviour == "all" else [int(s) for s in args.behaviour.split(",")]
