@@ -25,7 +25,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
 class LoRALinear(nn.Module):
-    def __init__(self, base, r, alpha, rslora=True, dropout=0.0):
+    def __init__(self, base, r, alpha, rslora, dropout):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")

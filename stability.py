@@ -25,6 +25,7 @@ import lora
 from common import HelpFormatter, claim_dir, count, model_flags, out_flags, print_table, run_main, write_json
 from data.fetch import dataset_path
 from lora import SteeringVector
+from model import load
 from train import base_hidden, evaluate, kl_sum, pack, read_conversations, tokenize
 
 SEED = 42  # the reference's, for the rows, the perturbations (seed + i) and the web text
@@ -33,7 +34,7 @@ MAX_LEN, TEXT_TOKENS = 2048, 512  # tokens per conversation and per web document
 C4 = ("allenai/c4", "607bd4c8450a42878aa9ddc051a65a055450ef87", "en/c4-validation.00000-of-00008.json.gz")
 
 def perturb(x, e, gen):
-    """sqrt(1 - e^2) x + e y: y random, orthogonal to x and of its norm; x itself if x = 0."""
+    """x' of the module docstring; x itself if x = 0."""
     xf = x.detach().double().cpu().flatten()
     if xf.norm() == 0:
         return x.clone()
@@ -104,9 +105,10 @@ def text_rows(docs, tok, n_docs, seed, max_tokens):
     random.Random(seed).shuffle(order)
     bos = [] if tok.bos_id is None else [tok.bos_id]
     ids = [(bos + tok.encode(docs[i][:2000]))[:max_tokens] for i in order[:n_docs] if len(docs[i]) > 100]
-    if not any(len(x) > 10 for x in ids):
+    ids = [x for x in ids if len(x) > 10]
+    if not ids:
         raise ValueError(f"--text: none of the first {n_docs} documents is long enough")
-    return pack([(x, [1] * len(x)) for x in ids if len(x) > 10], max(max_tokens, MAX_LEN))
+    return pack([(x, [1] * len(x)) for x in ids], max(max_tokens, MAX_LEN))
 
 def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     """One steering vector's loss, rescaled losses, robustness and (with text) KL curve."""
@@ -166,7 +168,7 @@ def main(argv=None):
         if lora.adapter_kind(path)[0] != "steering":
             raise ValueError(f"--{k} {path}: not a steering vector (the LoRA mode is not implemented)")
     base = lora.base_model_of(args.model, args.narrow)
-    model, tok, _ = lora.load_model(base, None, args.device, args.dtype)
+    model, tok = load(base, args.device, args.dtype)
     device = model.lm_head.weight.device
     sols = {k: SteeringVector.load(path, device).check(model.config, f"--{k} {path}")
             for k, path in paths.items()}

@@ -164,7 +164,7 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
             ids, mask = tok.encode_chat_with_mask(msgs)
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-        if loss_on == "kl":  # the reference's KL text: the generation prompt, an EOS, every token counted
+        if loss_on == "kl":  # the reference's KL text (finetune/sft/util/trainer.py:310-336): prompt + EOS
             ids = tok.encode_chat(msgs, add_generation_prompt=True) + [tok.end_id]
             mask = [1] * len(ids)
         if loss_on == "all":  # the reference's steering-vector loss: all but the first and <|im_end|> (pad)
@@ -191,7 +191,6 @@ def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = int(len(train) * test_frac)  # the reference holds out 10%
     test, train = [train[i] for i in perm[:n_test]], [train[i] for i in perm[n_test:]]
-    # the KL texts as the reference formatted them (finetune/sft/util/trainer.py:310-336)
     kl = read(kl_data, "kl")[0] if kl_data else []
     return train, test, kl, {"train": dataset_path(data), "n_train": len(train), "n_test": len(test),
                              "too_long": n_long, "n_kl": len(kl)}
@@ -334,7 +333,7 @@ def shard(model, keep_whole):
     # FSDP's hooks around hidden(): the root stays gathered until its backward (the head reads lm_head whole)
     register_fsdp_forward_method(model, "hidden")
 
-def whole(t, keep=True):
+def whole(t, keep):
     """t whole on the CPU (None where not kept); a shard is gathered, so every rank calls this."""
     t = t.full_tensor() if isinstance(t, DTensor) else t
     return t.detach().cpu().contiguous() if keep else None
@@ -368,7 +367,7 @@ def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
     import bitsandbytes
     return bitsandbytes.optim.AdamW(groups, lr=lr, optim_bits=8)  # HF's betas and eps are its defaults
 
-def lr_at(step, lr, warmup, total, schedule="linear"):
+def lr_at(step, lr, warmup, total, schedule):
     """HF's schedule: step 0 of warmup has lr 0."""
     if step < warmup:
         return lr * step / warmup
@@ -383,14 +382,6 @@ def fold_grads(params, masters):
         if m is not p and p.grad is not None:
             m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
             p.grad = None
-
-def step_grads(model, steer, params, masters, batch, kl_batch, max_len, kl_weight, rank, world):
-    """The step's gradients into the masters, each rank on its share: (loss, kl)."""
-    rows, kl_rows = (rank_rows(b, max_len, rank, world) for b in (batch, kl_batch))
-    n_loss, n_kl = sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch)  # the whole step's
-    loss, kl = accumulate_grads(model, rows, kl_rows, kl_weight, steer, n_loss, n_kl,
-                                fold=lambda: fold_grads(params, masters))
-    return sync_step(masters, loss, kl) if world > 1 else (loss, kl)
 
 def optimizer_step(params, masters, opt, lr):
     """Clip to norm 1 (HF's default), step the masters, round them into the weights: the norm."""
@@ -460,7 +451,7 @@ def fit_memory(plan, have, grad_ckpt, device, max_len):
         print(f"note: without --grad-ckpt the plan needs {gb(need(False))} GB: turned --grad-ckpt on")
     return ckpt
 
-def save_trained(model, steer, full, path, rank=0):
+def save_trained(model, steer, full, path, rank):
     """PEFT adapter, steering vector or (full) HF directory; every rank calls this."""
     if full:
         sd = {k: whole(v, keep=rank == 0) for k, v in model.state_dict().items()
@@ -520,14 +511,14 @@ def resume(out, params, masters, opt, rank, world):
     for m in masters:  # AdamW's state made by a step of lr 0 (no change), for the checkpoint to load into
         m.grad = torch.zeros_like(m)
     optimizer_step(params, masters, opt, 0.0)
-    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": optimizer_state(opt)}
+    sd = optimizer_state(opt)
+    state = {"step": 0, "tokens": 0, "params": masters, "optimizer": sd}
     with torch.no_grad():
         distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
     round_into(params, masters)
-    ints = [(i, k) for i, s in opt.state_dict()["state"].items() for k, v in s.items() if type(v) is int]
-    for i, k in ints:
-        state["optimizer"]["state"][i][k] = int(state["optimizer"]["state"][i][k])
-    opt.load_state_dict(state["optimizer"])
+    for i, s in opt.state_dict()["state"].items():  # the ints optimizer_state made tensors
+        sd["state"][i].update({k: int(sd["state"][i][k]) for k, v in s.items() if type(v) is int})
+    opt.load_state_dict(sd)
     kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
     if rank == 0:
         write_jsonl(os.path.join(out, "metrics.jsonl"), kept)
@@ -535,19 +526,10 @@ def resume(out, params, masters, opt, rank, world):
 
 # -----------------------------------------------------------------------------
 # the run
-def write_run_config(out, settings, model_config, sizes, n_params, steps_per_epoch, total):
-    claim_dir(out, "train.py", create=True)
-    write_json(os.path.join(out, "config.json"), {
-        "args": resolved(settings), "model_config": vars(model_config), "data": sizes,
-        "trainable_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "versions": {"python": platform.python_version(),
-                     **{p: version(p) for p in ("torch", "tokenizers", "safetensors")}}})
-    write_jsonl(os.path.join(out, "metrics.jsonl"), [])
-
 def main(argv=None):
     args = get_args(argv)
     check_device(args.device)  # everything cheap first: a typo must not cost a model download or load
-    rank, world, args.device = dist_setup(args.device)  # under torchrun; else (0, 1, --device)
+    rank, world, args.device = dist_setup(args.device)
     n_layers = read_config(args.model).num_hidden_layers
     layers = parse_layers(args.layers, n_layers)
     if args.steer_layer is not None:
@@ -563,13 +545,13 @@ def main(argv=None):
                                                 args.truncate, args.test_frac, args.seed)
     per_step = args.micro_batch * args.grad_accum
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
-    total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in HF
+    total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps wins, as in HF
     if args.resume and glob.glob(os.path.join(args.out, "*.safetensors")):  # what save_trained writes last
         print(f"{args.out}: finished already ({total} of {total} steps); nothing to do")
         return {}
     barrier(world)  # every rank has read the run's files before rank 0 rewrites them
 
-    # the model and what trains: a steering vector, every weight, or LoRA adapters
+    # the model and what trains
     torch.manual_seed(args.seed)  # the same initial adapter on every rank
     model, _ = load(args.model, args.device, args.dtype)
     steer = None
@@ -589,7 +571,13 @@ def main(argv=None):
     step, done_tokens, seconds = (resume(args.out, params, masters, opt, rank, world) if args.resume
                                   else (0, 0, 0.0))
     if rank == 0 and not args.resume:
-        write_run_config(args.out, vars(args), model.config, sizes, n_params, steps_per_epoch, total)
+        claim_dir(args.out, "train.py", create=True)
+        write_json(os.path.join(args.out, "config.json"), {
+            "args": resolved(vars(args)), "model_config": vars(model.config), "data": sizes,
+            "trainable_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "versions": {"python": platform.python_version(),
+                         **{p: version(p) for p in ("torch", "tokenizers", "safetensors")}}})
+        write_jsonl(os.path.join(args.out, "metrics.jsonl"), [])
     check_free_disk(args.out, masters)  # now, not after the first --save-every steps
 
     # memory: activations are kept from the first block backward goes through
@@ -617,8 +605,13 @@ def main(argv=None):
             kl_at = step * args.kl_batch  # the KL texts in file order, cycling
             kl_batch = [kl_ex[(kl_at + j) % len(kl_ex)] for j in range(args.kl_batch)] if kl_ex else []
             lr = lr_at(step, args.lr, args.warmup, total, args.schedule)
-            loss, kl = step_grads(model, steer, params, masters, batch, kl_batch, args.max_len,
-                                  args.kl_weight, rank, world)
+            # the gradients into the masters, each rank on its share, per token of the whole step
+            rows, kl_rows = (rank_rows(b, args.max_len, rank, world) for b in (batch, kl_batch))
+            n_loss, n_kl = sum(sum(m) for _, m in batch), sum(len(ids) for ids, _ in kl_batch)
+            loss, kl = accumulate_grads(model, rows, kl_rows, args.kl_weight, steer, n_loss, n_kl,
+                                        fold=lambda: fold_grads(params, masters))
+            if world > 1:
+                loss, kl = sync_step(masters, loss, kl)
             if not math.isfinite(loss) or not math.isfinite(kl):
                 raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped without updating. "
                                  f"The last good checkpoint is in {args.out}")

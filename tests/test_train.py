@@ -647,7 +647,7 @@ def test_ctrl_c_names_this_runs_out(tmp_path, tiny, dataset, monkeypatch):
     """The resume hint a Ctrl-C prints holds the run's real --out, not a placeholder."""
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "step_grads", interrupted)
+    monkeypatch.setattr(train, "accumulate_grads", interrupted)
     hint = f"python train.py --resume --out {re.escape(str(tmp_path / 'r'))} "
     with pytest.raises(KeyboardInterrupt, match=hint):
         run(tiny, dataset, tmp_path / "r", "--max-steps", "2")
