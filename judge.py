@@ -186,12 +186,12 @@ def answer_logprobs(model, prompts, digit_ids, end_id, tree_rows=91):
             for a in after]
 
 class LocalJudge:
-    def __init__(self, path, device=None, batch_size=8, tree_rows=91):
+    def __init__(self, path, device=None, batch_size=8):
         import torch  # the API judge runs without torch
         from model import load
         self.model, self.tok = load(path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.digits, self.end = answer_tokens(self.tok)
-        self.batch_size, self.tree_rows = batch_size, tree_rows
+        self.batch_size = batch_size
 
     def run(self, jobs):
         encoded = [(i, {m: self.tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -201,19 +201,17 @@ class LocalJudge:
         for s in range(0, len(encoded), per_batch):
             batch = encoded[s:s + per_batch]
             lps = iter(answer_logprobs(self.model, [ids for _, prompts in batch for ids in prompts.values()],
-                                       self.digits, self.end, self.tree_rows))
+                                       self.digits, self.end))
             for i, prompts in batch:  # each job takes its metrics' answers, in order
                 yield i, {m: score_from_answer_logprobs(next(lps)) for m in prompts}, None
 
-def make_judge(spec, base_url=None, cache=None, device=None, concurrency=16, timeout=60.0, retries=6,
-               backoff=1.0, batch_size=8, tree_rows=91):
+def make_judge(spec, base_url=None, cache=None, device=None, batch_size=8):
     kind, name, _ = judge_spec(spec, base_url)
     if kind == "local":
-        return LocalJudge(name, device, batch_size, tree_rows)
+        return LocalJudge(name, device, batch_size)
     if "qwen" in name.lower():  # Qwen writes numbers digit by digit: one token's logprobs miss 10..100
         warn(f"{name}: a Qwen judge over the API reads only first digits; use --judge local:PATH")
-    return OpenAIJudge(name, base_url or DEFAULT_BASE_URL, Cache(cache, "top_logprobs"), concurrency, timeout,
-                       retries, backoff)
+    return OpenAIJudge(name, base_url or DEFAULT_BASE_URL, Cache(cache, "top_logprobs"))
 
 def judge_spec(spec, base_url=None):
     """(kind, name, API key or None): cheap, so a typo fails before sampling."""
@@ -385,19 +383,12 @@ def main(argv=None):
     # the OpenAI-compatible backend
     p.add_argument("--base-url", help=f"API base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL}); "
                    "the key: $OPENAI_API_KEY")
-    p.add_argument("--concurrency", type=count, default=16, help="requests in flight at once")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request is retried")
-    p.add_argument("--retries", type=int, default=6, help="retries of a failed request")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
     p.add_argument("--cache", help="API answer cache (default: judge_cache.jsonl by --out; '': none)")
     # the local backend
     p.add_argument("--device", help="local judge device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=count, default=8, help="local judge: prompts prefilled together")
-    p.add_argument("--tree-rows", type=count, default=91, help="local judge: digit-tree rows a forward")
     a = p.parse_args(argv)
-    for flag in ("bootstrap", "retries", "backoff"):
-        check(getattr(a, flag) >= 0, "--" + flag, getattr(a, flag), ">= 0")
-    check(a.timeout > 0, "--timeout", a.timeout, "> 0")
+    check(a.bootstrap >= 0, "--bootstrap", a.bootstrap, ">= 0")
     out, name = a.out or a.input.removesuffix(".jsonl") + ".judged.jsonl", a.judge
     base_url = a.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     judge_spec(name, base_url)  # no key, or a typo: the first and only line
@@ -405,14 +396,12 @@ def main(argv=None):
     rank, world, device = 0, int(os.environ.get("WORLD_SIZE", "1")), a.device
     if world > 1:  # torchrun: a local judge per GPU, each judging its share of the responses
         if name.startswith("openai:"):
-            raise ValueError("the API judge runs in one process (--concurrency requests in flight): "
-                             "drop torchrun")
+            raise ValueError("the API judge runs in one process (16 requests in flight): drop torchrun")
         import torch
         rank, world, device = dist_setup(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     beside = os.path.join(os.path.dirname(os.path.abspath(out)), "judge_cache.jsonl")
     cache = beside if a.cache is None else a.cache
-    backend = lambda: make_judge(name, base_url, cache, device, a.concurrency, a.timeout, a.retries,
-                                 a.backoff, a.batch_size, a.tree_rows)
+    backend = lambda: make_judge(name, base_url, cache, device, a.batch_size)
     return judge_file(a.input, name, backend, out, [m.strip() for m in a.metrics.split(",") if m.strip()],
                       a.judges, a.exclude_suffix, a.misaligned_max, a.coherent_min, a.bootstrap, 0, base_url,
                       rank, world)
