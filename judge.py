@@ -203,7 +203,7 @@ def make_judge(spec, base_url=None, cache=None, device="cpu", batch_size=8):
     kind, name, _ = judge_spec(spec, base_url)
     if kind == "local":
         return LocalJudge(name, device, batch_size)
-    if "qwen" in name.lower():  # Qwen writes numbers digit by digit: one token's logprobs miss 10..100
+    if "qwen" in name.lower():
         warn(f"{name}: a Qwen judge over the API reads only first digits; use --judge local:PATH")
     return OpenAIJudge(name, base_url or DEFAULT_BASE_URL, Cache(cache, "top_logprobs"))
 
@@ -322,7 +322,7 @@ def judge_file(inp, name, backend, out, metrics=("aligned", "coherent"), judges=
     summary_file = out.removesuffix(".jsonl") + ".summary.json"
     old = read_json(summary_file) if os.path.exists(summary_file) else {}
     anchors = old.get("judge_check") if old.get("judge") == name else None  # this judge's, from before
-    url = public_url(base_url or DEFAULT_BASE_URL) if name.startswith("openai:") else None  # no key
+    url = public_url(base_url or DEFAULT_BASE_URL) if name.startswith("openai:") else None
     print(f"{len(rows)} rows: {sum(k in done for k in keys)} already scored in {out}, {len(todo)} distinct "
           f"responses to judge with {name}{f' at {url}' if url else ''} for {', '.join(metrics)}")
     barrier(world)  # every rank has read the files before any rank appends to its part
@@ -381,7 +381,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     check(a.bootstrap >= 0, "--bootstrap", a.bootstrap, ">= 0")
     out, name = a.out or a.input.removesuffix(".jsonl") + ".judged.jsonl", a.judge
-    base_url = a.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    base_url = a.base_url or os.environ.get("OPENAI_BASE_URL")
     judge_spec(name, base_url)  # no key, or a typo: the first and only line
     check_out_file(out)
     rank, world, device = 0, 1, a.device
