@@ -157,8 +157,8 @@ def claim_dir(out, owner, files=(), force=False, create=False):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; {owner} writes a directory")
     found = os.listdir(out) if os.path.isdir(out) else []
-    if found and owner_of(out) != owner:
-        made = f"{owner_of(out)}'s output" if owner_of(out) else f"not made by {owner}"
+    if found and (by := owner_of(out)) != owner:
+        made = f"{by}'s output" if by else f"not made by {owner}"
         shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
         raise ValueError(f"--out {out}: not empty ({shown}) and {made}; choose another --out")
     refuse_overwrite([os.path.join(out, f) for f in files], force)
@@ -333,7 +333,7 @@ class Client:
                         **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
 
     def post(self, body):
-        req = urllib.request.Request(self.url, json.dumps(body).encode(), self.headers, method="POST")
+        req = urllib.request.Request(self.url, json.dumps(body).encode(), self.headers)
         wait = 0
         for attempt in range(self.retries + 1):
             if self.stop.wait(min(wait, 120)):  # sleeps before a retry; True once the run has stopped
@@ -343,17 +343,16 @@ class Client:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
-                try:
-                    detail = e.read()[:300].decode("utf-8", "replace")
-                except (OSError, http.client.HTTPException):
-                    detail = ""
                 if e.code in (401, 403):  # every request would fail alike; the body may echo the key
                     raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused "
                                      "(OPENAI_API_KEY)") from None
+                detail = ""
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    detail = e.read()[:300].decode("utf-8", "replace")
                 last = f"HTTP {e.code}: {detail.replace(self.key, '***') if self.key else detail}"
                 if e.code == 404:
-                    raise ValueError(f"{last} from {self.url}: wrong base URL or model {self.model!r}?") \
-                        from None
+                    raise ValueError(f"{last} from {self.url}: wrong base URL or model "
+                                     f"{self.model!r}?") from None
                 if e.code not in (408, 409, 429) and e.code < 500:
                     raise RequestFailed(last) from None
                 retry_after = e.headers.get("retry-after", "")
@@ -382,8 +381,8 @@ class Client:
                 except RequestFailed as e:
                     value, error, failed = None, str(e), failed + 1
                     if n >= 10 and failed == n:  # nothing has worked yet
-                        raise ValueError(f"the first {failed} requests all failed and none succeeded; "
-                                         f"is {self.url} reachable? last error: {e}") from None
+                        raise ValueError(f"the first {failed} requests all failed; is {self.url} reachable? "
+                                         f"last error: {e}") from None
                 yield tag, value, error
         finally:
             self.stop.set()
