@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import urllib.error
 import urllib.request
 import zipfile
@@ -113,10 +114,8 @@ def download(url, tmp, dest):
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            with tqdm.wrapattr(f, "write", total=total, desc=os.path.basename(dest)) as out:
+                shutil.copyfileobj(r, out, 1 << 20)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and "
                               f"put it at {dest}: it is checked like a download") from None
