@@ -241,11 +241,11 @@ def forced_stops(stop, width, device):
 
 def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
     """Tokens generated (stops excluded) by sample.generate."""
-    w, forced = model.lm_head.weight, lengths is not None
-    out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, vocab_size=vocab,
-                          keys=[LEN_KEY * j + L for j, L in enumerate(lengths)] if forced else None,
-                          logits_hook=forced_stops(stop, len(w), w.device) if forced else None,
-                          stop_ids=(stop,) if forced else (), **SAMPLING, **kw)
+    if lengths is not None:
+        w = model.lm_head.weight
+        kw.update(keys=[LEN_KEY * j + L for j, L in enumerate(lengths)], stop_ids=(stop,),
+                  logits_hook=forced_stops(stop, len(w), w.device))
+    out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, vocab_size=vocab, **SAMPLING, **kw)
     return sum(len(ids) for ids, _ in out)
 
 def sample_ref(ref, prompts, n, new_tokens, stop, lengths):

@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import lora
+from model import KVCache, generation_config, read_config
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
                     check_out_file, count, dist_setup, model_flags, parse_layers, print_table, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
@@ -229,7 +230,6 @@ def lm_logits(model, h, vocab_size):
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     """(cache, last logits (U, V), lengths) of the distinct prompts, right-padded."""
-    from model import KVCache
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
     lens, logits = torch.tensor([len(p) for p in prompts], device=dev), []
@@ -475,10 +475,8 @@ def messages(question, system):
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     """(index, text, tokens, finish reason) of work [(question, sample, system)]."""
-    prompts = {}  # one token list per prompt, shared by its samples
-    encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
-    jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
-             row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
+    jobs = [(tok.encode_chat(messages(q["question"], system), True), row_key(q["id"], q["paraphrase"], s))
+            for q, s, system in work]  # stream prefills each distinct prompt once
     answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size,
                      **gen, **engine)  # gen: sampling_settings's keys are stream's
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
@@ -517,7 +515,6 @@ def parse_completion(resp):
 
 def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
     """The settings rows record; top_k and repetition_penalty default to generation_config.json's."""
-    from model import generation_config
     gen = generation_config(model_name) if model_name else {}
     if model_name and not gen and None in (top_k, repetition_penalty):
         print(f"note: {model_name} has no generation_config.json (the papers' top_k and repetition_penalty): "
@@ -592,7 +589,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
     local, server = args.engine == "local", args.engine.partition(":")[2]  # server: "" if local
     if not local and adapter and lora.adapter_kind(adapter)[0] == "steering":
