@@ -31,10 +31,10 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import lora
-from model import KVCache, generation_config, read_config
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
                     check_out_file, count, dist_setup, model_flags, parse_layers, print_table, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
+from model import KVCache, generation_config, read_config
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
 
@@ -232,7 +232,8 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     """(cache, last logits (U, V), lengths) of the distinct prompts, right-padded."""
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
-    lens, logits = torch.tensor([len(p) for p in prompts], device=dev), []
+    lens = torch.tensor([len(p) for p in prompts], device=dev)  # (U,)
+    logits = []
     for s in range(0, len(prompts), rows_per_chunk):
         chunk = prompts[s:s + rows_per_chunk]
         idx = pad_sequence([torch.tensor(p) for p in chunk], batch_first=True).to(dev)  # (U', T)
@@ -549,7 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
-    # how (defaults: the papers', as the docstring says)
+    # how (the defaults are the papers')
     p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
