@@ -27,12 +27,12 @@ from lora import MODULES, add_lora
 from model import FULL, Config, Transformer, load
 
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) from the Qwen2.5 configs
-    "tiny": (64, 2, 4, 2, 128, 2048, True),  # smoke test
+    "tiny": (64, 2, 4, 2, 128, 2048, True),
     "0.5b": (896, 24, 14, 2, 4864, 151936, True),
     "0.5b-4l": (896, 4, 14, 2, 4864, 151936, True),
     "7b": (3584, 28, 28, 4, 18944, 152064, False),
 }
-DEFAULTS = {  # a full GPU run, a CPU run, and --quick (the tiny shape in seconds)
+DEFAULTS = {  # the flags' defaults, by device, and for --quick
     "cuda": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=50, max_new_tokens=600),
     "cpu": dict(shape="0.5b", steps=3, convs=16, prompts=8, n=4, max_new_tokens=64),
     "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, max_new_tokens=24),
@@ -49,9 +49,9 @@ LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: key = 1024 x
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="hub id or HF directory (default: random weights of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random model (default: DEFAULTS)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random weights (default: 0.5b, "
+                   "--quick: tiny)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    # defaults of these: DEFAULTS, per device and for --quick
     p.add_argument("--steps", type=count, help="timed optimizer steps after a warm-up")
     p.add_argument("--convs", type=count, help="conversations per optimizer step")
     p.add_argument("--prompts", type=count, help="sampling: distinct prompts")
@@ -123,12 +123,14 @@ def matmul_params(model):
     """N of the MFU: every nn.Linear weight (the LM head even when tied), no embedding."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
-def train_flops(model, convs, micro=2):
+def micro_batches(convs, micro=2):
+    return [convs[i:i + micro] for i in range(0, len(convs), micro)]
+
+def train_flops(model, convs):
     """(ours, the reference's) FLOPs of one optimizer step: see MFU_FORMULA."""
     n, head = matmul_params(model), model.lm_head.weight.numel()
     tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
-    batches = (convs[i:i + micro] for i in range(0, len(convs), micro))
-    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in batches)
+    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in micro_batches(convs))
     return 4 * (n - head) * tokens + 4 * head * loss_tokens, 4 * n * padded
 
 def sdpa_kernels(fn):
@@ -153,10 +155,11 @@ def timed(res, key, run, warmup, device):
     res.update({f"{key}_s": s, f"{key}_tok_s": tokens / s})
     if cuda:
         res[f"{key}_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    ratio = ""
     if key != ours:
         res[ours + "_ratio"] = res[ours + "_tok_s"] / res[f"{key}_tok_s"]
-    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s" + (f"; ours/ref {res[ours + '_ratio']:.2f}" if key != ours
-                                                  else ""))
+        ratio = f"; ours/ref {res[ours + '_ratio']:.2f}"
+    log(f"  {s:.2f} s, {tokens / s:,.0f} tok/s{ratio}")
     return tokens
 
 # -----------------------------------------------------------------------------
@@ -176,7 +179,7 @@ def lora_ours(model, convs):
     rows = train.pack(convs, 2048)
     return model, lambda: train.accumulate_grads(model, rows, [], 0.0)
 
-def lora_ref(ref, convs, micro=2):
+def lora_ref(ref, convs):
     """The same with PEFT as in the papers' TRL loop: right-padded micro-batches."""
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(ref, LoraConfig(r=1, lora_alpha=64, use_rslora=True, lora_dropout=0.0,
@@ -185,7 +188,7 @@ def lora_ref(ref, convs, micro=2):
                                            padding_value=value).to(ref.device)
     batches = [dict(input_ids=pad([x for x, _ in b]), attention_mask=pad([[1] * len(x) for x, _ in b]),
                     labels=pad([[t if m else -100 for t, m in zip(x, mask)] for x, mask in b], -100))
-               for b in (convs[i:i + micro] for i in range(0, len(convs), micro))]
+               for b in micro_batches(convs)]
 
     def backward():
         for batch in batches:
@@ -238,11 +241,11 @@ def forced_stops(stop, width, device):
 
 def sample_ours(model, prompts, n, new_tokens, stop, lengths, vocab, **kw):
     """Tokens generated (stops excluded) by sample.generate."""
-    w, forced = model.lm_head.weight, lengths is not None
-    out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, seed=0, vocab_size=vocab,
-                          keys=[LEN_KEY * j + L for j, L in enumerate(lengths)] if forced else None,
-                          logits_hook=forced_stops(stop, len(w), w.device) if forced else None,
-                          stop_ids=(stop,) if forced else (), **SAMPLING, **kw)
+    if lengths is not None:
+        w = model.lm_head.weight
+        kw.update(keys=[LEN_KEY * j + L for j, L in enumerate(lengths)], stop_ids=(stop,),
+                  logits_hook=forced_stops(stop, len(w), w.device))
+    out = sample.generate(model, prompts, n=n, max_new_tokens=new_tokens, vocab_size=vocab, **SAMPLING, **kw)
     return sum(len(ids) for ids, _ in out)
 
 def sample_ref(ref, prompts, n, new_tokens, stop, lengths):

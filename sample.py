@@ -34,6 +34,7 @@ import lora
 from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, append_jsonl, barrier, check,
                     check_out_file, count, dist_setup, model_flags, parse_layers, print_table, read_jsonl,
                     read_yaml, resolve_dtype, run_main, warn)
+from model import KVCache, generation_config, read_config
 
 DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
 
@@ -71,14 +72,13 @@ def question_entries(item, where):
             for p, t in enumerate(texts)]
 
 def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
-    """The questions of a file or data.fetch name, only `ids`, less ids with a suffix in exclude_suffix."""
+    """spec: a question file or a data.fetch name; exclude_suffix: comma-separated."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
     if unknown := set(ids or ()) - {q["id"] for q in questions}:
         raise ValueError(f"--ids: {sorted(unknown)} not in {spec}")
     suffixes = tuple(x for x in exclude_suffix.split(",") if x)
-    return [q for q in questions
-            if (not ids or q["id"] in ids) and not (suffixes and q["id"].endswith(suffixes))]
+    return [q for q in questions if (not ids or q["id"] in ids) and not q["id"].endswith(suffixes)]
 
 # -----------------------------------------------------------------------------
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
@@ -156,14 +156,14 @@ def row_key(*parts):
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
-    """fp32 in (0, 1]: a hash of (seed, row key, position of the token drawn), broadcast."""
+    """fp32 in (0, 1], broadcast; pos: the position of the token drawn."""
     h = _hash32(_hash32(keys ^ _hash32(seed & M32)) ^ (pos & M32))
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
     """HF's repetition penalty, in place: the tokens `seen` / penalty if > 0, else * penalty."""
     if penalty == 1.0:
-        return logits  # every decode step: build nothing without a penalty
+        return logits  # every decode step: build nothing
     seen = torch.cat(seen, 1)  # (B, S)
     g = logits.gather(1, seen)  # (B, S)
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
@@ -230,20 +230,20 @@ def lm_logits(model, h, vocab_size):
 
 def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     """(cache, last logits (U, V), lengths) of the distinct prompts, right-padded."""
-    from model import KVCache
     dev = model.lm_head.weight.device
     cache = KVCache(model.config, len(prompts), max_len, dev, model.lm_head.weight.dtype)
+    lens = torch.tensor([len(p) for p in prompts], device=dev)  # (U,)
     logits = []
     for s in range(0, len(prompts), rows_per_chunk):
         chunk = prompts[s:s + rows_per_chunk]
-        lens = torch.tensor([len(p) for p in chunk], device=dev)
         idx = pad_sequence([torch.tensor(p) for p in chunk], batch_first=True).to(dev)  # (U', T)
         view = copy.copy(cache)  # rows s.. of the cache; writes go through to it
         view.k, view.v = [k[s:s + len(chunk)] for k in cache.k], [v[s:s + len(chunk)] for v in cache.v]
         pos = torch.arange(idx.shape[1], device=dev).expand_as(idx)  # padding writes slots decode overwrites
         h = model.hidden(idx, pos=pos, cache=view, hook=hook)  # (U', T, C)
-        logits.append(lm_logits(model, h[torch.arange(len(chunk), device=dev), lens - 1], vocab_size))
-    return cache, torch.cat(logits), torch.tensor([len(p) for p in prompts], device=dev)
+        last = lens[s:s + len(chunk)] - 1  # (U',)
+        logits.append(lm_logits(model, h[torch.arange(len(chunk), device=dev), last], vocab_size))
+    return cache, torch.cat(logits), lens
 
 def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None):
     """Feed each row's last token, draw the next; all in place, no host sync (CUDA-graph safe).
@@ -391,13 +391,12 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
         stepper()
         n_new += 1
 
-def generate(model, prompts, n=1, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0, seed=0,
-             hook=None, stop_ids=(), keys=None, **kw):
-    """[(answer ids, 'stop' | 'length')] of n samples per prompt, prompt-major; sample j of prompt i uses
-    key row_key(i, j) unless `keys` says."""
+def generate(model, prompts, n=1, keys=None, **kw):
+    """[(answer ids, 'stop' | 'length')] of n samples per prompt, prompt-major, by stream(**kw); sample j of
+    prompt i uses key row_key(i, j) unless `keys` says."""
     keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
     jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
-    answers = stream(model, jobs, max_new_tokens, temperature, top_p, top_k, seed, hook, stop_ids, **kw)
+    answers = stream(model, jobs, **kw)
     return [a[1:] for a in sorted(answers, key=lambda a: a[0])]  # (job index, ids, reason) in job order
 
 # -----------------------------------------------------------------------------
@@ -477,10 +476,8 @@ def messages(question, system):
 
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     """(index, text, tokens, finish reason) of work [(question, sample, system)]."""
-    prompts = {}  # one token list per prompt, shared by its samples
-    encode = lambda q, system: tok.encode_chat(messages(q["question"], system), True)
-    jobs = [(prompts.setdefault((q["id"], q["paraphrase"], system), encode(q, system)),
-             row_key(q["id"], q["paraphrase"], s)) for q, s, system in work]
+    jobs = [(tok.encode_chat(messages(q["question"], system), True), row_key(q["id"], q["paraphrase"], s))
+            for q, s, system in work]  # stream prefills each distinct prompt once
     answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size,
                      **gen, **engine)  # gen: sampling_settings's keys are stream's
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
@@ -519,7 +516,6 @@ def parse_completion(resp):
 
 def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
     """The settings rows record; top_k and repetition_penalty default to generation_config.json's."""
-    from model import generation_config
     gen = generation_config(model_name) if model_name else {}
     if model_name and not gen and None in (top_k, repetition_penalty):
         print(f"note: {model_name} has no generation_config.json (the papers' top_k and repetition_penalty): "
@@ -532,10 +528,10 @@ def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty,
     return dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                 max_new_tokens=max_new_tokens)
 
-def default_out(model, adapter, engine):
+def default_out(model, adapter, server):
     if adapter and os.path.isdir(adapter):
         return os.path.join(adapter, "responses.jsonl")
-    name = adapter or model or engine.partition(":")[2]
+    name = adapter or model or server
     name = os.path.basename(name.rstrip("/")) if os.path.isdir(name) else name.replace("/", "--")
     return os.path.join("out", name, "responses.jsonl")
 
@@ -554,7 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
-    # how (the papers': temperature 1, top_p 1, 600 tokens, and generation_config.json)
+    # how (the defaults are the papers')
     p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -594,9 +590,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import read_config
     adapter = os.path.normpath(args.adapter) if args.adapter and os.path.isdir(args.adapter) else args.adapter
-    local = args.engine == "local"
+    local, server = args.engine == "local", args.engine.partition(":")[2]  # server: "" if local
     if not local and adapter and lora.adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot "
                          "apply")
@@ -605,7 +600,7 @@ def main(argv=None):
     questions = select_questions(args.questions, args.ids, args.exclude_suffix) if not args.question else \
         [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
     cfg = read_config(model_name) if model_name else None
-    check_out_file(out := args.out or default_out(model_name, adapter, args.engine))
+    check_out_file(out := args.out or default_out(model_name, adapter, server))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     dtype = resolve_dtype(args.dtype, device) if local else None
     # the direction files load now: a bad one fails before the model loads
@@ -626,16 +621,14 @@ def main(argv=None):
                                  batch_size=args.batch_size)
     else:
         beside = os.path.join(os.path.dirname(os.path.abspath(out)), "sample_cache.jsonl")
-        client = Client(args.engine.partition(":")[2],
-                        os.environ.get("OPENAI_BASE_URL") or "http://localhost:8000/v1",
+        client = Client(server, os.environ.get("OPENAI_BASE_URL") or "http://localhost:8000/v1",
                         Cache(beside if args.cache is None else args.cache, "completion"), concurrency=64,
                         timeout=600.0)  # 600 tokens from a busy server take a while
         answer = lambda work: server_answers(client, work, gen, 0)
     gen = sampling_settings(model_name, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.max_new_tokens)
-    header = row_header(model_name if local else args.engine.partition(":")[2], adapter, 0, gen,
-                        dtype, args.system, args.lora_scale,
-                        steer, ablate, args.random_control)
+    header = row_header(server or model_name, adapter, 0, gen, dtype, args.system, args.lora_scale, steer,
+                        ablate, args.random_control)
     plan = dict(header, questions=args.question or args.questions, out=out, n=args.n)
     print(f"sampling: {json.dumps(plan)}")
     return sample_file(out, questions, header, answer, args.n, args.system, rank, world)
