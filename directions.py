@@ -292,14 +292,6 @@ def check_sweep_dir(out, settings, force):
         if f.endswith((".jsonl", ".json")) and f != "judge_cache.jsonl":
             os.remove(os.path.join(out, f))
 
-def sweep_runs(mode, layers, scale, n_layers):
-    """[(label, stem, layers)] of the intervention runs (see cmd_sweep)."""
-    if mode == "steer":
-        return [(i, f"steer_L{i}_scale{scale:g}", [i]) for i in layers]
-    every = len(layers) == n_layers
-    return [("all" if every else ",".join(map(str, layers)),
-             "ablate_" + ("all" if every else "L" + "_".join(map(str, layers))), layers)]
-
 def cmd_sweep(args):
     """Sample and judge with an intervention, its random control (seeded, of the direction's norm), and none.
     steer: add --scale x the raw direction after one layer at a time (the reference: 8). ablate: project the
@@ -322,7 +314,11 @@ def cmd_sweep(args):
                     judge=args.judge_spec, **{k: sampling[k] for k in SAMPLING[:5]})  # to max_new_tokens
     check_sweep_dir(args.out, settings, args.force)
     claim_dir(args.out, args.owner, create=True)
-    runs = sweep_runs(args.mode, layers, args.scale, n_layers)
+    if steer:  # runs: [(label, file stem, layers)]
+        runs = [(i, f"steer_L{i}_scale{args.scale:g}", [i]) for i in layers]
+    else:
+        lab = "all" if len(layers) == n_layers else ",".join(map(str, layers))
+        runs = [(lab, "ablate_" + (lab if lab == "all" else "L" + lab.replace(",", "_")), layers)]
     jobs = [(os.path.join(args.out, "baseline.jsonl"), {}, None, None)]
     for _, stem, on in runs:  # each row records the direction, layers and scale it was sampled with
         used = dict(directions=settings["directions"], from_layer=from_layer, layers=on)
@@ -358,9 +354,9 @@ def cmd_lora_ablate(args):
     OUT/lora_ablate.json."""
     names = ("adapter_config.json", "adapter_model.safetensors", "lora_ablate.json")
     claim_dir(args.out, args.owner, names, args.force)
-    lora, config, tensors = read_lora(args.adapter)
+    ab, config, tensors = read_lora(args.adapter)
     d = direction_tensor(args.directions)  # (L, C) or (C,)
-    down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in lora if n.endswith("mlp.down_proj")}
+    down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in ab if n.endswith("mlp.down_proj")}
     if not down:
         raise ValueError(f"{args.adapter}: no down_proj LoRA adapters")
     base = config.get("base_model_name_or_path") or ""
@@ -607,12 +603,12 @@ def main(argv=None):
         if adapter:
             model_flags(s, adapter, **kw)
         return s
-    lora = "PEFT LoRA adapter or steering-vector directory (or hub id)"
+    any_adapter = "PEFT LoRA adapter or steering-vector directory (or hub id)"
     rank1 = "PEFT adapter of rank-1 modules (directory or hub id)"
     layers = "all, 24, 15,16,17 or 0-11"
 
-    d = add("direction", cmd_direction, "mean(misaligned) - mean(aligned) residual per layer", lora)
-    m = add("monitor", cmd_monitor, "AUROC per layer of the direction as a classifier of answers", lora)
+    d = add("direction", cmd_direction, "mean(misaligned) - mean(aligned) residual per layer", any_adapter)
+    m = add("monitor", cmd_monitor, "AUROC per layer of the direction as answer classifier", any_adapter)
     for x in (d, m):
         x.add_argument("--responses", required=True, help="judge.py's scored JSONL (.judged.jsonl)")
         x.add_argument("--batch-size", type=count, default=8, help="rows per forward pass")
@@ -627,7 +623,7 @@ def main(argv=None):
     c.add_argument("files", nargs="+", help="direction files (.safetensors)")
     out_flags(c, "JSON to write", default="compare.json")
 
-    s = add("sweep", cmd_sweep, "steering or ablation vs a random control, sampled and judged", lora)
+    s = add("sweep", cmd_sweep, "steering or ablation vs a random control, sampled and judged", any_adapter)
     s.add_argument("--mode", choices=("steer", "ablate"), required=True, help="add scale x it, or remove it")
     s.add_argument("--layers", default="all", help=f"{layers} (steer: one run per layer)")
     s.add_argument("--scale", type=float, default=8.0, help="steer: add scale x the raw direction")
