@@ -1,15 +1,15 @@
 """
 The phase transition (Model Organisms for EM): over a train.py run's checkpoints, the adapter's direction
-turns suddenly while the behaviour switches. Every checkpoint is held in memory: meant for small adapters.
+turns suddenly as the behaviour switches. All checkpoints are held in memory: for small adapters.
 
-    python phase.py --run out/RUN                                              # the geometry, in seconds
-    python phase.py --run out/RUN --behaviour 100,150,200 --multipliers 0.5,1,2  # and EM % with B scaled
+    python phase.py --run out/RUN  # the geometry, in seconds
+    python phase.py --run out/RUN --behaviour 100,150,200  # and EM % with B scaled
 
-Norms of A and B; the local cosine of A and B (-1 on a straight path; the sudden rotation, "the turn", is a
-spike towards 0 and above); the comp score against the last checkpoint; a PCA of the path; with --behaviour,
-EM % at chosen checkpoints with B scaled. Writes OUT/phase.json.
-Departures: each k uses every step where t - k and t + k exist (the reference: those valid for the largest k);
-all adapters at once (it took one); B as (out, r) in the comp score (its was identically 1 for one adapter).
+Norms of A and B; their local cosine (-1 on a straight path; the sudden rotation, "the turn", is a spike
+towards 0 and above); the comp score against the last checkpoint; a PCA of the path; with --behaviour, EM %.
+Writes OUT/phase.json.
+Departures: each k uses every step with t - k and t + k (the reference: those valid for the largest k);
+all adapters at once (it took one); B as (out, r) in the comp score (it was identically 1 for one adapter).
 """
 import argparse
 import math
@@ -24,14 +24,13 @@ import lora
 from common import HelpFormatter, claim_dir, model_flags, out_flags, print_table, run_main, write_json
 from lora import lora_modules
 
-MIN_MOVE = 0.002  # the local cosine skips a step where A and B both moved less (L2) in both windows
+MIN_MOVE = 0.002  # local_cosine skips steps where A and B moved less (L2) in both windows
 
 def read_checkpoints(run):
     """[(step, directory, {module name: (A, B)})] of RUN/checkpoints/step_N/."""
     ck = os.path.join(run, "checkpoints")
     if not os.path.isdir(ck):
-        raise FileNotFoundError(f"{ck}: no such directory (phase.py reads a train.py run's "
-                                "checkpoints/step_N/)")
+        raise FileNotFoundError(f"{ck}: no such directory (--run: a train.py run with checkpoints/step_N/)")
     found = sorted((int(d[5:]), os.path.join(ck, d)) for d in os.listdir(ck) if d.startswith("step_")
                    and d[5:].isdigit() and os.path.isfile(os.path.join(ck, d, "adapter_model.safetensors")))
     out = [(s, d, directions.read_lora(d)[0]) for s, d in tqdm(found, desc="checkpoints", leave=False)]
@@ -40,8 +39,8 @@ def read_checkpoints(run):
     return out
 
 def local_cosine(A, B, steps, k):
-    """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B ((n_steps, D) arrays) at each step t with both
-    neighbours (but see MIN_MOVE)."""
+    """cos(v[t-k] - v[t], v[t+k] - v[t]) for v = A and B ((n_steps, D)) at each step t with both neighbours
+    (see MIN_MOVE)."""
     at = {s: i for i, s in enumerate(steps)}
     out = []
     for i, t in enumerate(steps):
@@ -59,8 +58,7 @@ def local_cosine(A, B, steps, k):
 
 def comp_scores(Bs):
     """||B_t^T B_T||_F / (||B_t||_F ||B_T||_F) of each step t against the last, B de-meaned over steps. Bs:
-    per step a list of (out, r) matrices, one per adapter, side by side in B_t (of different widths:
-    block-diagonal B_t^T B_T)."""
+    per step the adapters' (out, r) matrices, side by side in B_t (of different widths: block-diagonal)."""
     mean = [np.mean(b, 0) for b in zip(*Bs)]  # per adapter, over steps
     D = [[b - m for b, m in zip(bs, mean)] for bs in Bs]
     groups = {}
@@ -76,14 +74,14 @@ def comp_scores(Bs):
     return out
 
 def pca2(V):
-    """The rows of V (n, D) on its first two principal components, and their variance shares."""
+    """V's rows (n, D) on its first two principal components, and their variance shares."""
     U, S, _ = np.linalg.svd(V - V.mean(0), full_matrices=False)
     coords, share, k = np.zeros((len(V), 2)), np.zeros(2), min(2, len(S))
     coords[:, :k], share[:k] = (U * S)[:, :2], S[:2] ** 2 / max((S ** 2).sum(), 1e-300)
     return dict(coords=coords.tolist(), explained=share.tolist())
 
 def checkpoint_scaled(model, tensors, multiplier):
-    """Copy a checkpoint's adapters into the model; while inside, every B x multiplier."""
+    """Copy a checkpoint's adapters into the model; inside, every B x multiplier."""
     mods = dict(lora_modules(model))
     with torch.no_grad():
         for n, (A, B) in tensors.items():
@@ -93,7 +91,7 @@ def checkpoint_scaled(model, tensors, multiplier):
 
 def behaviour(cks, out, steps, multipliers, model, **sampling):
     """EM % of the checkpoints at `steps` (None: all) with B x each multiplier, sampled and judged
-    (resumable); sampling: directions.sample_and_judge's keywords."""
+    (resumes); sampling: directions.sample_and_judge's keywords."""
     by_step = {s: (d, t) for s, d, t in cks}
     chosen = sorted(set(steps or by_step))
     if missing := [s for s in chosen if s not in by_step]:
@@ -101,7 +99,7 @@ def behaviour(cks, out, steps, multipliers, model, **sampling):
     mults = list(dict.fromkeys(multipliers))  # each once: one row per run
     runs = [(s, m, os.path.join(out, "behaviour", f"step_{s:06d}_x{m:g}.jsonl"))
             for s in chosen for m in mults]
-    first = by_step[chosen[0]][0]  # the model loads with this checkpoint; each run copies its own in
+    first = by_step[chosen[0]][0]  # the model loads with it; each run copies its own in
     jobs = [(f, dict(adapter=by_step[s][0], lora_scale=m), None,
              lambda model, s=s, m=m: checkpoint_scaled(model, by_step[s][1], m)) for s, m, f in runs]
     summaries = directions.sample_and_judge(lora.base_model_of(model, first), first, jobs, **sampling)
@@ -113,30 +111,29 @@ def behaviour(cks, out, steps, multipliers, model, **sampling):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="phase.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--run", required=True, help="a train.py output directory with checkpoints/step_N/")
+    p.add_argument("--run", required=True, help="train.py output directory")
     p.add_argument("--ks", default="5,10,15", help="local-cosine windows in training steps")
-    p.add_argument("--behaviour", metavar="STEPS", help="sample and judge these steps (comma list or all)")
-    p.add_argument("--multipliers", default="0.5,1,2", help="--behaviour: multiply B by each")
+    p.add_argument("--behaviour", metavar="STEPS", help="steps to sample and judge (comma list or all)")
+    p.add_argument("--multipliers", default="0.5,1,2", help="--behaviour: B multipliers")
     model_flags(p)
     directions.sampling_flags(p)
-    out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled and judged files resume)")
+    out_flags(p, "output directory (default: RUN/phase)", "phase.json (sampled files resume)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "phase")
     ks = [int(k) if k.isdigit() else 0 for k in args.ks.split(",")]
     if min(ks) < 1:
-        raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1 (training steps)")
+        raise ValueError(f"--ks {args.ks}: expected a comma list of windows >= 1")
     claim_dir(out, "phase.py", ["phase.json"], args.force)
     cks = read_checkpoints(args.run)
     steps = [s for s, _, _ in cks]
     spacing = int(np.bincount(np.diff(steps)).argmax()) if len(steps) > 1 else 1  # the usual --save-every
     if any(k % spacing for k in ks):
-        raise ValueError(f"--ks {args.ks}: every k must be a multiple of the checkpoint spacing, {spacing}")
+        raise ValueError(f"--ks {args.ks}: each k must be a multiple of the checkpoint spacing, {spacing}")
     if len(steps) < (need := 2 * max(ks) // spacing + 1):
         where = f" (steps {steps[0]}..{steps[-1]}, every {spacing})" if steps else ""
-        raise ValueError(f"{args.run}: {len(steps)} checkpoints{where}; the local cosine with k = {max(ks)} "
-                         f"needs at least {need}")
+        raise ValueError(f"{args.run}: {len(steps)} checkpoints{where}; --ks {max(ks)} needs at least {need}")
 
-    # the geometry (the turn: the step where the path bends most)
+    # the geometry (the turn: where the path bends most)
     names = list(cks[0][2])
     flat = lambda i: np.stack([np.concatenate([t[n][i].double().flatten().numpy() for n in names])
                                for *_, t in cks])

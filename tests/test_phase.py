@@ -107,5 +107,5 @@ def test_phase_checks_its_numbers_first_and_errors_in_one_line(tmp_path, tiny):
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
     ck = tmp_path / "nothing" / "checkpoints"
-    assert p.stderr.strip().splitlines() == [f"phase.py: error: {ck}: no such directory (phase.py reads a "
-                                             "train.py run's checkpoints/step_N/)"]
+    assert p.stderr.strip().splitlines() == [f"phase.py: error: {ck}: no such directory (--run: a train.py "
+                                             "run with checkpoints/step_N/)"]
