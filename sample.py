@@ -82,21 +82,21 @@ def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
 
 # -----------------------------------------------------------------------------
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
-def load_directions(path, n_layers, d_model):
-    """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction`."""
+def load_directions(path, n_layers=None, d_model=None):
+    """A direction file's `directions` (L, C) or `direction` (C,) in fp32; the shape checked if given."""
     d = (tensors := lora.read_tensors(path)).get("directions", tensors.get("direction"))
-    if d is None:
-        raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
-                         "(n_layers, d_model) or `direction` (d_model,)")
-    d = d.float()
-    if d.ndim != 1 + ("directions" in tensors) or d.ndim == 2 and d.shape[0] != n_layers:
-        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` ({n_layers}, "
-                         f"{d_model}), one row per layer, or `direction` ({d_model},)")
-    if d.shape[-1] != d_model:
+    if d is None or d.ndim != 1 + ("directions" in tensors):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{path}: holds {shapes}; a direction file holds `directions` (n_layers, d_model) "
+                         "or `direction` (d_model,)")
+    if d.ndim == 2 and n_layers not in (None, len(d)):
+        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` "
+                         f"({n_layers}, {d_model}), one row per layer")
+    if d_model not in (None, d.shape[-1]):
         raise ValueError(f"{path}: directions are {d.shape[-1]} wide but the model's d_model is {d_model}")
     if not torch.isfinite(d).all():
         raise ValueError(f"{path}: directions contain NaN or inf")
-    return d
+    return d.float()
 
 def random_like(vectors, seed=0):
     """The control: seeded random vectors of each row's norm, (n, C) or (C,)."""
