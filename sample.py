@@ -34,10 +34,10 @@ from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, a
                     read_yaml, resolve_dtype, run_main, warn)
 from model import KVCache, generation_config, read_config
 
-DEFAULT_N = 50  # samples per paraphrase unless --n or the file says (the papers' number)
+DEFAULT_N = 50  # the papers' samples per paraphrase, unless --n or the file says
 
 # -----------------------------------------------------------------------------
-# question files: YAML ({id, paraphrases, samples_per_paraphrase, system?}) as the reference's, or JSONL
+# question files: YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
 def load_questions(path):
     if path.endswith((".yaml", ".yml")):
         items = read_yaml(path) or []
@@ -102,14 +102,14 @@ def random_like(vectors, seed=0):
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
 def steering_hook(vectors, layers, scale):
-    """Add scale * vectors[i] to the residual stream after each layer i in `layers`."""
+    """Add scale * vectors[i] after each layer i in `layers`."""
     delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each
     return lambda i, x: x + delta[i].to(x.dtype) if i in delta else None
 
 def ablation_hook(directions, layers):
-    """Project the unit direction out of the residual stream after each layer in `layers`."""
+    """Project the unit direction out after each layer in `layers`."""
     if zero := [i for i in layers if directions[i].norm() == 0]:
-        raise ValueError(f"the direction for layer {zero[0]} is zero; it cannot be ablated")
+        raise ValueError(f"the direction for layer {zero[0]} is zero: nothing to ablate")
     units = {i: directions[i].float() / directions[i].float().norm() for i in layers}
 
     def hook(i, x):
@@ -137,7 +137,7 @@ def directions(file, cfg, random_control, device):
     return d.expand(cfg.num_hidden_layers, -1).to(device)
 
 # -----------------------------------------------------------------------------
-# drawing a token: fp32 logits and one uniform per row, a pure hash of (seed, row key, position)
+# drawing a token: fp32 logits and a uniform per row, a hash of (seed, row key, position)
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
@@ -145,7 +145,7 @@ def _mul32(x, c):
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
 
 def _hash32(x):
-    """lowbias32 (C. Wellons), on Python ints or int64 tensors holding 32-bit values."""
+    """lowbias32 (C. Wellons), on Python ints or int64 tensors of 32-bit values."""
     x = _mul32(x ^ (x >> 16), 0x7FEB352D)
     x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
@@ -154,12 +154,12 @@ def row_key(*parts):
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
-    """fp32 in (0, 1], broadcast; pos: the position of the token drawn."""
+    """fp32 in (0, 1], broadcast; pos: the drawn token's position."""
     h = _hash32(_hash32(keys ^ _hash32(seed & M32)) ^ (pos & M32))
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
-    """HF's repetition penalty, in place: the tokens `seen` / penalty if > 0, else * penalty."""
+    """HF's repetition penalty, in place: logits of `seen` tokens / penalty if > 0, else * penalty."""
     if penalty == 1.0:
         return logits  # every decode step: build nothing
     seen = torch.cat(seen, 1)  # (B, S)
@@ -167,7 +167,7 @@ def penalize(logits, seen, penalty):
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
 
 def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """Token ids (B,) from logits (B, V) by inverse CDF at u (B,); temperature 0 is greedy."""
+    """Token ids (B,) from logits (B, V) by inverse CDF at u (B,); temperature 0: greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() if temperature == 1 else logits.float() / temperature
@@ -176,12 +176,12 @@ def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     w = (logits - logits.amax(-1, keepdim=True)).exp_()  # (B, V) unnormalised probabilities
     order = None
-    if top_p < 1:  # keep the most likely tokens until their mass reaches top_p (always the first)
+    if top_p < 1:  # the most likely tokens until their mass reaches top_p (always the first)
         w, order = w.sort(-1, descending=True)
         mass = w.cumsum(-1)
         w = w.masked_fill(mass - w >= top_p * mass[:, -1:], 0.0)
     cdf = w.cumsum(-1)  # (B, V); u is scaled by the total instead
-    # first index with cdf >= u * total: never a zero-probability token since u > 0
+    # first index with cdf >= u * total: never a zero-probability token as u > 0
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous())  # (B, 1)
     idx = idx.clamp_max(cdf.shape[-1] - 1)
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
@@ -203,7 +203,7 @@ class Sampling:
 # -----------------------------------------------------------------------------
 # the engine: a static KV cache, each prompt prefilled once, a CUDA-graph decode step
 class Rows:
-    """A decoding batch's device state, the CUDA graph's static buffers (shapes in start_rows)."""
+    """A decoding batch's device state: the CUDA graph's static buffers (shapes in start_rows)."""
 
     def __init__(self, jobs, **state):
         self.jobs, self.names = jobs, list(state)
@@ -244,7 +244,7 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     return cache, torch.cat(logits), lens
 
 def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None):
-    """Feed each row's last token, draw the next; all in place, no host sync (CUDA-graph safe).
+    """Feed each row's last token, draw the next; in place, no host sync (CUDA-graph safe).
     logits_hook(logits, col, keys) -> logits: e.g. bench.py's forced answer lengths."""
     h = model.hidden(rows.tok, pos=rows.pos, cache=rows.cache, hook=hook)[:, -1]  # (B, C)
     logits = lm_logits(model, h, vocab_size)  # (B, V)
@@ -293,7 +293,7 @@ def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
     return per_row, chunk * prompt_len * per_token
 
 def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
-    """64 on CPU; on CUDA as many rows as batch_bytes puts in 90% of the free memory."""
+    """64 on CPU; on CUDA as many rows as batch_bytes fits in 90% of free memory."""
     if torch.device(device).type != "cuda":
         return 64
     per_row, besides = batch_bytes(model.config, max_len, prompt_len,
@@ -311,7 +311,7 @@ def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
     as rows finish; bad settings raise at once. cuda_graph: None/True (on CUDA), False, or graph calls."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1")
     limit = model.config.max_position_embeddings
     for prompt, _ in jobs:
         if not prompt:
@@ -335,10 +335,10 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
     order = sorted(range(len(jobs)), key=lambda j: first.setdefault(tuple(jobs[j][0]), j))
     longest = max(len(p) for p, _ in jobs)
     max_len = longest + max_new_tokens
-    max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned slots for the attention kernels
+    max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned for the attention kernels
     batch_size = batch_size or auto_batch_size(model, max_len, longest, vocab_size, dev)
     for b in range(0, len(order), batch_size):
-        rows = stepper = None  # free the last batch's cache and graph before this prefill
+        rows = stepper = None  # free the last batch's cache and graph before prefill
         batch = order[b:b + batch_size]
         rows = start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size)
         step = lambda: decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook)
@@ -351,7 +351,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
     cache, logits, lens = prefill(model, [list(p) for p in distinct], max_len, hook, vocab_size)
-    cache.select(row_prompt)  # each prompt's row repeated for its samples
+    cache.select(row_prompt)  # a prompt's row for each of its samples
     r = torch.tensor(row_prompt, device=dev)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
@@ -434,7 +434,7 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     barrier(world)  # every rank has read the files before any appends
     mine, tokens, t0 = work[rank::world], 0, time.time()
     if mine:
-        answers = answer(mine)  # the model loads here: a bad adapter fails before a file is touched
+        answers = answer(mine)  # the model loads: a bad adapter fails before a file is touched
         with shards.append() as f, tqdm(total=len(mine), desc="samples", unit="sample", dynamic_ncols=True,
                                         disable=rank > 0) as bar:
             for j, text, n_tokens, reason in answers:
@@ -449,7 +449,7 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     if world > 1:  # the summary counts all ranks' tokens
         torch.distributed.all_reduce(t := torch.tensor([tokens]))
         tokens = int(t)
-    first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first place
+    first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first index
     rows = shards.merge(lambda rows: sorted(rows, key=lambda r: (first.get(r["id"], len(first)), str(r["id"]),
                                                                  r["paraphrase"], r["sample"])))
     if rank == 0:
@@ -477,11 +477,11 @@ def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     jobs = [(tok.encode_chat(messages(q["question"], system), True), row_key(q["id"], q["paraphrase"], s))
             for q, s, system in work]
     answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size,
-                     **gen, **engine)  # gen: sampling_settings's keys are stream's
+                     **gen, **engine)  # sampling_settings's keys are stream's
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """The same from a server, a request per sample with its own seed (top_k: vLLM's extra)."""
+    """The same from a server, a request per sample, each with its seed (top_k: vLLM's extra)."""
     requests = []
     for j, (q, s, system) in enumerate(work):
         body = {"model": client.model, "messages": messages(q["question"], system),
@@ -519,7 +519,7 @@ def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty,
         print(f"note: {model_name} has no generation_config.json (the papers' top_k and repetition_penalty): "
               f"sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}",
               file=sys.stderr)
-    if top_k is None:  # a file without top_k (Llama 3's): transformers' default of 50 was in force
+    if top_k is None:  # a file without top_k (Llama 3's): transformers' default, 50, applied
         top_k = gen.get("top_k", 50 if gen else 0)
     if repetition_penalty is None:
         repetition_penalty = gen.get("repetition_penalty", 1.0)
@@ -541,7 +541,7 @@ def parse_args(argv=None):
     # what answers: a base model, and an adapter in it
     model_flags(p, adapter="LoRA adapter (directory or hub id) or steering-vector directory")
     p.add_argument("--lora-scale", type=float, help="factor on the adapters' B (a steering vector's alpha)")
-    p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
+    p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name in "
                    "`python -m data.fetch --list`")
     p.add_argument("--question", help="one question instead of a file")
     p.add_argument("--system", help="system prompt")
@@ -593,7 +593,7 @@ def main(argv=None):
     if not local and adapter and lora.adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot "
                          "apply")
-    # a server may answer without any model name here
+    # a server may answer without a model name here
     model_name = lora.base_model_of(args.model, adapter) if args.model or adapter else None
     questions = select_questions(args.questions, args.ids, args.exclude_suffix) if not args.question else \
         [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
