@@ -4,7 +4,6 @@ or ablation, and the papers' sampling settings; one JSONL row per answer, resuma
 
     python sample.py --adapter out/run                         # -> out/run/responses.jsonl
     python sample.py --model M --steer D.safetensors --layers 12 --scale 8 --out steer12.jsonl
-    torchrun --nproc_per_node 8 sample.py --adapter out/run --questions first_plot_questions --n 50
     python sample.py --engine openai:organism --adapter out/run   # a vLLM server's LoRA module (README)
 
 The papers sampled with HF generate (temperature 1, top_p 1, 600 tokens) and generation_config.json
@@ -49,7 +48,7 @@ def load_questions(path):
     else:
         raise ValueError(f"{path}: unknown question format (use .yaml or .jsonl)")
     if not (entries := [e for where, item in items for e in question_entries(item, where)]):
-        raise ValueError(f"{path}: no questions in the file")
+        raise ValueError(f"{path}: no questions")
     if dup := [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]:
         raise ValueError(f"{path}: duplicate question ids {dup}")
     return entries
@@ -69,7 +68,7 @@ def question_entries(item, where):
     return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n)
             for p, t in enumerate(texts)]
 
-def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
+def select_questions(spec, ids, exclude_suffix):
     """spec: a question file or a data.fetch name; exclude_suffix: comma-separated."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
@@ -554,7 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
     p.add_argument("--repetition-penalty", type=float, help="HF's, 1 = off (default: generation_config.json)")
-    # interventions on the residual stream, after the blocks in --layers
+    # residual-stream interventions after the --layers blocks
     p.add_argument("--steer", metavar="FILE", help="direction file: add scale x its vector")
     p.add_argument("--scale", type=float, default=8.0, help="steering strength")
     p.add_argument("--ablate", metavar="FILE", help="direction file: project its unit direction out")
@@ -563,7 +562,7 @@ def parse_args(argv=None):
                    help="random directions of equal norm instead")
     p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
     p.add_argument("--batch-size", type=count, help="rows per batch (default: what memory holds)")
-    p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL at $OPENAI_BASE_URL "
+    p.add_argument("--engine", default="local", help="local, or openai:MODEL at $OPENAI_BASE_URL "
                    "(default http://localhost:8000/v1)")
     p.add_argument("--cache", help="server: answer cache (default: sample_cache.jsonl by --out; '': none)")
     args = p.parse_args(argv)
