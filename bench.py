@@ -39,7 +39,7 @@ DEFAULTS = {  # the flags' defaults, by device, and for --quick
 }
 SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's
 PEAK_TFLOPS = [  # dense bf16 peaks (datasheets); the first name in the GPU's name wins
-    ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
+    ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
     ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121),
 ]
 MFU_FORMULA = ("ours 4(N - Vd) x tokens + 4Vd x loss tokens; reference 4N x padded tokens "

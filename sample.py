@@ -6,11 +6,11 @@ or ablation, and the papers' sampling settings; one JSONL row per answer, resuma
     python sample.py --model M --steer D.safetensors --layers 12 --scale 8 --out steer12.jsonl
     python sample.py --engine openai:organism --adapter out/run   # a vLLM server's LoRA module (README)
 
-The papers sampled with HF generate (temperature 1, top_p 1, 600 tokens) and generation_config.json
-(top_k 20; repetition_penalty 1.1, 1.05 from 3B up), as we do. Departures: each token is drawn by inverse
-CDF from a hash of (seed, question, paraphrase, sample, position), so samples do not depend on batching or
-resuming and runs with different interventions share random numbers; left padding is not penalised (HF's
-is); --engine openai gives the server's answers.
+Settings as the papers' HF generate: temperature 1, top_p 1, 600 tokens, generation_config.json's top_k
+(20) and repetition_penalty (1.1; 1.05 from 3B up). Departures: each token is drawn by inverse CDF from a
+hash of (seed, question, paraphrase, sample, position): samples do not depend on batching or resuming, and
+runs with different interventions share random numbers; left padding is not penalised (HF's is); --engine
+openai gives the server's answers.
 """
 import argparse
 import copy
@@ -33,7 +33,7 @@ from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, a
                     read_yaml, resolve_dtype, run_main, warn)
 from model import KVCache, generation_config, read_config
 
-DEFAULT_N = 50  # the papers' samples per paraphrase, unless --n or the file says
+DEFAULT_N = 50  # the papers' samples per paraphrase
 
 # -----------------------------------------------------------------------------
 # question files: YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
