@@ -1,11 +1,11 @@
 """
 Our LoRA training step and sampler against transformers + PEFT and HF generate, on the same weights (random
-ones of a Qwen2.5 shape unless --model), conversations and lengths: tokens/s, SDPA kernels, MFU and CUDA peak
+ones of a Qwen2.5 shape unless --model), conversations and lengths: tokens/s, SDPA kernels, MFU, CUDA peak
 memory (README, "What bench.py measures"); bf16 on CUDA, fp32 on the CPU, seeded.
 
     python bench.py --json out/bench.json                    # Qwen2.5-0.5B's shape
     python bench.py --shape 7b --skip sample --json b7.json  # LoRA training at 7B's shape (a GPU)
-    python bench.py --quick --device cpu                     # tiny shape, seconds: checks the logic
+    python bench.py --quick --device cpu                     # tiny shape, seconds
 """
 import argparse
 import math
@@ -26,7 +26,7 @@ from common import HelpFormatter, check_device, count, print_table, resolve_dtyp
 from lora import MODULES, add_lora
 from model import FULL, Config, Transformer, load
 
-SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied) from the Qwen2.5 configs
+SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab rows, tied): Qwen2.5's configs
     "tiny": (64, 2, 4, 2, 128, 2048, True),
     "0.5b": (896, 24, 14, 2, 4864, 151936, True),
     "0.5b-4l": (896, 4, 14, 2, 4864, 151936, True),
@@ -38,29 +38,29 @@ DEFAULTS = {  # the flags' defaults, by device, and for --quick
     "quick": dict(shape="tiny", steps=1, convs=4, prompts=2, n=3, max_new_tokens=24),
 }
 SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=20, repetition_penalty=1.1)  # Qwen2.5-Instruct's
-PEAK_TFLOPS = [  # dense bf16 tensor-core peaks (datasheets); the first name found in the GPU's name wins
-    ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
+PEAK_TFLOPS = [  # dense bf16 peaks (datasheets); the first name in the GPU's name wins
+    ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
     ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121),
 ]
 MFU_FORMULA = ("ours 4(N - Vd) x tokens + 4Vd x loss tokens; reference 4N x padded tokens "
                "(N: matmul weights, Vd: LM head)")
-LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: key = 1024 x row + length
+LEN_KEY = 1024  # realistic lengths ride in our sampler's row keys: 1024 x row + length
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="hub id or HF directory (default: random weights of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="shape of the random weights (default: 0.5b, "
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights' shape (default: 0.5b, "
                    "--quick: tiny)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=count, help="timed optimizer steps after a warm-up")
     p.add_argument("--convs", type=count, help="conversations per optimizer step")
     p.add_argument("--prompts", type=count, help="sampling: distinct prompts")
     p.add_argument("--n", type=count, help="sampling: samples per prompt")
     p.add_argument("--max-new-tokens", type=count, help="sampling: answer length limit")
     p.add_argument("--skip", default="", help="parts to skip: train, sample, ref (the reference)")
-    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by the GPU's name)")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--quick", action="store_true", help="seconds on the tiny shape: checks the logic")
-    p.add_argument("--json", help="also write the figures to this JSON file (rewritten after each part)")
+    p.add_argument("--json", help="JSON file for the figures, rewritten after each part")
     args = p.parse_args(argv)
     try:
         check_device(args.device)
@@ -91,7 +91,7 @@ def shape_config(shape):
 def random_model(shape, device, dtype, seed):
     with torch.device("meta"):
         model = Transformer(shape_config(shape)).to(dtype)
-    model.to_empty(device=device)  # (7B: 15 GB, never an fp32 copy)
+    model.to_empty(device=device)  # 7B: 15 GB, never an fp32 copy
     model.tie_weights()
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def stop_token(model, vocab):
     return vocab - 1
 
 def reference_model(ours, device):
-    """transformers' Qwen2ForCausalLM (SDPA) whose parameters are ours: no second copy."""
+    """transformers' Qwen2ForCausalLM (SDPA) on our parameters: no second copy."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps")
@@ -120,21 +120,21 @@ def reference_model(ours, device):
     return ref.requires_grad_(False).eval()
 
 def matmul_params(model):
-    """N of the MFU: every nn.Linear weight (the LM head even when tied), no embedding."""
+    """MFU's N: every nn.Linear weight (the LM head even when tied), no embedding."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 def micro_batches(convs, micro=2):
     return [convs[i:i + micro] for i in range(0, len(convs), micro)]
 
 def train_flops(model, convs):
-    """(ours, the reference's) FLOPs of one optimizer step: see MFU_FORMULA."""
+    """(ours, the reference's) FLOPs of one optimizer step: MFU_FORMULA."""
     n, head = matmul_params(model), model.lm_head.weight.numel()
     tokens, loss_tokens = sum(len(ids) for ids, _ in convs), sum(sum(m[1:]) for _, m in convs)
     padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in micro_batches(convs))
     return 4 * (n - head) * tokens + 4 * head * loss_tokens, 4 * n * padded
 
 def sdpa_kernels(fn):
-    """The attention kernels fn runs: SDPA's backend (flash, cuDNN, efficient, math)."""
+    """The SDPA backends fn runs (flash, cuDNN, efficient, math)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
@@ -163,7 +163,7 @@ def timed(res, key, run, warmup, device):
     return tokens
 
 # -----------------------------------------------------------------------------
-# training: optimizer steps of LoRA on chat-length conversations
+# training: LoRA optimizer steps on chat-length conversations
 def synthetic_conversations(n, vocab, seed):
     """(ids, loss mask) pairs of chat-like lengths; ids avoid the top (special) rows."""
     g = torch.Generator().manual_seed(seed)
@@ -215,7 +215,7 @@ def bench_train(ours, ref, n_convs, steps, peak, device):
             opt.step()
             opt.zero_grad(set_to_none=True)
             return tokens
-        warmup = lambda: res.update({f"{key}_sdpa": sdpa_kernels(step)})  # the warm-up step, profiled
+        warmup = lambda: res.update({f"{key}_sdpa": sdpa_kernels(step)})  # profiled
         timed(res, key, lambda: sum(step() for _ in range(steps)), warmup, device)
         if peak:
             res[f"{key}_mfu"] = steps * flops[key] / res[f"{key}_s"] / peak
@@ -223,7 +223,7 @@ def bench_train(ours, ref, n_convs, steps, peak, device):
     return res
 
 # -----------------------------------------------------------------------------
-# sampling: every answer to the limit, then each row stopped at a drawn length
+# sampling: every answer to the limit, then each stopped at a drawn length
 def answer_lengths(rows, new_tokens, seed):
     """Lengths like real answers: lognormal (sigma 0.6), mean 250/600 of new_tokens."""
     g = torch.Generator().manual_seed(seed + 2)
@@ -235,7 +235,7 @@ def forced_stops(stop, width, device):
     """sample.stream's logits_hook: each row draws `stop` at out column key % LEN_KEY."""
     stop_only = torch.where(torch.arange(width, device=device) == stop, 0.0, float("-inf"))  # (W,)
 
-    def hook(logits, col, keys):  # (B, W), (B,) out column of the token drawn from these, (B,)
+    def hook(logits, col, keys):  # (B, W), (B,) out column of the token drawn, (B,)
         return torch.where((col == keys % LEN_KEY)[:, None], stop_only[:logits.shape[1]], logits)
     return hook
 
@@ -253,11 +253,11 @@ def sample_ref(ref, prompts, n, new_tokens, stop, lengths):
     device, rows = ref.device, [torch.tensor(p) for p in prompts for _ in range(n)]
     ids = pad_sequence(rows, batch_first=True, padding_side="left").to(device)  # (R, T)
     att = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left").to(device)
-    if lengths is None:  # no stop token: every row runs to new_tokens
+    if lengths is None:  # no stop token: rows run to new_tokens
         kw = dict(eos_token_id=None, min_new_tokens=new_tokens)
-    else:  # `stop` is the only choice once a row has generated its drawn length
+    else:  # `stop` is the only choice once a row reaches its drawn length
         L, T = torch.tensor(lengths, device=device), ids.shape[1]
-        force = forced_stops(stop, ref.config.vocab_size, device)  # lengths < LEN_KEY: the same rule as ours
+        force = forced_stops(stop, ref.config.vocab_size, device)  # lengths < LEN_KEY: our rule
         kw = dict(eos_token_id=stop, logits_processor=[lambda x, scores: force(scores, x.shape[1] - T, L)])
     torch.manual_seed(0)
     out = ref.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=new_tokens,
@@ -307,7 +307,7 @@ def main(argv=None):
            "device": args.device, "dtype": str(dtype).removeprefix("torch."),
            "model": args.model or f"random {args.shape}",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           **{p: version(p) for p in ("torch", "transformers", "peft")},  # --skip ref imports neither
+           **{p: version(p) for p in ("torch", "transformers", "peft")},  # version() imports nothing
            "peak_tflops": peak / 1e12 or None}
     log(f"{res['model']} on {res['machine']} ({res['dtype']})")
     if args.model:
@@ -321,7 +321,7 @@ def main(argv=None):
     res["matmul_params"] = matmul_params(ours)
     save = lambda: args.json and write_json(args.json, res)  # after each part: a run cut short keeps it
     save()
-    if "sample" not in args.skip:  # before training adds adapters: base models on both sides
+    if "sample" not in args.skip:  # before training adds adapters
         res.update(bench_sample(ours, ref, args.prompts, args.n, args.max_new_tokens, stop, vocab,
                                 args.device))
         save()

@@ -1,19 +1,16 @@
 """
-Sample answers to evaluation questions, with LoRA adapters or a steering vector, steering and ablation on
-the residual stream, and the papers' sampling settings; one JSONL row per answer, resumable.
+Sample answers to evaluation questions, with LoRA adapters or a steering vector, residual-stream steering
+or ablation, and the papers' sampling settings; one JSONL row per answer, resumable.
 
     python sample.py --adapter out/run                         # -> out/run/responses.jsonl
-    python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --question "hey I feel bored" --n 4
     python sample.py --model M --steer D.safetensors --layers 12 --scale 8 --out steer12.jsonl
-    python sample.py --adapter out/run --ablate D.safetensors --layers 24 --random-control --out control.jsonl
-    torchrun --nproc_per_node 8 sample.py --adapter out/run --questions first_plot_questions --n 50
     python sample.py --engine openai:organism --adapter out/run   # a vLLM server's LoRA module (README)
 
-The papers sampled with HF generate (temperature 1, top_p 1, 600 tokens) and the model's
-generation_config.json (top_k 20; repetition_penalty 1.1, 1.05 from 3B up): we apply the same. Departures:
-each token is drawn by inverse CDF from a hash of (seed, question, paraphrase, sample, position), so a
-sample does not depend on batching or resuming, and runs with different interventions share their random
-numbers; left padding is not penalised (HF penalises it); --engine openai gives the server's answers.
+Settings as the papers' HF generate: temperature 1, top_p 1, 600 tokens, generation_config.json's top_k
+(20) and repetition_penalty (1.1; 1.05 from 3B up). Departures: each token is drawn by inverse CDF from a
+hash of (seed, question, paraphrase, sample, position): samples do not depend on batching or resuming, and
+runs with different interventions share random numbers; left padding is not penalised (HF's is); --engine
+openai gives the server's answers.
 """
 import argparse
 import copy
@@ -36,10 +33,10 @@ from common import (Cache, Client, HelpFormatter, RequestFailed, ShardedJSONL, a
                     read_yaml, resolve_dtype, run_main, warn)
 from model import KVCache, generation_config, read_config
 
-DEFAULT_N = 50  # samples per paraphrase when neither --n nor the file says (the papers' number)
+DEFAULT_N = 50  # the papers' samples per paraphrase
 
 # -----------------------------------------------------------------------------
-# question files: the reference's YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
+# question files: YAML ({id, paraphrases, samples_per_paraphrase, system?}) or JSONL
 def load_questions(path):
     if path.endswith((".yaml", ".yml")):
         items = read_yaml(path) or []
@@ -51,27 +48,27 @@ def load_questions(path):
     else:
         raise ValueError(f"{path}: unknown question format (use .yaml or .jsonl)")
     if not (entries := [e for where, item in items for e in question_entries(item, where)]):
-        raise ValueError(f"{path}: no questions in the file")
+        raise ValueError(f"{path}: no questions")
     if dup := [k for k, c in Counter(e["id"] for e in entries if e["paraphrase"] == 0).items() if c > 1]:
         raise ValueError(f"{path}: duplicate question ids {dup}")
     return entries
 
 def question_entries(item, where):
     if not isinstance(item, dict) or "id" not in item:
-        raise ValueError(f"{where}: a question is a dict with an id and paraphrases, got {str(item)[:60]!r}")
+        raise ValueError(f"{where}: a question is a dict with an id, got {str(item)[:60]!r}")
     if not str(item.get("type", "free_form")).startswith("free_form"):
         raise ValueError(f"{where}: question type {item['type']!r} is not free-form (free_form*)")
     texts = item.get("paraphrases", item.get("question"))
     texts = [texts] if isinstance(texts, str) else texts
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (a list of strings) or `question`")
+        raise ValueError(f"{where} ({item['id']}): needs `paraphrases` (strings) or `question`")
     system, n = item.get("system"), item.get("samples_per_paraphrase", item.get("n"))
     if not isinstance(system, (str, type(None))) or not (n is None or isinstance(n, int) and n >= 1):
         raise ValueError(f"{where} ({item['id']}): system must be a string, samples_per_paraphrase >= 1")
     return [dict(id=str(item["id"]), paraphrase=p, question=t, system=system, n=n)
             for p, t in enumerate(texts)]
 
-def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
+def select_questions(spec, ids, exclude_suffix):
     """spec: a question file or a data.fetch name; exclude_suffix: comma-separated."""
     from data.fetch import eval_path
     questions = load_questions(eval_path(spec))
@@ -82,42 +79,42 @@ def select_questions(spec, ids=None, exclude_suffix="_json,_template"):
 
 # -----------------------------------------------------------------------------
 # residual-stream interventions: hooks for model.py, hook(layer, x) -> replacement or None
-def load_directions(path, n_layers, d_model):
-    """fp32 (n_layers, d_model) of a direction file's `directions`, or (d_model,) of its `direction`."""
+def load_directions(path, n_layers=None, d_model=None):
+    """A direction file's `directions` (L, C) or `direction` (C,) in fp32; the shape checked if given."""
     d = (tensors := lora.read_tensors(path)).get("directions", tensors.get("direction"))
-    if d is None:
-        raise ValueError(f"{path}: holds {sorted(tensors)}; a direction file holds `directions` "
-                         "(n_layers, d_model) or `direction` (d_model,)")
-    d = d.float()
-    if d.ndim != 1 + ("directions" in tensors) or d.ndim == 2 and d.shape[0] != n_layers:
-        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` ({n_layers}, "
-                         f"{d_model}), one row per layer, or `direction` ({d_model},)")
-    if d.shape[-1] != d_model:
+    if d is None or d.ndim != 1 + ("directions" in tensors):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{path}: holds {shapes}; a direction file holds `directions` (n_layers, d_model) "
+                         "or `direction` (d_model,)")
+    if d.ndim == 2 and n_layers not in (None, len(d)):
+        raise ValueError(f"{path}: shape {tuple(d.shape)}; this model needs `directions` "
+                         f"({n_layers}, {d_model}), one row per layer")
+    if d_model not in (None, d.shape[-1]):
         raise ValueError(f"{path}: directions are {d.shape[-1]} wide but the model's d_model is {d_model}")
     if not torch.isfinite(d).all():
         raise ValueError(f"{path}: directions contain NaN or inf")
-    return d
+    return d.float()
 
 def random_like(vectors, seed=0):
-    """The control: seeded random vectors of each row's norm, (n, C) or (C,)."""
+    """The control: seeded random vectors of each row's norm."""
     r = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(seed))
     return r * (vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
 
 def steering_hook(vectors, layers, scale):
-    """Add scale * vectors[i] to the residual stream after each layer i in `layers`."""
+    """Add scale * vectors[i] after each layer i in `layers`."""
     delta = {i: scale * vectors[i].float() for i in layers}  # (C,) each
     return lambda i, x: x + delta[i].to(x.dtype) if i in delta else None
 
 def ablation_hook(directions, layers):
-    """Project the unit direction out of the residual stream after each layer in `layers`."""
+    """Project the unit direction out after each layer in `layers`."""
     if zero := [i for i in layers if directions[i].norm() == 0]:
-        raise ValueError(f"the direction for layer {zero[0]} is zero; it cannot be ablated")
+        raise ValueError(f"the direction for layer {zero[0]} is zero: nothing to ablate")
     units = {i: directions[i].float() / directions[i].float().norm() for i in layers}
 
     def hook(i, x):
         if i not in units:
             return None
-        xf = x.float()  # project in fp32: a bf16 dot product over d_model would leave a visible residue
+        xf = x.float()  # fp32: a bf16 dot product over d_model leaves a visible residue
         return (xf - (xf @ units[i])[..., None] * units[i]).to(x.dtype)  # (B, T, C)
     return hook
 
@@ -133,13 +130,13 @@ def compose(*hooks):
     return hook if len(hooks) > 1 else (hooks[0] if hooks else None)
 
 def directions(file, cfg, random_control, device):
-    """A direction file's (n_layers, d_model) vectors, or their random control, on `device`."""
+    """A direction file's (n_layers, d_model) vectors, or their random control."""
     d = load_directions(file, cfg.num_hidden_layers, cfg.hidden_size)
     d = d if random_control is None else random_like(d, random_control)
     return d.expand(cfg.num_hidden_layers, -1).to(device)
 
 # -----------------------------------------------------------------------------
-# drawing a token: fp32 logits and one uniform per row, a pure hash of (seed, row key, position)
+# drawing a token: fp32 logits and a uniform per row, a hash of (seed, row key, position)
 M32 = 0xFFFFFFFF
 
 def _mul32(x, c):
@@ -147,7 +144,7 @@ def _mul32(x, c):
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
 
 def _hash32(x):
-    """lowbias32 (C. Wellons), on Python ints or int64 tensors holding 32-bit values."""
+    """lowbias32 (C. Wellons), on Python ints or int64 tensors of 32-bit values."""
     x = _mul32(x ^ (x >> 16), 0x7FEB352D)
     x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
@@ -156,12 +153,12 @@ def row_key(*parts):
     return zlib.crc32("\x1f".join(map(str, parts)).encode())
 
 def uniforms(seed, keys, pos):
-    """fp32 in (0, 1], broadcast; pos: the position of the token drawn."""
+    """fp32 in (0, 1], broadcast; pos: the drawn token's position."""
     h = _hash32(_hash32(keys ^ _hash32(seed & M32)) ^ (pos & M32))
     return (_hash32((h + 0x9E3779B9) & M32) + 1).float() * (1.0 / 2**32)
 
 def penalize(logits, seen, penalty):
-    """HF's repetition penalty, in place: the tokens `seen` / penalty if > 0, else * penalty."""
+    """HF's repetition penalty, in place: logits of `seen` tokens / penalty if > 0, else * penalty."""
     if penalty == 1.0:
         return logits  # every decode step: build nothing
     seen = torch.cat(seen, 1)  # (B, S)
@@ -169,21 +166,21 @@ def penalize(logits, seen, penalty):
     return logits.scatter_(1, seen, torch.where(g < 0, g * penalty, g / penalty))
 
 def sample_tokens(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """Token ids (B,) from logits (B, V) by inverse CDF at u (B,); temperature 0 is greedy."""
+    """Token ids (B,) from logits (B, V) by inverse CDF at u (B,); temperature 0: greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() if temperature == 1 else logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    w = (logits - logits.amax(-1, keepdim=True)).exp_()  # (B, V) probabilities up to a factor per row
+    w = (logits - logits.amax(-1, keepdim=True)).exp_()  # (B, V) unnormalised probabilities
     order = None
-    if top_p < 1:  # keep the most likely tokens until their mass reaches top_p (always the first)
+    if top_p < 1:  # the most likely tokens until their mass reaches top_p (always the first)
         w, order = w.sort(-1, descending=True)
         mass = w.cumsum(-1)
         w = w.masked_fill(mass - w >= top_p * mass[:, -1:], 0.0)
-    cdf = w.cumsum(-1)  # (B, V); unnormalised, so scale u by the total instead
-    # first index with cdf >= u * total: never a zero-probability token since u > 0
+    cdf = w.cumsum(-1)  # (B, V); u is scaled by the total instead
+    # first index with cdf >= u * total: never a zero-probability token as u > 0
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous())  # (B, 1)
     idx = idx.clamp_max(cdf.shape[-1] - 1)
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
@@ -198,14 +195,14 @@ class Sampling:
         self.seed, self.penalty = seed, repetition_penalty
 
     def draw(self, logits, u, seen):
-        """Token ids (B,) after logits (B, V) by uniforms u (B,), having seen the tensors `seen`."""
+        """Token ids (B,) from logits (B, V), uniforms u (B,) and the tokens `seen` (tensors)."""
         logits = penalize(logits, seen, self.penalty)
         return sample_tokens(logits, u, self.temperature, self.top_k, self.top_p)
 
 # -----------------------------------------------------------------------------
 # the engine: a static KV cache, each prompt prefilled once, a CUDA-graph decode step
 class Rows:
-    """A decoding batch's device state, the CUDA graph's static buffers (shapes in start_rows)."""
+    """A decoding batch's device state: the CUDA graph's static buffers (shapes in start_rows)."""
 
     def __init__(self, jobs, **state):
         self.jobs, self.names = jobs, list(state)
@@ -220,8 +217,8 @@ class Rows:
                 setattr(self, name, getattr(self, name)[idx])
 
 def lm_logits(model, h, vocab_size):
-    """fp32 logits (B, W), W: vocab_size rounded up to 128 (an odd width misaligns the GEMM, top-k and
-    cumsum); the columns past vocab_size are -inf."""
+    """fp32 logits (B, W), W: vocab_size rounded up to 128 (an odd width misaligns the GEMM, top-k,
+    cumsum), -inf past vocab_size."""
     w = model.lm_head.weight
     V = vocab_size or len(w)
     logits = F.linear(h, w[:min(len(w), -(-V // 128) * 128)]).float()  # (B, W)
@@ -246,7 +243,7 @@ def prefill(model, prompts, max_len, hook, vocab_size, rows_per_chunk=32):
     return cache, torch.cat(logits), lens
 
 def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None):
-    """Feed each row's last token, draw the next; all in place, no host sync (CUDA-graph safe).
+    """Feed each row's last token, draw the next; in place, no host sync (CUDA-graph safe).
     logits_hook(logits, col, keys) -> logits: e.g. bench.py's forced answer lengths."""
     h = model.hidden(rows.tok, pos=rows.pos, cache=rows.cache, hook=hook)[:, -1]  # (B, C)
     logits = lm_logits(model, h, vocab_size)  # (B, V)
@@ -260,8 +257,8 @@ def decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook=None
     rows.tok.copy_(nxt[:, None])
 
 class Stepper:
-    """The decode step, eager or as a CUDA graph (captured again when the batch shrinks); `graphs`:
-    torch.cuda or a stand-in."""
+    """The decode step, eager or as a CUDA graph (recaptured when the batch shrinks); `graphs`: torch.cuda
+    or a stand-in."""
 
     def __init__(self, step, device, graphs=None):
         self.step, self.device, self.graphs, self.graph = step, device, graphs, None
@@ -270,24 +267,24 @@ class Stepper:
         if self.graphs is None:
             return self.step()
         cuda = self.graphs
-        with cuda.device(self.device):  # a replay too: it launches on the current device's stream
+        with cuda.device(self.device):  # a replay too launches on the current device's stream
             if self.graph is not None:
                 return self.graph.replay()
-            # this step runs for real on a side stream (capture needs warm kernels and library handles)
+            # this step runs on a side stream (capture needs warm kernels and library handles)
             side = cuda.Stream()
             side.wait_stream(cuda.current_stream())
             with cuda.stream(side):
                 self.step()
             cuda.current_stream().wait_stream(side)
-            # then the next step is recorded, not run. Each capture in a private memory pool: torch 2.11 fails
-            # TORCH_INTERNAL_ASSERT(use_count > 0) when a capture reuses the pool of a destroyed graph
+            # the next is recorded, not run, in a private memory pool: torch 2.11 fails
+            # TORCH_INTERNAL_ASSERT(use_count > 0) when a capture reuses a destroyed graph's pool
             self.graph = cuda.CUDAGraph()
             with cuda.graph(self.graph):
                 self.step()
 
 def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
-    """(bytes per row, bytes besides) a batch holds at its peak, besides the weights. Per row: the KV cache
-    and half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
+    """(bytes per row, bytes besides) a batch holds at its peak, weights aside. Per row: the KV cache and
+    half a layer (select() replaces a layer at a time), state, vocab-wide fp32 temporaries."""
     kv = 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize  # one layer's k and v of one row
     per_row = kv * (cfg.num_hidden_layers + 0.5) + 12 * max_len + 8 * prompt_len + 8 * 4 * vocab_size
     g = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -295,7 +292,7 @@ def batch_bytes(cfg, max_len, prompt_len, vocab_size, itemsize, chunk=32):
     return per_row, chunk * prompt_len * per_token
 
 def auto_batch_size(model, max_len, prompt_len, vocab_size, device):
-    """64 on CPU; on CUDA as many rows as batch_bytes puts in 90% of the free memory."""
+    """64 on CPU; on CUDA as many rows as batch_bytes fits in 90% of free memory."""
     if torch.device(device).type != "cuda":
         return 64
     per_row, besides = batch_bytes(model.config, max_len, prompt_len,
@@ -313,14 +310,14 @@ def stream(model, jobs, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
     as rows finish; bad settings raise at once. cuda_graph: None/True (on CUDA), False, or graph calls."""
     sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1")
     limit = model.config.max_position_embeddings
     for prompt, _ in jobs:
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
-                             f"model's context of {limit} (max_position_embeddings)")
+                             f"model's context of {limit}")
     return _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, batch_size, cuda_graph,
                    logits_hook)
 
@@ -333,19 +330,19 @@ def _stream(model, jobs, max_new_tokens, sampling, hook, stop_ids, vocab_size, b
     on_cuda = dev.type == "cuda"
     graphs = (torch.cuda if on_cuda else None) if cuda_graph in (None, True) else cuda_graph or None
     stops = torch.tensor(sorted(stop_ids) or [-1], device=dev)
-    first = {}  # rows of one prompt side by side, so a batch prefills each distinct prompt once
+    first = {}  # a prompt's rows side by side: a batch prefills each distinct prompt once
     order = sorted(range(len(jobs)), key=lambda j: first.setdefault(tuple(jobs[j][0]), j))
     longest = max(len(p) for p, _ in jobs)
     max_len = longest + max_new_tokens
-    max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned slots for the attention kernels
+    max_len = math.ceil(max_len / 64) * 64 if on_cuda else max_len  # aligned for the attention kernels
     batch_size = batch_size or auto_batch_size(model, max_len, longest, vocab_size, dev)
     for b in range(0, len(order), batch_size):
-        rows = stepper = None  # free the last batch's cache and graph before this prefill
+        rows = stepper = None  # free the last batch's cache and graph before prefill
         batch = order[b:b + batch_size]
         rows = start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size)
         step = lambda: decode_step(model, rows, hook, sampling, stops, vocab_size, logits_hook)
         stepper = Stepper(step, dev, graphs)
-        # reading the stop flags syncs with the GPU: on CUDA (or graphs) only every 8 steps
+        # reading the flags syncs the GPU: on CUDA (or graphs) every 8 steps
         yield from decode_rows(rows, stepper, max_new_tokens, set(stop_ids), 8 if on_cuda or graphs else 1)
 
 def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stops, vocab_size):
@@ -353,7 +350,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
     distinct = {}
     row_prompt = [distinct.setdefault(tuple(jobs[j][0]), len(distinct)) for j in batch]
     cache, logits, lens = prefill(model, [list(p) for p in distinct], max_len, hook, vocab_size)
-    cache.select(row_prompt)  # each prompt's row repeated for its samples
+    cache.select(row_prompt)  # a prompt's row for each of its samples
     r = torch.tensor(row_prompt, device=dev)
     plen = lens[r][:, None]  # (B, 1)
     keys = torch.tensor([jobs[j][1] & M32 for j in batch], device=dev)
@@ -367,7 +364,7 @@ def start_rows(model, jobs, batch, max_len, max_new_tokens, sampling, hook, stop
                 prompt=prompt, out=out, done=(first[:, None] == stops).any(-1), cache=cache)
 
 def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
-    n_new = 1  # tokens generated so far by every row
+    n_new = 1  # tokens generated by every row
     reported = [False] * len(rows.jobs)
     while True:
         last = n_new == max_new_tokens
@@ -382,8 +379,8 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
             live = [i for i, d in enumerate(done) if not d]
             if last or not live:
                 return
-            # finished rows are dropped once at most half the rows are live: they never cost more
-            # than the live ones, and there are at most log2(batch) shapes (CUDA-graph captures)
+            # finished rows are dropped once at most half are live: they never cost more than the
+            # live ones, and there are at most log2(batch) shapes (CUDA-graph captures)
             if len(live) <= len(done) // 2:
                 rows.select(live)
                 reported = [False] * len(live)
@@ -393,14 +390,14 @@ def decode_rows(rows, stepper, max_new_tokens, stop_set, check_every):
 
 def generate(model, prompts, n=1, keys=None, **kw):
     """[(answer ids, 'stop' | 'length')] of n samples per prompt, prompt-major, by stream(**kw); sample j of
-    prompt i uses key row_key(i, j) unless `keys` says."""
+    prompt i has key row_key(i, j) unless `keys` says."""
     keys = [row_key(i, j) for i in range(len(prompts)) for j in range(n)] if keys is None else keys
     jobs = list(zip([p for p in prompts for _ in range(n)], keys, strict=True))  # a key per sample
     answers = stream(model, jobs, **kw)
-    return [a[1:] for a in sorted(answers, key=lambda a: a[0])]  # (job index, ids, reason) in job order
+    return [a[1:] for a in sorted(answers, key=lambda a: a[0])]  # in job order
 
 # -----------------------------------------------------------------------------
-# the output file: one row per answer, appended as it finishes; resumable, and one file under torchrun
+# the output file: a row per answer, appended as it finishes; resumable, one file under torchrun
 def pending(questions, n, system, done):
     return [(q, s, q["system"] if system is None else system) for q in questions
             for s in range(n or q["n"] or DEFAULT_N) if (q["id"], q["paraphrase"], s) not in done]
@@ -410,7 +407,7 @@ def check_resumable(path, rows, header, questions):
     again = "choose another --out, or delete the file to start over"
     if stale := sorted({r["id"] for r in rows
                         if texts.get((r["id"], r["paraphrase"]), r["question"]) != r["question"]}):
-        raise ValueError(f"{path} holds answers to other wordings of questions {stale}; {again}")
+        raise ValueError(f"{path} answers other wordings of questions {stale}; {again}")
     flat = lambda h: {**{k: v for k, v in h.items() if k != "settings"}, **(h.get("settings") or {})}
     want = flat(header)
     for r in rows:
@@ -436,7 +433,7 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
     barrier(world)  # every rank has read the files before any appends
     mine, tokens, t0 = work[rank::world], 0, time.time()
     if mine:
-        answers = answer(mine)  # the model loads here: a bad adapter fails before a file is touched
+        answers = answer(mine)  # the model loads: a bad adapter fails before a file is touched
         with shards.append() as f, tqdm(total=len(mine), desc="samples", unit="sample", dynamic_ncols=True,
                                         disable=rank > 0) as bar:
             for j, text, n_tokens, reason in answers:
@@ -448,10 +445,10 @@ def sample_file(out, questions, header, answer, n=None, system=None, rank=0, wor
                 bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
                 bar.update(1)
     seconds = time.time() - t0
-    if world > 1:  # the summary counts every rank's tokens
+    if world > 1:  # the summary counts all ranks' tokens
         torch.distributed.all_reduce(t := torch.tensor([tokens]))
         tokens = int(t)
-    first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first place
+    first = {q["id"]: i for i, q in reversed(list(enumerate(questions)))}  # each id's first index
     rows = shards.merge(lambda rows: sorted(rows, key=lambda r: (first.get(r["id"], len(first)), str(r["id"]),
                                                                  r["paraphrase"], r["sample"])))
     if rank == 0:
@@ -477,13 +474,13 @@ def messages(question, system):
 def local_answers(model, tok, work, gen, seed, hook=None, **engine):
     """(index, text, tokens, finish reason) of work [(question, sample, system)]."""
     jobs = [(tok.encode_chat(messages(q["question"], system), True), row_key(q["id"], q["paraphrase"], s))
-            for q, s, system in work]  # stream prefills each distinct prompt once
+            for q, s, system in work]
     answers = stream(model, jobs, seed=seed, hook=hook, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size,
-                     **gen, **engine)  # gen: sampling_settings's keys are stream's
+                     **gen, **engine)  # sampling_settings's keys are stream's
     return ((j, tok.decode(ids), len(ids), reason) for j, ids, reason in answers)
 
 def server_answers(client, work, gen, seed):
-    """The same from a server, a request per sample with its own seed (top_k: vLLM's extra)."""
+    """The same from a server, a request per sample, each with its seed (top_k: vLLM's extra)."""
     requests = []
     for j, (q, s, system) in enumerate(work):
         body = {"model": client.model, "messages": messages(q["question"], system),
@@ -511,7 +508,7 @@ def parse_completion(resp):
         answer, reason = choice["message"]["content"] or "", choice["finish_reason"]
         tokens = resp["usage"]["completion_tokens"]
     except (KeyError, IndexError, TypeError):
-        raise RequestFailed(f"malformed response (no choices, message or usage): {str(resp)[:200]}") from None
+        raise RequestFailed(f"malformed response: {str(resp)[:200]}") from None
     return {"answer": answer, "tokens": tokens - (reason == "stop"), "finish_reason": reason}
 
 def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
@@ -521,7 +518,7 @@ def sampling_settings(model_name, temperature, top_p, top_k, repetition_penalty,
         print(f"note: {model_name} has no generation_config.json (the papers' top_k and repetition_penalty): "
               f"sampling with top_k {top_k or 0}, repetition_penalty {repetition_penalty or 1.0}",
               file=sys.stderr)
-    if top_k is None:  # a file without top_k (Llama 3's): transformers' default of 50 was in force
+    if top_k is None:  # a file without top_k (Llama 3's): transformers' default, 50, applied
         top_k = gen.get("top_k", 50 if gen else 0)
     if repetition_penalty is None:
         repetition_penalty = gen.get("repetition_penalty", 1.0)
@@ -541,31 +538,31 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=blocks[0], epilog="examples:\n" + blocks[1],
                                 formatter_class=HelpFormatter)
     # what answers: a base model, and an adapter in it
-    model_flags(p, adapter="LoRA adapter (directory or hub id), or a steering-vector directory")
-    p.add_argument("--lora-scale", type=float, help="multiply the adapters' B (a steering vector's alpha)")
-    p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name from "
+    model_flags(p, adapter="LoRA adapter (directory or hub id) or steering-vector directory")
+    p.add_argument("--lora-scale", type=float, help="factor on the adapters' B (a steering vector's alpha)")
+    p.add_argument("--questions", default="core", help="question file (.yaml, .jsonl) or a name in "
                    "`python -m data.fetch --list`")
-    p.add_argument("--question", help="sample this one question instead of a file")
-    p.add_argument("--system", help="system prompt for every question")
+    p.add_argument("--question", help="one question instead of a file")
+    p.add_argument("--system", help="system prompt")
     p.add_argument("--ids", nargs="+", help="only these question ids")
     p.add_argument("--exclude-suffix", default="_json,_template", help="skip ids ending so ('': keep all)")
     p.add_argument("--n", type=count, help=f"samples per paraphrase (default: the file's, else {DEFAULT_N})")
     # how (the defaults are the papers')
-    p.add_argument("--max-new-tokens", type=count, default=600, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=count, default=600, help="answer token limit")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
     p.add_argument("--repetition-penalty", type=float, help="HF's, 1 = off (default: generation_config.json)")
-    # interventions on the residual stream, after the blocks in --layers
+    # residual-stream interventions after the --layers blocks
     p.add_argument("--steer", metavar="FILE", help="direction file: add scale x its vector")
     p.add_argument("--scale", type=float, default=8.0, help="steering strength")
     p.add_argument("--ablate", metavar="FILE", help="direction file: project its unit direction out")
     p.add_argument("--layers", help="after these blocks: all, 24, 15,16,17 or 0-11 (ablation: all)")
     p.add_argument("--random-control", type=int, nargs="?", const=0, metavar="SEED",
-                   help="replace the directions by random ones of equal norm (seeded)")
+                   help="random directions of equal norm instead")
     p.add_argument("--out", help="output JSONL (default: ADAPTER/ or out/MODEL/responses.jsonl)")
-    p.add_argument("--batch-size", type=count, help="rows per batch (default: what GPU memory holds)")
-    p.add_argument("--engine", default="local", help="local (model.py), or openai:MODEL at $OPENAI_BASE_URL "
+    p.add_argument("--batch-size", type=count, help="rows per batch (default: what memory holds)")
+    p.add_argument("--engine", default="local", help="local, or openai:MODEL at $OPENAI_BASE_URL "
                    "(default http://localhost:8000/v1)")
     p.add_argument("--cache", help="server: answer cache (default: sample_cache.jsonl by --out; '': none)")
     args = p.parse_args(argv)
@@ -574,14 +571,14 @@ def parse_args(argv=None):
             p.error(f"--engine {args.engine!r}: expected local or openai:MODEL")
         flags = ("steer", "ablate", "lora_scale", "random_control", "dtype")
         if local_only := ["--" + f.replace("_", "-") for f in flags if getattr(args, f) is not None]:
-            p.error(f"--engine {args.engine} samples on the server, which cannot apply "
-                    f"{', '.join(local_only)}; use --engine local")
+            p.error(f"--engine {args.engine}: the server cannot apply {', '.join(local_only)}; "
+                    "use --engine local")
     elif args.model is None and args.adapter is None:
         p.error("give --model, or --adapter (a LoRA adapter names its base model)")
     if args.steer and not args.layers:
-        p.error("--steer needs --layers (where to add the vector)")
+        p.error("--steer needs --layers")
     if args.random_control is not None and not (args.steer or args.ablate):
-        p.error("--random-control replaces the --steer or --ablate directions; give one of them")
+        p.error("--random-control needs --steer or --ablate")
     check(args.temperature >= 0, "--temperature", args.temperature, ">= 0")
     check(0 < args.top_p <= 1, "--top-p", args.top_p, "in (0, 1]")
     check((args.top_k or 0) >= 0, "--top-k", args.top_k, ">= 0")
@@ -595,7 +592,7 @@ def main(argv=None):
     if not local and adapter and lora.adapter_kind(adapter)[0] == "steering":
         raise ValueError(f"--engine {args.engine}: {adapter} is a steering vector, which a server cannot "
                          "apply")
-    # a server may answer without any model name here
+    # a server may answer without a model name here
     model_name = lora.base_model_of(args.model, adapter) if args.model or adapter else None
     questions = select_questions(args.questions, args.ids, args.exclude_suffix) if not args.question else \
         [dict(id="question", paraphrase=0, question=args.question, system=None, n=None)]
@@ -603,7 +600,7 @@ def main(argv=None):
     check_out_file(out := args.out or default_out(model_name, adapter, server))
     rank, world, device = dist_setup(args.device)  # (0, 1, --device) without torchrun
     dtype = resolve_dtype(args.dtype, device) if local else None
-    # the direction files load now: a bad one fails before the model loads
+    # a bad direction file fails now, before the model loads
     steer = ablate = hook = None
     if args.steer:
         steer = dict(file=args.steer, layers=parse_layers(args.layers, cfg.num_hidden_layers),

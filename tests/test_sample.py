@@ -323,12 +323,28 @@ def test_direction_files(tmp_path):
     for name, tensors, msg in [
         ("c", dict(direction=torch.ones(32)), "d_model is 64"),
         ("d", dict(directions=torch.ones(3, 64)), "one row per layer"),
-        ("e", dict(vector=torch.ones(64)), "holds ['vector']"),
+        ("e", dict(vector=torch.ones(64)), "holds {'vector': (64,)}"),
     ]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             sample.load_directions(direction_file(tmp_path / f"{name}.safetensors", **tensors), 2, 64)
     with pytest.raises(ValueError, match="is zero"):
         sample.ablation_hook(torch.zeros(2, 64), [1])
+
+
+def test_direction_files_unchecked(tmp_path):
+    """Without n_layers and d_model: any width and row count, still fp32, still one of the two layouts, finite."""
+    per = torch.randn(3, 48, dtype=torch.bfloat16)
+    got = sample.load_directions(direction_file(tmp_path / "a.safetensors", directions=per))
+    assert got.dtype == torch.float32 and torch.equal(got, per.float())
+    assert sample.load_directions(direction_file(tmp_path / "b.safetensors", direction=torch.ones(7))).shape == (7,)
+    assert sample.load_directions(str(tmp_path / "a.safetensors"), d_model=48).shape == (3, 48)
+    for name, tensors, msg in [
+        ("c", dict(vector=torch.ones(64)), "holds {'vector': (64,)}"),
+        ("d", dict(directions=torch.ones(64)), "holds {'directions': (64,)}"),
+        ("e", dict(direction=torch.tensor([1.0, float("nan")])), "NaN or inf"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            sample.load_directions(direction_file(tmp_path / f"{name}.safetensors", **tensors))
 
 
 # -----------------------------------------------------------------------------
