@@ -1,7 +1,7 @@
 """
-The plumbing every script shares: atomic writes, JSONL (one rule for a torn last line), the sharded resumable
-writer, tables, errors, devices, torchrun and the OpenAI-compatible HTTP client. torch is imported only where
-needed (the API judge runs without it).
+Shared plumbing: atomic writes, JSONL (one rule for a torn last line), the sharded resumable writer, tables,
+errors, devices, torchrun, the OpenAI-compatible client. torch is imported lazily (the API judge runs
+without it).
 """
 import argparse
 import contextlib
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 # -----------------------------------------------------------------------------
 # files
 def atomic_write(path, data):
-    """Write str, bytes, or write(tmp_path) to a temp file renamed into place: never half a file."""
+    """str, bytes or write(tmp_path) to a temp file renamed into place: never half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -30,8 +30,8 @@ def atomic_write(path, data):
         else:
             with open(tmp, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
-        os.umask(umask := os.umask(0))  # setting the umask is the only way to read it
-        os.chmod(tmp, 0o666 & ~umask)  # as open() makes files (safetensors makes 0600 ones)
+        os.umask(umask := os.umask(0))  # the only way to read the umask
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would (safetensors makes 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -61,7 +61,7 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 def read_jsonl(path, ours=True):
-    """[(line number, object)]; in a file of ours a torn last line (an interrupted write) is skipped."""
+    """[(line number, object)]; ours: skip a torn last line (an interrupted write)."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     rows = []
@@ -70,8 +70,8 @@ def read_jsonl(path, ours=True):
             continue
         try:
             row = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            if ours and n == len(lines):  # no newline after it: the write was cut short
+        except ValueError as e:  # or bytes not UTF-8
+            if ours and n == len(lines):  # no newline after it: a cut write
                 warn(f"{path}:{n}: skipping a torn last line ({len(line)} bytes) left by an interrupted "
                      "run; rerunning completes it")
                 continue
@@ -82,7 +82,7 @@ def read_jsonl(path, ours=True):
     return rows
 
 def open_append(path):
-    """Open a JSONL file of ours for appending, first cutting off a torn last line."""
+    """Our JSONL file opened for appending, minus a torn last line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+b") as f:
         f.seek(0)
@@ -91,52 +91,52 @@ def open_append(path):
             tail = data.rsplit(b"\n", 1)[-1]
             try:
                 json.loads(tail)
-                f.write(b"\n")  # a whole row that only lacks its newline
+                f.write(b"\n")  # a whole row lacking its newline
             except ValueError:
                 f.truncate(len(data) - len(tail))
     return open(path, "a", encoding="utf-8")
 
 def append_jsonl(f, row):
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()  # a row on disk is a row a rerun does not redo
+    f.flush()  # on disk now: a rerun skips it
 
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 class ShardedJSONL:
-    """A resumable JSONL output: each torchrun rank appends to its own part file (`out` itself without
-    torchrun); rank 0 then merges them into `out` and removes the parts."""
+    """Resumable JSONL: each torchrun rank appends to its part file (`out` without torchrun); rank 0
+    merges them into `out`."""
 
     def __init__(self, out, rank=0, world=1):
         self.out, self.rank, self.world = out, rank, world
         self.stem = out.removesuffix(".jsonl")
 
     def parts(self):
-        """The part files, left by any number of processes, in one order for every rank."""
+        """Part files of any world size, in one order on every rank."""
         return sorted(glob.glob(glob.escape(self.stem) + ".part*-of-*.jsonl"))
 
     def read(self):
-        """[(path, line, row)] of `out` and of the parts an interrupted run left."""
+        """[(path, line, row)] of `out` and any parts."""
         files = [self.out] + self.parts()
         return [(f, n, r) for f in files if os.path.exists(f) for n, r in read_jsonl(f)]
 
     def append(self):
-        """This rank's file, for append_jsonl; open it once every rank has read (barrier)."""
+        """This rank's file for append_jsonl; open it after every rank's read (barrier)."""
         mine = f"{self.stem}.part{self.rank}-of-{self.world}.jsonl" if self.world > 1 else self.out
         return open_append(mine)
 
     def merge(self, arrange):
-        """After every rank's appends, `out` becomes arrange(rows of out and parts); returns those rows."""
+        """After all appends: `out` = arrange(rows of out and parts), returned."""
         barrier(self.world)  # every part is complete
         rows = self.read()
         have = [r for f, _, r in rows if f == self.out]
         rows = arrange([r for _, _, r in rows])
-        barrier(self.world)  # every rank has read the parts before rank 0 removes them
+        barrier(self.world)  # all read the parts before rank 0 removes them
         if self.rank == 0 and (rows != have or self.parts()):
             write_jsonl(self.out, rows)
             for p in self.parts():
                 os.remove(p)
-        barrier(self.world)  # the merged file exists when this returns, on every rank
+        barrier(self.world)  # every rank returns with the merged file
         return rows
 
 def refuse_overwrite(paths, force):
@@ -144,16 +144,15 @@ def refuse_overwrite(paths, force):
     if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite it")
 
-OWNER_FILE = ".run-by"  # names the program that made an output directory (runs/common.sh's claim too)
+OWNER_FILE = ".run-by"  # names the program that made a directory (runs/common.sh too)
 
 def owner_of(d):
-    with contextlib.suppress(OSError):
-        with open(os.path.join(d, OWNER_FILE)) as f:
-            return f.read().strip()
+    with contextlib.suppress(OSError), open(os.path.join(d, OWNER_FILE)) as f:
+        return f.read().strip()
 
 def claim_dir(out, owner, files=(), force=False, create=False):
-    """Refuse an --out that is a file, holds anything not made by `owner` ('train.py', ...), or (without
-    force) any of `files`. create: then mark it owner's."""
+    """Refuse an --out that is a file, holds anything not `owner`'s ('train.py', ...) or, without force,
+    any of `files`. create: mark it owner's."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; {owner} writes a directory")
     found = os.listdir(out) if os.path.isdir(out) else []
@@ -170,7 +169,7 @@ def check_out_file(path):
         raise ValueError(f"--out {path}: is a directory; give a file name")
 
 def print_table(header, rows):
-    """Aligned columns (the first to the left); floats with 3 decimals, None as -."""
+    """Aligned columns, the first left; floats to 3 decimals, None as -."""
     cells = [[f"{c:.3f}" if isinstance(c, float) else "-" if c is None else str(c) for c in r]
              for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -180,7 +179,7 @@ def print_table(header, rows):
 # -----------------------------------------------------------------------------
 # command lines
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written; each flag's default unless None."""
+    """The docstring as written; each default but None."""
 
     def _get_help_string(self, action):
         quiet = action.default is None or action.default is False  # store_true flags say what they do
@@ -188,7 +187,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def model_flags(p, adapter=None, required=False):
     import torch
-    p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's base model)")
+    p.add_argument("--model", help="base model: hub id or HF directory (default: the adapter's)")
     if adapter:
         p.add_argument("--adapter", required=required, help=adapter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
@@ -199,7 +198,7 @@ def out_flags(p, help, force="existing output files", **kw):
     p.add_argument("--force", action="store_true", help=f"overwrite {force}")
 
 def run_main(prog, main, resume="rerunning the same command resumes"):
-    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...` (exit 2)."""
+    """Run main(); bad input (ValueError, OSError) is one line `PROG: error: ...`, exit 2."""
     try:
         main()
     except (ValueError, OSError) as e:
@@ -207,7 +206,7 @@ def run_main(prog, main, resume="rerunning the same command resumes"):
             e = f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as e:  # a main may say how to resume, with its real paths
+    except KeyboardInterrupt as e:  # e may say how to resume
         print(f"\n{prog}: interrupted; finished work is kept, and {str(e) or resume}", file=sys.stderr)
         sys.exit(130)
 
@@ -237,8 +236,8 @@ def check(ok, flag, value, rule):
         raise ValueError(f"{flag} {value}: must be {rule}")
 
 def count(text):
-    """argparse type: an integer >= 1 (0 is an error, never "the default")."""
-    if (n := int(text)) < 1:  # int's ValueError: argparse says "invalid count value"
+    """argparse type: an integer >= 1 (0 is an error, not "the default")."""
+    if (n := int(text)) < 1:  # int's ValueError: "invalid count value"
         raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
     return n
 
@@ -256,14 +255,14 @@ def check_device(device):
         raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
 
 def resolve_dtype(dtype, device):
-    """A torch.dtype or its name; None: bfloat16 on CUDA (if supported), else float32."""
+    """A torch.dtype or its name; None: bfloat16 on CUDA if supported, else float32."""
     import torch
     if dtype is None:
         cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     d = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype, None)
     if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise ValueError(f"--dtype {dtype!r}: unknown (use bfloat16, float16 or float32)")
+        raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
     return d
 
 def dist_setup(device):
@@ -288,15 +287,15 @@ def barrier(world):
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, ...)
+# an OpenAI-compatible chat completions API (OpenAI, vLLM, ...)
 class RequestFailed(Exception):
-    """One request failed after its retries: its row is left for a rerun."""
+    """A request failed for good: its row is left for a rerun."""
 
 def api_key(base_url):
-    """$OPENAI_API_KEY, the only place a key is read from; a local server may need none."""
+    """$OPENAI_API_KEY; a local server may need none."""
     key = os.environ.get("OPENAI_API_KEY") or None
     if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
-        raise ValueError("OPENAI_API_KEY is not set (the key is read from the environment only)")
+        raise ValueError("OPENAI_API_KEY is not set (read from the environment only)")
     return key
 
 class Cache:
@@ -320,10 +319,10 @@ class Cache:
     def close(self):
         if self.f is not None:
             self.f.close()
-            self.f = None  # a later put reopens it (one backend, many runs)
+            self.f = None  # a later put reopens it
 
 class Client:
-    """Cached chat completions in threads, retried on 408, 409, 429, 5xx, timeouts and drops."""
+    """Cached chat completions in threads, retrying 408, 409, 429, 5xx, timeouts and drops."""
 
     def __init__(self, model, base_url, cache, concurrency=16, timeout=60.0, retries=6, backoff=1.0):
         self.model, self.key, self.cache = model, api_key(base_url), cache
@@ -336,16 +335,15 @@ class Client:
         req = urllib.request.Request(self.url, json.dumps(body).encode(), self.headers)
         wait = 0
         for attempt in range(self.retries + 1):
-            if self.stop.wait(min(wait, 120)):  # sleeps before a retry; True once the run has stopped
+            if self.stop.wait(min(wait, 120)):  # a retry's sleep; True once the run stopped
                 raise RequestFailed("run stopped")
-            wait = self.backoff * 2 ** attempt * random.uniform(0.5, 1)  # exponential backoff with jitter
+            wait = self.backoff * 2 ** attempt * random.uniform(0.5, 1)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
-                if e.code in (401, 403):  # every request would fail alike; the body may echo the key
-                    raise ValueError(f"HTTP {e.code} from {self.url}: the API key was refused "
-                                     "(OPENAI_API_KEY)") from None
+                if e.code in (401, 403):  # all requests would fail; the body may echo the key
+                    raise ValueError(f"HTTP {e.code} from {self.url}: OPENAI_API_KEY was refused") from None
                 detail = ""
                 with contextlib.suppress(OSError, http.client.HTTPException):
                     detail = e.read()[:300].decode("utf-8", "replace")
@@ -356,16 +354,16 @@ class Client:
                 if e.code not in (408, 409, 429) and e.code < 500:
                     raise RequestFailed(last) from None
                 retry_after = e.headers.get("retry-after", "")
-                if retry_after.replace(".", "", 1).isdigit():  # seconds the server asks for (not a date)
+                if retry_after.replace(".", "", 1).isdigit():  # seconds, not a date
                     wait = float(retry_after)
             except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException,
-                    json.JSONDecodeError) as e:  # a 200 whose body is not JSON (a proxy's page)
+                    json.JSONDecodeError) as e:  # a 200 not in JSON (a proxy's page)
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         raise RequestFailed(f"{last} (gave up after {self.retries + 1} attempts)")
 
     def requests(self, requests, parse):
-        """[(tag, cache key, body)] -> (tag, parse(response), None) | (tag, None, error), cached first."""
-        self.stop = threading.Event()  # set when this run ends early: requests in flight stop retrying
+        """[(tag, cache key, body)] -> (tag, parse(response), None) | (tag, None, error); cached first."""
+        self.stop = threading.Event()  # set at the end: requests in flight stop retrying
         futures, failed, ex = {}, 0, ThreadPoolExecutor(self.concurrency)
         try:
             for tag, key, body in requests:
@@ -380,7 +378,7 @@ class Client:
                     self.cache.put(key, self.model, value)
                 except RequestFailed as e:
                     value, error, failed = None, str(e), failed + 1
-                    if n >= 10 and failed == n:  # nothing has worked yet
+                    if n >= 10 and failed == n:
                         raise ValueError(f"the first {failed} requests all failed; is {self.url} reachable? "
                                          f"last error: {e}") from None
                 yield tag, value, error

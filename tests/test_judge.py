@@ -617,7 +617,7 @@ def test_no_key_is_the_first_and_only_line_and_names_the_local_judge(tmp_path, m
                                     capture_output=True, text=True)
     r = cli(inp)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines() == [
-        "judge.py: error: OPENAI_API_KEY is not set (the key is read from the environment only); or judge "
+        "judge.py: error: OPENAI_API_KEY is not set (read from the environment only); or judge "
         "offline with --judge local:MODEL (README: which local judges rank)"]
     assert os.listdir(tmp_path) == ["r.jsonl"]
     r = cli(tmp_path / "nope.jsonl", "--judge", "local:x")
