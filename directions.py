@@ -42,11 +42,6 @@ SAMPLING = ("questions", "ids", "exclude_suffix", "n", "max_new_tokens", "judge_
 
 # -----------------------------------------------------------------------------
 # files, rows, adapters
-def direction_tensor(path):
-    """A direction file's `directions` (L, C) or `direction` (C,), fp32, unchecked (empty: neither)."""
-    t = read_tensors(path)
-    return t.get("directions", t.get("direction", torch.zeros(0))).float()
-
 def read_judged(path):
     """[(line number, row)] of judge.py's scored rows."""
     rows = read_jsonl(path)
@@ -262,8 +257,8 @@ def cmd_compare(args):
     check_out_file(args.out)
     refuse_overwrite([args.out], args.force)
     pairs = []
-    for (fa, a), (fb, b) in combinations([(f, direction_tensor(f)) for f in args.files], 2):
-        if a.numel() == 0 or a.shape[-1] != b.shape[-1] or a.ndim == b.ndim == 2 and len(a) != len(b):
+    for (fa, a), (fb, b) in combinations([(f, sample.load_directions(f)) for f in args.files], 2):
+        if a.shape[-1] != b.shape[-1] or a.ndim == b.ndim == 2 and len(a) != len(b):
             raise ValueError(f"{fa} has shape {tuple(a.shape)} and {fb} {tuple(b.shape)}: different models")
         cos = F.cosine_similarity(a, b, dim=-1).abs().reshape(-1)  # (L,)
         pairs.append(dict(a=fa, b=fb, abs_cos=cos.tolist(), mean=cos.mean().item()))
@@ -350,7 +345,7 @@ def cmd_lora_ablate(args):
     names = ("adapter_config.json", "adapter_model.safetensors", "lora_ablate.json")
     claim_dir(args.out, args.owner, names, args.force)
     ab, config, tensors = read_lora(args.adapter)
-    d = direction_tensor(args.directions)  # (L, C) or (C,)
+    d = sample.load_directions(args.directions)  # (L, C) or (C,)
     down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in ab if n.endswith("mlp.down_proj")}
     if not down:
         raise ValueError(f"{args.adapter}: no down_proj LoRA adapters")
