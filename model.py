@@ -47,9 +47,9 @@ class Config:
     tie_word_embeddings: bool
     layer_types: tuple  # FULL or SLIDING, per layer
     rope: dict  # per layer type: {rope_type, rope_theta, scaling fields}
-    model_type: str = "qwen2"  # qwen2, llama or gemma3_text
+    model_type: str = "qwen2"
     sliding_window: int = 0  # keys a sliding layer's query sees, its own included
-    qkv_bias: bool = False  # Qwen2
+    qkv_bias: bool = False
     hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float = 0.0  # Gemma: attention scale ** -2 (0: head_dim)
     gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms after both branches, embeddings x sqrt(C)
@@ -57,7 +57,7 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
-        if hf.get("model_type") == "gemma3":  # multimodal: the text model
+        if hf.get("model_type") == "gemma3":  # multimodal
             top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
             hf = {**top, **hf.get("text_config", {}), "model_type": "gemma3_text"}
         kind = hf.get("model_type")
@@ -153,7 +153,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
-        if cfg.gemma_norms:  # q and k normed per head before RoPE
+        if cfg.gemma_norms:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
 
@@ -320,7 +320,7 @@ class Transformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn[block.layer_type], cache, pos)
-            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point
+            if hook is not None and (y := hook(i, x)) is not None:
                 x = y
         return self.model.norm(x)
 
@@ -368,7 +368,7 @@ class Tokenizer:
         if self.family == "qwen":  # turns as written; a default system turn
             if system is None:
                 messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-        else:  # Llama and Gemma take the system text out of the turns, trim every content
+        else:  # Llama and Gemma: the system text out of the turns, every content trimmed
             messages = messages[1:] if system is not None else messages
             if self.family == "llama":
                 date = self.date or time.strftime("%d %b %Y")
@@ -435,11 +435,11 @@ def local_dir(name_or_path, weights=True):
     weights = ["*.safetensors", "model.safetensors.index.json"] if weights else []
     return local_path(name_or_path, "model", files + weights)
 
-# a multimodal Gemma 3 keeps its text model under a prefix (the Hub's, or transformers 4.52-4.57's)
+# multimodal Gemma 3's text model prefixes (the Hub's, transformers 4.52-4.57's)
 PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
             "language_model.lm_head.": "lm_head."}
 UNUSED = ("lm_head.weight", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
-          "model.multi_modal_projector.")  # a tied head, the vision tower and its projector
+          "model.multi_modal_projector.")  # a tied head, the vision parts
 
 def our_name(name):
     return next((new + name[len(old):] for old, new in PREFIXES.items() if name.startswith(old)), name)
@@ -464,7 +464,7 @@ def load_weights(model, path, device, dtype):
     if missing := [k for k in want if k not in sd]:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(sd, assign=True, strict=False)  # every name checked above but a tied head's
-    model.tie_weights()  # assign=True replaced the shared parameter; share it again
+    model.tie_weights()  # assign=True broke the tie; tie again
 
 def read_config(name_or_path):
     file = os.path.join(local_dir(name_or_path, weights=False), "config.json")

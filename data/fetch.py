@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common import HelpFormatter, atomic_write, print_table, read_json, run_main, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # our question and judge files
+HERE = os.path.dirname(os.path.abspath(__file__))
 # datasets/ (JSONL) and cache/ (raw downloads, checksums.json)
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
@@ -119,9 +119,9 @@ def download(url, tmp, dest):
                               f"put it at {dest} (it gets checked)") from None
 
 def ensure_raw(remote):
-    """The raw file in data/cache/, downloaded if missing; checked always."""
+    """The raw file in data/cache/, downloaded if missing, checked."""
     path = data_path("cache", remote.cache_name)
-    if os.path.exists(path):  # downloaded before, or put there by hand
+    if os.path.exists(path):  # an earlier download, or put by hand
         verify(path, remote, path)
         return path
 
@@ -197,7 +197,7 @@ def unpack_archive(blob, out_dir, where="archive"):
 # -----------------------------------------------------------------------------
 # fetching by name
 def fetch(name):
-    """Reports of fetching a dataset into data/datasets/ (the archive's all at once)."""
+    """Fetch a dataset into data/datasets/ (the archive's all at once): Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
         return unpack_archive(Path(raw).read_bytes(), data_path("datasets"), where=raw)
@@ -246,7 +246,7 @@ def print_list():
     rows = [[name, n, "pinned (archive)" + " + file" * bool(sha), have(dataset_file(name)),
              ARCHIVE.cache_name] for name, (n, sha) in ARCHIVE_FILES.items()]
     rows += [[name, n, pin(r), have(dataset_file(name)), r.cache_name] for name, (r, n) in EM_FILES.items()]
-    print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
+    print_table(["dataset", "rows", "checksum", "fetched", "raw file in data/cache/"], rows)
     rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
     rows += [[name, "/".join(r.url.split("/")[3:5]),  # raw.githubusercontent.com/OWNER/NAME/
               pin(r), have(data_path("cache", r.cache_name)), "cache/" + r.cache_name]
