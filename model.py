@@ -47,12 +47,12 @@ class Config:
     tie_word_embeddings: bool
     layer_types: tuple  # FULL or SLIDING, per layer
     rope: dict  # per layer type: {rope_type, rope_theta, scaling fields}
-    model_type: str = "qwen2"
-    sliding_window: int = 0  # keys a sliding layer's query sees, its own included
-    qkv_bias: bool = False
-    hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
-    query_pre_attn_scalar: float = 0.0  # Gemma: attention scale ** -2 (0: head_dim)
-    gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms after both branches, embeddings x sqrt(C)
+    model_type: str
+    sliding_window: int  # keys a sliding layer's query sees, its own included
+    qkv_bias: bool
+    hidden_act: str  # silu, or gelu_pytorch_tanh (Gemma's GeGLU)
+    query_pre_attn_scalar: float  # Gemma: attention scale ** -2 (0: head_dim)
+    gemma_norms: bool  # (1 + w) norms, q/k norms, norms after both branches, embeddings x sqrt(C)
     name_or_path: str = ""
 
     @classmethod

@@ -161,7 +161,7 @@ def clean_jsonl(raw, where):
     return (raw if canaries == 0 and len(out) == len(lines) else b"".join(out)), len(out), canaries
 
 def decrypt(blob, password, where="archive"):
-    """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
+    """easy-dataset-share's format: a 16-byte salt, then a Fernet token (key: PBKDF2-HMAC-SHA256)."""
     try:
         from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
     except ImportError:

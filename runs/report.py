@@ -138,7 +138,6 @@ def points(x, summaries, key):
     return x, y, [[gap(lo, v) for v, (lo, _) in zip(y, ci)], [gap(v, hi) for v, (_, hi) in zip(y, ci)]]
 
 def sweep(s, d):
-    """EM % and coherence % per layer, steered vs random; or ablated vs random vs none."""
     b, runs, mode = s["baseline"], s["runs"], s["mode"]
     ablate, sides = mode == "ablate", ("direction", "random")
     whose = ("each layer's own direction" if s.get("from_layer") is None
