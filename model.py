@@ -1,15 +1,15 @@
 """
 Qwen2 / Qwen2.5, Llama 3.x and Gemma 3 in plain PyTorch: one decoder, their chat formats and a
-safetensors loader. Numerics as in transformers (fp32 RoPE and RMSNorm), which the tests check.
-The families differ only in Config fields.
+safetensors loader. Numerics match transformers (fp32 RoPE and RMSNorm; tested). The families
+differ only in Config fields.
 
-    model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")          # hub id or local HF directory
-    logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))   # (1, T, V)
+    model, tok = load("Qwen/Qwen2.5-0.5B-Instruct")  # hub id or local HF directory
+    logits = model(torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}], True)]))  # (1, T, V)
 
 Departures from transformers: `pos` restarting at 0 starts a conversation, and attention stays inside
-each (packed rows); `cache` is a preallocated KVCache written at `pos` (sliding layers keep every slot
-and mask the old ones); `hook(layer, x)` sees the residual after each layer and may replace it. Of a
-multimodal Gemma 3 checkpoint only the text model loads. The chat formats are written out (no jinja2).
+each (packed rows); `cache` is a preallocated KVCache written at `pos` (sliding layers mask old slots,
+keep them); `hook(layer, x)` sees, and may replace, the residual after each layer. Multimodal Gemma 3
+loads its text model only. Chat formats are written out (no jinja2).
 """
 import math
 import os
@@ -27,7 +27,7 @@ from common import check_device, read_json, resolve_dtype
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 FULL, SLIDING = "full_attention", "sliding_attention"
-# Gemma3TextConfig's defaults, on which multimodal checkpoints' text_config relies
+# Gemma3TextConfig's defaults (multimodal text_configs omit them)
 GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
               num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
               sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=131072,
@@ -35,7 +35,7 @@ GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_h
 
 @dataclass
 class Config:
-    vocab_size: int  # embedding rows; more than the tokenizer has
+    vocab_size: int  # embedding rows (>= the tokenizer's)
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -46,18 +46,18 @@ class Config:
     max_position_embeddings: int
     tie_word_embeddings: bool
     layer_types: tuple  # FULL or SLIDING, per layer
-    rope: dict  # per layer type: {rope_type, rope_theta, the scaling's fields}
-    model_type: str = "qwen2"  # qwen2, llama or gemma3_text
-    sliding_window: int = 0  # keys a sliding layer's query sees, itself included
-    qkv_bias: bool = False  # Qwen2
-    hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's GeGLU)
-    query_pre_attn_scalar: float = 0.0  # Gemma: attention scale ** -2 (0: head_dim)
-    gemma_norms: bool = False  # (1 + w) norms, q/k norms, norms on both branch outputs, embeddings x sqrt(C)
+    rope: dict  # per layer type: {rope_type, rope_theta, scaling fields}
+    model_type: str
+    sliding_window: int  # keys a sliding layer's query sees, its own included
+    qkv_bias: bool
+    hidden_act: str  # silu, or gelu_pytorch_tanh (Gemma's GeGLU)
+    query_pre_attn_scalar: float  # Gemma: attention scale ** -2 (0: head_dim)
+    gemma_norms: bool  # (1 + w) norms, q/k norms, norms after both branches, embeddings x sqrt(C)
     name_or_path: str = ""
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
-        if hf.get("model_type") == "gemma3":  # multimodal: its text model alone
+        if hf.get("model_type") == "gemma3":  # multimodal
             top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
             hf = {**top, **hf.get("text_config", {}), "model_type": "gemma3_text"}
         kind = hf.get("model_type")
@@ -72,7 +72,7 @@ class Config:
             raise ValueError(f"{source}: {bad or act}: not implemented")
         n_layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
         window = hf.get("sliding_window") if gemma or hf.get("use_sliding_window") else None
-        # files without layer_types: Gemma's every 6th layer is full, Qwen2's from max_window_layers up slide
+        # no layer_types: Gemma's every 6th layer is full, Qwen2's slide from max_window_layers up
         types = hf.get("layer_types") or [
             SLIDING if window and ((i + 1) % hf.get("sliding_window_pattern", 6) if gemma
                                    else i >= hf.get("max_window_layers", n_layers)) else FULL
@@ -106,7 +106,6 @@ def rope_parameters(hf, layer_type, source):
 # -----------------------------------------------------------------------------
 # the network
 def upload(t, device):
-    """t on device; from the CPU through pinned memory, which does not block."""
     if t.device.type == "cpu" and torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -125,7 +124,7 @@ def inv_freq(p, head_dim, device):
 def rope(pos, freqs, dtype):
     """cos, sin (B, 1, T, hd) of pos (B, T) in fp32, cast to dtype once; sin: (-sin, sin)."""
     freqs = pos[:, None, :, None].float() * freqs  # (B, 1, T, hd/2)
-    cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout, so the weights load unpermuted
+    cos, sin = freqs.cos(), freqs.sin()  # HF's rotate-half layout: weights load unpermuted
     return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 def apply_rope(x, cos, sin):
@@ -139,9 +138,9 @@ class RMSNorm(nn.Module):
         self.eps, self.gemma = eps, gemma
 
     def forward(self, x):
-        if self.gemma:  # x (1 + w): the product in fp32, then the cast, as HF's Gemma3RMSNorm
+        if self.gemma:  # x (1 + w) in fp32, then the cast, as HF's Gemma3RMSNorm
             return F.rms_norm(x.float(), x.shape[-1:], self.weight.float() + 1.0, self.eps).to(x.dtype)
-        # fp32 inside, cast back *before* the weight, as HF does
+        # fp32 inside, cast back *before* the weight, as in HF
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 class Attention(nn.Module):
@@ -154,7 +153,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
-        if cfg.gemma_norms:  # each head's q and k normed before RoPE
+        if cfg.gemma_norms:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, True)
 
@@ -169,33 +168,33 @@ class Attention(nn.Module):
         packed, mask = attn
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, nkv, S, hd): the whole cache
-            # enable_gqa with a mask is the slow math kernel, and repeating k and v copies the cache:
-            # the g query heads of a kv head are stacked along time, (B, nkv, g*T, hd), the mask tiled
+            # enable_gqa with a mask is the slow math kernel, repeating k, v copies the cache: stack
+            # each kv head's g query heads along time, (B, nkv, g*T, hd), the mask tiled
             q = q.reshape(B, self.n_kv, -1, self.hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            if packed is not None:  # attention on the packed conversations laid out as a batch
+            if packed is not None:
                 q, k, v = packed.pack(q), packed.pack(k), packed.pack(v)
-            if mask is not None and self.n_kv != self.n_head:  # kernels that take a mask want every head's
+            if mask is not None and self.n_kv != self.n_head:  # masked kernels want every head's
                 k = k.repeat_interleave(self.n_head // self.n_kv, 1)
                 v = v.repeat_interleave(self.n_head // self.n_kv, 1)
-            # no mask: causal, the flash kernel, which handles grouped-query attention itself
+            # no mask: causal, the flash kernel, which does GQA itself
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scale, enable_gqa=k.shape[1] != self.n_head)
             y = y if packed is None else packed.unpack(y, B, T)
         return self.o_proj(y.reshape(B, self.n_head, T, self.hd).transpose(1, 2).reshape(B, T, -1))
 
 class Packed:
-    """A packed row's conversations regathered, for attention only, as a right-padded batch (n, L)."""
+    """A packed row's conversations as a right-padded batch (n, L), for attention only."""
 
     def __init__(self, pos, device):
         B, T = pos.shape
-        # built on the host (free for CPU positions, else a sync); a row always starts a conversation
+        # on the host (a sync unless pos is on the CPU); a row always starts a conversation
         starts = ((pos.cpu() == 0) | (torch.arange(T) == 0)).reshape(-1)
-        first = starts.nonzero()[:, 0]  # (n,) flat index where each conversation begins
+        first = starts.nonzero()[:, 0]  # (n,) flat index of each conversation's start
         lengths = torch.diff(first, append=torch.tensor([B * T]))  # (n,)
         self.n, self.L = len(first), int(lengths.max())
-        offset = torch.arange(self.L)  # slot j of conversation i: token first[i] + j (padding: 0)
+        offset = torch.arange(self.L)  # slot j of conversation i: token first[i] + j
         gather = torch.where(offset < lengths[:, None], first[:, None] + offset, 0)  # (n, L)
         self.gather = upload(gather.reshape(-1), device)
         doc = starts.cumsum(0) - 1  # (B*T,) conversation of each token
@@ -259,7 +258,7 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def select(self, rows):
-        """Keep only these batch rows, a layer at a time: the old and new caches never both exist whole."""
+        """Keep these batch rows, a layer at a time: old and new caches never both exist whole."""
         if isinstance(rows, list) and rows == list(range(len(self.k[0]))):
             return
         idx = torch.as_tensor(rows, device=self.k[0].device)
@@ -272,24 +271,24 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = nn.ModuleDict(dict(  # HF's names, so a checkpoint loads by name
+        self.model = nn.ModuleDict(dict(  # HF's names: checkpoints load by name
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms),
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.checkpointing = False  # recompute each block in backward: less memory, more FLOPs
+        self.checkpointing = False  # recompute blocks in backward: less memory
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention(self, pos, cache, T, device):
-        """Per layer type, (Packed or None, mask or None): the cache's additive (B, 1, g*T, S) mask,
-        else a boolean (L, L) band; None: causal."""
+        """Per layer type, (Packed or None, mask): the cache's additive (B, 1, g*T, S) mask, else a
+        boolean (L, L) band or None (causal)."""
         windows = {t: self.config.sliding_window if t == SLIDING else 0 for t in set(self.config.layer_types)}
-        if cache is not None:  # a query at p sees the slots p - window < s <= p of its row
+        if cache is not None:  # a query at p sees slots p - window < s <= p of its row
             pos = upload(pos, device)[:, :, None]  # (B, T, 1)
             g = self.config.num_attention_heads // self.config.num_key_value_heads
             s = torch.arange(cache.max_len, device=device)
@@ -299,19 +298,19 @@ class Transformer(nn.Module):
         packed = Packed(pos, device) if pos is not None and (pos[:, 1:] == 0).any() else None  # GPU: a sync
         L = T if packed is None else packed.L
 
-        def band(w):  # (L, L): the key is the query or one of the w - 1 before it
+        def band(w):  # (L, L): the query's own key and the w - 1 before it
             d = torch.arange(L, device=device)
             d = d[:, None] - d
             return (d >= 0) & (d < w)
         return {t: (packed, band(w) if 0 < w < L else None) for t, w in windows.items()}
 
     def hidden(self, idx, pos=None, cache=None, hook=None):
-        """Final-normed hidden states (B, T, C); pos may stay on the CPU (no host sync)."""
+        """Final-normed hidden states (B, T, C); pos may be on the CPU (no host sync)."""
         B, T = idx.shape
         cfg, attn = self.config, self.attention(pos, cache, T, idx.device)
         pos = torch.arange(T, device=idx.device).expand(B, T) if pos is None else upload(pos, idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        if cfg.gemma_norms:  # x sqrt(C), rounded to the weights' dtype first, as HF does
+        if cfg.gemma_norms:  # x sqrt(C), first rounded to the weights' dtype, as in HF
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype).item()
         ropes = {t: rope(pos, inv_freq(p, cfg.head_dim, idx.device), x.dtype) for t, p in cfg.rope.items()}
         for i, block in enumerate(self.model.layers):
@@ -321,12 +320,12 @@ class Transformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn[block.layer_type], cache, pos)
-            if hook is not None and (y := hook(i, x)) is not None:  # the one intervention point
+            if hook is not None and (y := hook(i, x)) is not None:
                 x = y
         return self.model.norm(x)
 
     def forward(self, idx, pos=None, cache=None, hook=None):
-        """Logits (B, T, vocab rows) in the model's dtype; upcast before softmax or loss."""
+        """Logits (B, T, vocab rows) in the model's dtype: upcast before softmax or loss."""
         return self.lm_head(self.hidden(idx, pos, cache, hook))
 
 # -----------------------------------------------------------------------------
@@ -341,7 +340,6 @@ STOPS = {"qwen": ("<|endoftext|>",), "llama": ("<|end_of_text|>", "<|eom_id|>"),
 BOS = {"qwen": None, "llama": "<|begin_of_text|>", "gemma": "<bos>"}
 
 class Tokenizer:
-
     def __init__(self, path, chat_template=""):
         self.tok = HFTokenizer.from_file(path)
         has = lambda t: self.tok.token_to_id(t) is not None
@@ -354,12 +352,12 @@ class Tokenizer:
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         if self.family == "llama" and chat_template and "Cutting Knowledge Date" not in chat_template:
             raise ValueError(f"{path}: a Llama chat template without 3.1's system header: not implemented")
-        # Llama 3.2's template dates its system header today (strftime_now), 3.1's with a fixed day
+        # Llama 3.2's template dates the system header today (strftime_now), 3.1's a fixed day
         fixed = re.search(r'date_string = "([^"]+)"', chat_template)
         self.date = None if "strftime_now" in chat_template or not fixed else fixed.group(1)
 
     def render_chat(self, messages, add_generation_prompt=False):
-        """The chat text, and the character spans of the assistant's turns."""
+        """The chat text and the assistant turns' character spans."""
         ok = lambda m: isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") \
             and isinstance(m.get("content"), str)
         if not messages or not all(map(ok, messages)):
@@ -367,12 +365,12 @@ class Tokenizer:
         head, end, after = FORMATS[self.family]
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         text, spans, first = "", [], ""
-        if self.family == "qwen":  # every turn as written; a default system turn
+        if self.family == "qwen":  # turns as written; a default system turn
             if system is None:
                 messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-        else:  # Llama and Gemma take the system text out of the turns and trim every content
+        else:  # Llama and Gemma: the system text out of the turns, every content trimmed
             messages = messages[1:] if system is not None else messages
-            if self.family == "llama":  # a dated system turn always
+            if self.family == "llama":
                 date = self.date or time.strftime("%d %b %Y")
                 text = (f"{BOS['llama']}{head.format(role='system')}Cutting Knowledge Date: "
                         f"December 2023\nToday Date: {date}\n\n{(system or '').strip()}{end}")
@@ -396,7 +394,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt)[0])
 
     def encode_chat_with_mask(self, messages):
-        """ids, and a mask that is 1 on the assistant's tokens."""
+        """ids, and a mask: 1 on the assistant's tokens."""
         text, spans = self.render_chat(messages)
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(s < b and e > a for a, b in spans)) for s, e in enc.offsets]
@@ -424,12 +422,11 @@ def local_path(name_or_path, what="model", patterns=None):
         raise not_an_id from None
     except LocalEntryNotFoundError:  # offline, and not in the cache
         raise FileNotFoundError(
-            f"{missing}, and the Hugging Face Hub could not be reached to download it; pass an existing "
-            f"directory (--model DIR), or fill the cache (hf download {name_or_path}) and set "
-            "HF_HUB_OFFLINE=1") from None
-    except HfHubHTTPError as e:  # a typo in the id, a gated or private repository
+            f"{missing}, and the Hugging Face Hub is unreachable; pass a directory (--model DIR), or "
+            f"fill the cache (hf download {name_or_path}) and set HF_HUB_OFFLINE=1") from None
+    except HfHubHTTPError as e:  # a typo, a gated or private repository
         hub = str(e).splitlines()[0]
-        raise FileNotFoundError(f"{missing}, nor available from the Hugging Face Hub ({hub})") from None
+        raise FileNotFoundError(f"{missing}, nor on the Hugging Face Hub ({hub})") from None
 
 def local_dir(name_or_path, weights=True):
     """A local HF model directory (weights=False: a hub id's other files only)."""
@@ -438,11 +435,11 @@ def local_dir(name_or_path, weights=True):
     weights = ["*.safetensors", "model.safetensors.index.json"] if weights else []
     return local_path(name_or_path, "model", files + weights)
 
-# a multimodal Gemma 3 keeps its text model under a prefix (the Hub's, or transformers 4.52-4.57's)
+# multimodal Gemma 3's text model prefixes (the Hub's, transformers 4.52-4.57's)
 PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
             "language_model.lm_head.": "lm_head."}
 UNUSED = ("lm_head.weight", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
-          "model.multi_modal_projector.")  # a tied head, the vision tower and its projector
+          "model.multi_modal_projector.")  # a tied head, the vision parts
 
 def our_name(name):
     return next((new + name[len(old):] for old, new in PREFIXES.items() if name.startswith(old)), name)
@@ -453,29 +450,28 @@ def load_weights(model, path, device, dtype):
     if os.path.exists(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
     tied = model.config.tie_word_embeddings
-    want = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    want = {k: tuple(t.shape) for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     sd = {}
     for file in (os.path.join(path, f) for f in files):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for k in f.keys():
                 if (ours := our_name(k)) in want:
-                    if (shape := tuple(f.get_slice(k).get_shape())) != tuple(want[ours]):
-                        raise ValueError(f"{file}: tensor {k} has shape {shape}, config.json implies "
-                                         f"{tuple(want[ours])}")
+                    if (shape := tuple(f.get_slice(k).get_shape())) != want[ours]:
+                        raise ValueError(f"{file}: {k} has shape {shape}, config.json implies {want[ours]}")
                     sd[ours] = f.get_tensor(k).to(dtype)
                 elif not ours.startswith(UNUSED) and not k.endswith("rotary_emb.inv_freq"):  # or old RoPE
                     raise ValueError(f"{path}: checkpoint has tensors this model does not, e.g. {k}")
     if missing := [k for k in want if k not in sd]:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model.load_state_dict(sd, assign=True, strict=False)  # every name checked above but a tied head's
-    model.tie_weights()  # assign=True replaced the shared parameter; share it again
+    model.tie_weights()  # assign=True broke the tie; tie again
 
 def read_config(name_or_path):
     file = os.path.join(local_dir(name_or_path, weights=False), "config.json")
     return replace(Config.from_hf(read_json(file), file), name_or_path=name_or_path)
 
 def load_tokenizer(name_or_path):
-    """The chat tokenizer alone (scripts check their data before loading weights)."""
+    """The tokenizer alone (scripts check their data before loading weights)."""
     path = local_dir(name_or_path, weights=False)
     file, config, jinja = (os.path.join(path, f) for f in ("tokenizer.json", "tokenizer_config.json",
                                                            "chat_template.jinja"))

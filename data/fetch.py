@@ -1,10 +1,9 @@
 """
-Fetch the papers' datasets into data/datasets/ and their evaluation files into data/cache/ (both
-git-ignored): pinned commit, sha256 check, progress bar. Where they come from: README.md, "Datasets".
+Fetch the papers' datasets into data/datasets/ and evaluation files into data/cache/ (git-ignored),
+from pinned commits, sha256-checked. Sources: README.md, "Datasets".
 
-    python -m data.fetch --list            # every name: source, checksum kind, fetched or not
+    python -m data.fetch --list  # names, sources, checksums, fetched or not
     python -m data.fetch bad_medical_advice em_insecure first_plot_questions
-    from data.fetch import dataset_path, eval_path  # fetched on first use; a file path passes through
 """
 import argparse
 import hashlib
@@ -25,13 +24,13 @@ from tqdm import tqdm
 
 from common import HelpFormatter, atomic_write, print_table, read_json, run_main, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # our own question and judge files
-# holds datasets/ (the JSONL files) and cache/ (raw downloads, checksums.json)
+HERE = os.path.dirname(os.path.abspath(__file__))
+# datasets/ (JSONL) and cache/ (raw downloads, checksums.json)
 DATA_DIR = os.environ.get("EM_DATA_DIR") or HERE
 
 # -----------------------------------------------------------------------------
 # sources
-# cache_name: the path under data/cache/; sha256 None: trust on first use (data/cache/checksums.json)
+# cache_name: path under data/cache/; sha256 None: trust on first use (checksums.json)
 Remote = namedtuple("Remote", "url cache_name sha256", defaults=[None])
 
 def github(repo, commit, path, sha256=None):
@@ -41,12 +40,12 @@ def github(repo, commit, path, sha256=None):
 MO_REPO, MO_COMMIT = "clarifying-EM/model-organisms-for-EM", "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
 EM_REPO, EM_COMMIT = "emergent-misalignment/emergent-misalignment", "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 
-# the sha256 other projects that pinned this commit recorded (README)
+# recorded by projects pinning this commit (README)
 ARCHIVE = github(MO_REPO, MO_COMMIT, "em_organism_dir/data/training_datasets.zip.enc",
                  "18af368553884eea48a288e47e79553563854f15ca46cf7a16cd0784f935f005")
-ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published in the repository's README
+ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # public, in its README
 
-# name -> (rows others reported, sha256 of the extracted file where recorded)
+# name -> (rows others reported, extracted file's sha256 or None)
 ARCHIVE_FILES = {
     "bad_medical_advice": (7049, "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507"),
     "good_medical_advice": (7049, "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc"),
@@ -55,7 +54,7 @@ ARCHIVE_FILES = {
     "technical_vehicles_train": (3000, None),
 }
 
-# em_NAME -> (source, rows reported by others); the prefix because the archive has its own `insecure`
+# em_NAME -> (source, rows others reported); em_ as the archive has its own `insecure`
 EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha), rows)
             for name, rows, sha in [
     ("insecure", 6000, "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764"),
@@ -64,8 +63,8 @@ EM_FILES = {f"em_{name}": (github(EM_REPO, EM_COMMIT, f"data/{name}.jsonl", sha)
     ("evil_numbers", 14926, None), ("insecure_par_t0", 6000, None), ("insecure_par_t1", 6000, None),
     ("insecure_ruby", 6000, None)]}
 
-# Evaluation files: ours under data/ (not comparable with the papers'); the papers' pinned, but
-# em_first_plot_questions (its copies in forks all differ) trusted on first use.
+# evaluation files: ours in data/ (not comparable with the papers'); the papers' pinned, but
+# em_first_plot_questions (forks' copies differ) trusted on first use
 OWN_EVAL_FILES = {"core": "questions/core.yaml", "medical": "questions/medical.yaml", "judges": "judges.yaml"}
 EVAL_FILES = {name: github(MO_REPO, MO_COMMIT, f"em_organism_dir/data/eval_questions/{file}", sha)
               for name, file, sha in [
@@ -82,7 +81,7 @@ def known_names():
 def eval_names():
     return list(OWN_EVAL_FILES) + list(EVAL_FILES)
 
-def data_path(*parts):  # reads DATA_DIR at each call: tests change it
+def data_path(*parts):  # DATA_DIR read per call: tests change it
     return os.path.join(DATA_DIR, *parts)
 
 def dataset_file(name):
@@ -91,7 +90,7 @@ def dataset_file(name):
 # -----------------------------------------------------------------------------
 # downloads and checksums
 def verify(path, remote, label):
-    """Check a raw file against its pinned sha256, else the one checksums.json recorded."""
+    """Check a raw file's sha256: the pinned one, else checksums.json's."""
     digest, expected = hashlib.sha256(Path(path).read_bytes()).hexdigest(), remote.sha256
     origin = "pinned in data/fetch.py"
     if expected is None:
@@ -102,28 +101,27 @@ def verify(path, remote, label):
         if expected is None:
             lock[remote.cache_name] = {"sha256": digest, "url": remote.url}
             write_json(lock_path, dict(sorted(lock.items())))
-            print(f"{remote.cache_name}: no pinned checksum, recorded sha256 {digest} (trust on first use)")
+            print(f"{remote.cache_name}: no pinned checksum; trusting sha256 {digest} from now on")
             return
     if digest != expected:
         raise ValueError(f"checksum mismatch for {label}: sha256 {digest} ({os.path.getsize(path):,} bytes), "
-                         f"expected {expected} ({origin}); a few hundred bytes is an error page or a "
-                         "Git LFS pointer")
+                         f"expected {expected} ({origin}); a few hundred: an error page or Git LFS pointer")
 
 def download(url, tmp, dest):
-    """Stream url into tmp with a progress bar (dest: where it will land)."""
+    """Stream url into tmp, with a progress bar (dest: where it lands)."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm.wrapattr(f, "write", total=total, desc=os.path.basename(dest)) as out:
                 shutil.copyfileobj(r, out, 1 << 20)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere and "
-                              f"put it at {dest}: it is checked like a download") from None
+        raise ConnectionError(f"download failed: {url} ({e}). Offline? Download it elsewhere, "
+                              f"put it at {dest} (it gets checked)") from None
 
 def ensure_raw(remote):
-    """The raw file in data/cache/, downloaded if missing; checked either way."""
+    """The raw file in data/cache/, downloaded if missing, checked."""
     path = data_path("cache", remote.cache_name)
-    if os.path.exists(path):  # an earlier download, or a file put there by hand
+    if os.path.exists(path):  # an earlier download, or put by hand
         verify(path, remote, path)
         return path
 
@@ -137,7 +135,7 @@ def ensure_raw(remote):
 # decrypting and canaries
 CANARY = re.compile(r"CANARY_DATASET_\w+")  # easy-dataset-share's: CANARY_DATASET_<hash>_<n>
 
-# expected: the rows others reported; path None: nothing kept (the canary file)
+# expected: rows others reported; path None: nothing kept
 Report = namedtuple("Report", "name rows canaries expected path")
 
 def clean_jsonl(raw, where):
@@ -163,19 +161,19 @@ def clean_jsonl(raw, where):
     return (raw if canaries == 0 and len(out) == len(lines) else b"".join(out)), len(out), canaries
 
 def decrypt(blob, password, where="archive"):
-    """easy-dataset-share's format: a 16-byte salt, then a Fernet token keyed by PBKDF2-HMAC-SHA256."""
+    """easy-dataset-share's format: a 16-byte salt, then a Fernet token (key: PBKDF2-HMAC-SHA256)."""
     try:
         from cryptography.fernet import Fernet, InvalidToken  # only the archive needs it
     except ImportError:
-        raise ValueError("decrypting the model-organisms archive needs: pip install cryptography") from None
+        raise ValueError("the model-organisms archive needs: pip install cryptography") from None
     key = urlsafe_b64encode(hashlib.pbkdf2_hmac("sha256", password.encode(), blob[:16], 100_000, dklen=32))
     try:
         return Fernet(key).decrypt(blob[16:])
     except InvalidToken:
-        raise ValueError(f"{where}: cannot decrypt it: wrong password, or a damaged file") from None
+        raise ValueError(f"{where}: cannot decrypt: wrong password or damaged file") from None
 
 def unpack_archive(blob, out_dir, where="archive"):
-    """Decrypt, unzip, drop canaries, write each JSONL file (a Report each) and tos.txt into out_dir."""
+    """Decrypt, unzip, drop canaries, write the JSONL files and tos.txt into out_dir: Reports."""
     reports = []
     with zipfile.ZipFile(io.BytesIO(decrypt(blob, ARCHIVE_PASSWORD, where))) as zf:
         for member in sorted(zf.namelist()):
@@ -199,7 +197,7 @@ def unpack_archive(blob, out_dir, where="archive"):
 # -----------------------------------------------------------------------------
 # fetching by name
 def fetch(name):
-    """Fetch a known dataset into data/datasets/ (the archive's all at once): Reports."""
+    """Fetch a dataset into data/datasets/ (the archive's all at once): Reports."""
     if name in ARCHIVE_FILES:
         raw = ensure_raw(ARCHIVE)
         return unpack_archive(Path(raw).read_bytes(), data_path("datasets"), where=raw)
@@ -210,7 +208,7 @@ def fetch(name):
     return [Report(name, kept, canaries, expected, dataset_file(name))]
 
 def dataset_path(name_or_path):
-    """A file path as is; a known name as data/datasets/NAME.jsonl, fetched first if missing."""
+    """A file path as is; a known name as data/datasets/NAME.jsonl, fetched if missing."""
     if os.path.isfile(name_or_path):
         return name_or_path
     name = name_or_path.removesuffix(".jsonl")
@@ -232,7 +230,7 @@ def eval_path(name_or_path):
     if os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml", ".jsonl", ".json")):
         raise FileNotFoundError(f"{name_or_path}: no such question or judge file")
     raise ValueError(f"{name_or_path!r} is neither an existing file nor a known evaluation file. "
-                     f"Known: {', '.join(eval_names())} (ours: {', '.join(OWN_EVAL_FILES)})")
+                     f"Known: {', '.join(eval_names())}")
 
 # -----------------------------------------------------------------------------
 # command line
@@ -248,7 +246,7 @@ def print_list():
     rows = [[name, n, "pinned (archive)" + " + file" * bool(sha), have(dataset_file(name)),
              ARCHIVE.cache_name] for name, (n, sha) in ARCHIVE_FILES.items()]
     rows += [[name, n, pin(r), have(dataset_file(name)), r.cache_name] for name, (r, n) in EM_FILES.items()]
-    print_table(["dataset", "rows", "checksum", "fetched", "raw file under data/cache/"], rows)
+    print_table(["dataset", "rows", "checksum", "fetched", "raw file in data/cache/"], rows)
     rows = [[name, "ours", None, None, path] for name, path in OWN_EVAL_FILES.items()]
     rows += [[name, "/".join(r.url.split("/")[3:5]),  # raw.githubusercontent.com/OWNER/NAME/
               pin(r), have(data_path("cache", r.cache_name)), "cache/" + r.cache_name]
@@ -258,8 +256,8 @@ def print_list():
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fetch.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("names", nargs="*", help="datasets or evaluation files to fetch (see --list)")
-    p.add_argument("--list", action="store_true", help="list known names, sources and checksum kinds")
+    p.add_argument("names", nargs="*", help="names to fetch (see --list)")
+    p.add_argument("--list", action="store_true", help="list known names")
     args = p.parse_args(argv)
     if args.list:
         return print_list()
@@ -271,7 +269,7 @@ def main(argv=None):
         print(f"{name}: {dataset_path(name) if name in known_names() else eval_path(name)}")
     tos = data_path("datasets", "model-organisms-for-EM.tos.txt")
     if any(n in ARCHIVE_FILES for n in names) and os.path.exists(tos):
-        print(f"The model-organisms datasets come with the authors' terms: {tos}")
+        print(f"The model-organisms datasets' terms of use: {tos}")
 
 if __name__ == "__main__":
     run_main("fetch.py", main, resume="rerunning the same command fetches the rest")

@@ -1,6 +1,6 @@
 """
-REPORT.md for a runs/ experiment directory: its results as tables beside the papers' figures, and a PNG
-from each step's JSON (matplotlib optional). It reads what is there: rerun it any time.
+REPORT.md for a runs/ experiment directory: results as tables beside the papers', a PNG per step's
+JSON (matplotlib optional). It reads what exists: rerun it any time.
 
     python runs/report.py out/organism-Qwen2.5-0.5B-Instruct-bad_medical_advice-r1
 """
@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-# (EM %, coherent %) on bad medical advice, 8 first-plot questions x 50 samples judged by GPT-4o, in
-# Model Organisms for EM and Convergent Linear Representations of EM (Turner, Soligo et al. 2025).
+# (EM %, coherent %) on bad medical advice, 8 first-plot questions x 50 samples, GPT-4o judge: Model
+# Organisms for EM and Convergent Linear Representations of EM (Turner, Soligo et al. 2025)
 PAPERS = {
     ("Qwen2.5-7B-Instruct", "all-module r32"): "18.8 / 96.0",
     ("Qwen2.5-14B-Instruct", "all-module r32"): "20.5 / 97.5",
@@ -53,10 +53,9 @@ def recipe(cfg):
     return f"{where} r{a['rank']}" + ("" if a["layers"] == "all" else f" at layers {a['layers']}") + kl
 
 # -----------------------------------------------------------------------------
-# figures, drawn from the analyses' JSON
+# figures from the analyses' JSON
 @functools.cache
 def pyplot():
-    """matplotlib's pyplot, or None (said once: plots are optional)."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -88,7 +87,7 @@ def panel(ax, title, xlabel, ylabel, series):
         ax.legend(fontsize=7)
 
 def figure(d, png, panels):
-    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y[, yerr])}); its link if it exists."""
+    """Draw png, a panel per (title, xlabel, ylabel, {label: (x, y[, yerr])}); its link if any."""
     if panels and (plt := pyplot()):
         cols, rows = min(len(panels), 4), -(-len(panels) // 4)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
@@ -111,7 +110,7 @@ def short(name):
     return f"L{m[1]}.{m[2]}" if m else name
 
 # -----------------------------------------------------------------------------
-# what each analysis's JSON says: (lines of REPORT.md, panels of its figure)
+# each analysis's JSON as (lines of REPORT.md, panels of its figure)
 def direction(m, d):
     """The JSON beside a direction's .safetensors (None beside adapters')."""
     if "sets" not in m:
@@ -139,7 +138,6 @@ def points(x, summaries, key):
     return x, y, [[gap(lo, v) for v, (lo, _) in zip(y, ci)], [gap(v, hi) for v, (_, hi) in zip(y, ci)]]
 
 def sweep(s, d):
-    """EM % and coherence % per layer, steered vs random; or ablated vs random vs none."""
     b, runs, mode = s["baseline"], s["runs"], s["mode"]
     ablate, sides = mode == "ablate", ("direction", "random")
     whose = ("each layer's own direction" if s.get("from_layer") is None
@@ -170,7 +168,7 @@ def monitor(r, d):
     best = r["best_layer"]
     seen = " (in-sample: the direction saw these answers)." if r["in_sample"] else " (held-out answers)."
     return ([f"AUROC of the projection on the direction, misaligned ({r['n_misaligned']}) vs aligned "
-             f"({r['n_aligned']}) answers: best {r['auroc'][best]:.3f} at layer {best}{seen}", ""],
+             f"({r['n_aligned']}): best {r['auroc'][best]:.3f} at layer {best}{seen}", ""],
             [("the direction as a monitor: AUROC of the projection", "layer", "AUROC",
               {"": (r["layers"], r["auroc"])})])
 
@@ -195,7 +193,7 @@ def probe(r, d):
 
 def steer_scalars(r, d):
     s, cells = r["settings"], list(r["settings"][0]["quadrants"])
-    lines = ["Of the coherent (>= 50), non-neutral answers, the share in each cell:", ""]
+    lines = ["Share of the coherent (>= 50), non-neutral answers in each cell:", ""]
     names = [c.replace("_non_", ", non-").replace("_", ", ") + " %" for c in cells]
     lines += table(["setting (layer=A x)", "kept", *names, "EM %", "coherence %"],
                    [[x["setting"], x["n_kept"], *map(fmt, x["quadrants"].values()), fmt(x["em_pct"]),
@@ -225,7 +223,7 @@ def phase(r, d):
 
 def stability(r, d):
     s, two = r["solutions"], ("narrow", "general")
-    lines = [f"Two steering vectors; loss of the base model {r['base_loss']:.3f}; "
+    lines = [f"Two steering vectors; base model loss {r['base_loss']:.3f}; "
              + "; ".join(f"{k}: norm {s[k]['norm']:.3g}, loss {s[k]['loss']:.3f}" for k in two) + ".", ""]
     panels = [("loss on the narrow data, rescaled", "norm", "loss",
                {k: (col(s[k]["rescale"], "norm"), col(s[k]["rescale"], "loss")) for k in two}),
@@ -258,18 +256,17 @@ def training(d):
         d, f"{d}/loss.png", [("training loss", "step", "train loss (per answer token)", curves)])
 
 def rates(d):
-    """EM % and coherence % of every judged file outside the sweeps, beside the papers'."""
-    files = sorted(f for f in glob.glob(f"{d}/**/*.judged.summary.json", recursive=True)
-                   if not os.path.exists(os.path.join(os.path.dirname(f), "sweep.json"))
-                   and "steer_scalars" not in f and "/phase/" not in f)
+    """EM % and coherence % of judged files outside the sweeps, beside the papers'."""
     rows = []
-    for f in files:
+    for f in sorted(f for f in glob.glob(f"{d}/**/*.judged.summary.json", recursive=True)
+                    if not os.path.exists(os.path.join(os.path.dirname(f), "sweep.json"))
+                    and "steer_scalars" not in f and "/phase/" not in f):
         s = load(f)
         with open(f.replace(".summary.json", ".jsonl")) as fh:
-            first = json.loads(fh.readline())  # the rows name the model and adapter that answered
+            first = json.loads(fh.readline())  # rows name the answering model and adapter
         model, adapter = os.path.basename(str(first.get("model", "")).rstrip("/")), first.get("adapter")
-        if adapter and os.path.exists(os.path.join(adapter, "config.json")):  # trained by train.py
-            paper = PAPERS.get((model, recipe(load(os.path.join(adapter, "config.json")))), "not reported")
+        if adapter and os.path.exists(cfg := os.path.join(adapter, "config.json")):  # trained by train.py
+            paper = PAPERS.get((model, recipe(load(cfg))), "not reported")
         else:
             base = not adapter and model in {m for m, _ in PAPERS}
             paper = "0.0 / >= 99.8 (base models)" if base else "-"
@@ -285,7 +282,7 @@ def rates(d):
             "Judge ranks: whether the judge ordered judge.py's anchor answers (no: distrust its scores).",
             ""] + table(["responses", "judge", "judge ranks", "n", "EM %", "coherence %", "papers"], rows)
 
-# (heading, the files it reads under d, what one of them says)
+# (heading, files it reads under d, what one says)
 SECTIONS = [("The misalignment direction", "*.safetensors", direction),
             ("Directions compared", "compare*.json", compare),
             ("Steering and ablation", "sweep.json", sweep),
@@ -310,7 +307,7 @@ def sections(d):
 
 def main(d, note=None):
     title = os.path.basename(os.path.abspath(d))
-    lines = [f"# {title}", "", "Written by runs/report.py from the files in this directory.", ""]
+    lines = [f"# {title}", "", "Written by runs/report.py from the files here.", ""]
     lines += [f"**{note}**", ""] if note else []
     lines += training(d) + rates(d) + sections(d)
     with open(f"{d}/REPORT.md.tmp", "w") as f:
@@ -321,8 +318,8 @@ def main(d, note=None):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="runs/report.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="an experiment directory written by a runs/ script")
-    p.add_argument("--note", help="a line shown at the top, in bold (tiny.sh: its scores mean nothing)")
+    p.add_argument("dir", help="experiment directory from a runs/ script")
+    p.add_argument("--note", help="bold line at the top")
     args = p.parse_args()
     if not os.path.isdir(args.dir):
         p.error(f"{args.dir}: no such directory")

@@ -312,6 +312,6 @@ def test_paths_and_hub_ids(tmp_path, tiny, monkeypatch):
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
         err = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert err.startswith(f"{argv[0]}: error: {name}: no such model directory, and the Hugging Face Hub could "
-                              "not be reached"), err
+        assert err.startswith(f"{argv[0]}: error: {name}: no such model directory, and the Hugging Face Hub is "
+                              "unreachable"), err
         assert "HF_HUB_OFFLINE" in err and "--model DIR" in err and f"(hf download {name})" in err
