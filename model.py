@@ -47,9 +47,9 @@ class Config:
     tie_word_embeddings: bool
     layer_types: tuple  # FULL or SLIDING, per layer
     rope: dict  # per layer type: {rope_type, rope_theta, scaling fields}
-    model_type: str
+    model_type: str  # qwen2, llama or gemma3_text
     sliding_window: int  # keys a sliding layer's query sees, its own included
-    qkv_bias: bool
+    qkv_bias: bool  # Qwen2
     hidden_act: str  # silu, or gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float  # Gemma: attention scale ** -2 (0: head_dim)
     gemma_norms: bool  # (1 + w) norms, q/k norms, norms after both branches, embeddings x sqrt(C)
