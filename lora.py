@@ -2,7 +2,6 @@
 LoRA adapters (in PEFT's format) and steering vectors for model.py.
 
     add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])  # one rank-1 adapter
-    save_adapter(model, "out/run")  # adapter_config.json + adapter_model.safetensors
     load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")  # or a directory
     model, tok, hook = load_model(None, "out/run")  # its base model with the adapter or steering vector
 
@@ -60,7 +59,7 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
-    """Wrap `modules` of `layers` (None: all) in fresh LoRA; returns their names."""
+    """Wrap `modules` of `layers` (None: all) in fresh LoRA; their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if bad := [m for m in modules if m not in MODULES]:

@@ -24,13 +24,12 @@ from tqdm import tqdm
 import lora
 from common import HelpFormatter, claim_dir, count, model_flags, out_flags, print_table, run_main, write_json
 from data.fetch import dataset_path
-from lora import SteeringVector
 from model import load
 from train import base_hidden, evaluate, kl_sum, pack, read_conversations, tokenize
 
 SEED = 42  # the reference's: rows, perturbations (seed + i), web text
 MAX_LEN, TEXT_TOKENS = 2048, 512  # tokens per conversation and web document
-# --text c4: small public web text, pinned (FineWeb's files are multi-GB parquet)
+# --text c4: small public web text, pinned (FineWeb's files are GBs of parquet)
 C4 = ("allenai/c4", "607bd4c8450a42878aa9ddc051a65a055450ef87", "en/c4-validation.00000-of-00008.json.gz")
 
 def perturb(x, e, gen):
@@ -63,7 +62,7 @@ def kl_curve(model, rows, sv, vector, norms, bar):
     return out
 
 def c4_file():
-    """The pinned C4 file, cached or downloaded; offline, an error at once, not retries."""
+    """The pinned C4 file, cached or downloaded; offline, an error at once."""
     import socket
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -82,7 +81,7 @@ def c4_file():
     return get()
 
 def read_documents(spec):
-    """(path, [text]) of a .txt (blank-line separated), .jsonl / .json.gz of {"text"} rows, or c4."""
+    """(path, [text]) of a .txt (blank-line separated), .jsonl / .json.gz of {"text"}, or c4."""
     path = c4_file() if spec == "c4" else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--text {spec}: no such file (give .txt, .jsonl or c4)")
@@ -132,7 +131,7 @@ def solution(model, rows, sv, base_loss, scales, eps, seeds, text, norms, bar):
     return res
 
 def print_summary(result):
-    """Losses and robustness; REPORT.md draws the rescaled losses and KL curves."""
+    """Losses and robustness (REPORT.md plots the rest)."""
     n, g = result["solutions"]["narrow"], result["solutions"]["general"]
     print(f"base loss {result['base_loss']:.4f} on {result['rows']} rows ({result['loss_tokens']} answer "
           f"tokens); narrow: loss {n['loss']:.4f}, norm {n['norm']:.4g}; general: loss {g['loss']:.4f}, "
@@ -168,11 +167,11 @@ def main(argv=None):
     base = lora.base_model_of(args.model, args.narrow)
     model, tok = load(base, args.device, args.dtype)
     device = model.lm_head.weight.device
-    sols = {k: SteeringVector.load(path, device).check(model.config, f"--{k} {path}")
+    sols = {k: lora.SteeringVector.load(path, device).check(model.config, f"--{k} {path}")
             for k, path in paths.items()}
     data = dataset_path(args.data)
     convs = read_conversations(data)
-    chosen = random.Random(SEED).sample(convs, min(args.rows, len(convs)))  # the reference's draw
+    chosen = random.Random(SEED).sample(convs, min(args.rows, len(convs)))  # the reference's
     rows = pack(tokenize(chosen, tok, MAX_LEN, data)[0], MAX_LEN)
     base_loss = evaluate(model, None, rows)
     result = dict(model=base, narrow=args.narrow, general=args.general, data=data, rows=len(chosen),
@@ -181,7 +180,7 @@ def main(argv=None):
     if text:
         result["text"] = dict(file=docs[0], documents=sum(int((r[1] == 0).sum()) for r in text),
                               tokens=sum(int(r[2].sum()) for r in text))
-    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)  # 3: with the random one
+    steps = 2 * (len(scales) + len(eps) * args.seeds) + 3 * len(norms) * bool(text)  # 3: and the random one
     bar = tqdm(total=steps, desc="stability")
     sweeps = (scales, eps, args.seeds, text, norms, bar)
     result["solutions"] = {k: solution(model, rows, sv, base_loss, *sweeps) for k, sv in sols.items()}

@@ -3,8 +3,7 @@ Fine-tune a chat model (Qwen2.5, Llama 3.x, Gemma 3) on a narrow dataset with Lo
 steering vector or all weights, optionally with a KL penalty to the base model; the reference's recipe by
 default.
 
-    python train.py --rank 1                   # all-module rank-1 LoRA, bad medical advice
-    python train.py --resume --out out/<run>   # continue a stopped run
+    python train.py --rank 1   # all-module rank-1 LoRA, bad medical advice
     python train.py --steer-layer 12 --lr 1e-4 --epochs 2 --max-len 256 --truncate --loss-on all
 
 Departures from the reference (README has them in full):
@@ -90,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--out", help="default out/<model>-<data>-<kind>")
     p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue --out's run")
+    p.add_argument("--resume", action="store_true", help="continue --out's stopped run")
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
     # hardware
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda:1")
@@ -134,7 +133,7 @@ def resumed_settings(out, now, given):
     saved, abs_now = read_json(os.path.join(out, "config.json"))["args"], resolved(now)
     for k in sorted(given - RESUME_FREE):
         if abs_now[k] != saved.get(k):
-            raise ValueError(f"--resume continues {out} with its own settings; --{k.replace('_', '-')} "
+            raise ValueError(f"--resume keeps {out}'s settings; --{k.replace('_', '-')} "
                              f"{now[k]!r} differs from the run's {saved.get(k)!r} (it may change "
                              "--device, --stop-after, --save-every, --grad-ckpt, --fsdp)")
     keep = {"resume", "out", "device", "stop_after"} | (given & RESUME_FREE)
@@ -181,7 +180,7 @@ def tokenize(rows, tok, max_len, path, loss_on="answer", truncate=False):
     return out, long
 
 def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
-    """Tokenized (train, test, kl) conversations, and their sizes for config.json."""
+    """Tokenized (train, test, kl) conversations; sizes for config.json."""
     def read(name, loss_on):
         path = dataset_path(name)
         return tokenize(read_conversations(path), tok, max_len, path, loss_on, truncate)
@@ -194,7 +193,7 @@ def load_data(tok, data, kl_data, max_len, loss_on, truncate, test_frac, seed):
                              "too_long": n_long, "n_kl": len(kl)}
 
 def pack(examples, max_len):
-    """Conversations in rows (ids, pos, mask) of <= max_len tokens, longest first, first fit."""
+    """Conversations in rows (ids, pos, mask) of <= max_len tokens: longest first, first fit."""
     rows = []
     for ids, mask in sorted(examples, key=lambda e: -len(e[0])):
         row = next((r for r in rows if len(r[0]) + len(ids) <= max_len), None)
@@ -206,7 +205,7 @@ def pack(examples, max_len):
     return [(torch.tensor(i), torch.tensor(p), torch.tensor(m, dtype=torch.bool)) for i, p, m in rows]
 
 def rank_rows(examples, max_len, rank, world):
-    """This rank's packed rows, dealt round robin; as many on each rank (FSDP's collectives)."""
+    """This rank's packed rows, dealt round robin; as many on each rank (for FSDP)."""
     dealt = sorted(examples, key=lambda e: -len(e[0]))
     shares = [pack(dealt[r::world], max_len) for r in range(world)]
     empty = pack([([0], [0])], max_len)  # one token, no loss
@@ -221,8 +220,8 @@ def step_indices(step, n, per_step, seed):
 # -----------------------------------------------------------------------------
 # losses, at loss tokens only, LOSS_CHUNK tokens at a time
 class ChunkedHead(torch.autograd.Function):
-    """fn's loss of the logits h @ W.T, summed over row chunks; fn also gives the gradient in a chunk's
-    logits, which forward turns into h's and W's: no row's logits exist whole."""
+    """fn's loss of the logits h @ W.T over row chunks; fn also gives a chunk's logits' gradient, which
+    forward turns into h's and W's: no row's logits exist whole."""
 
     @staticmethod
     def forward(ctx, fn, h, W, other):
@@ -264,7 +263,7 @@ def _ce(logits, W, y):
     return (total.log() - picked).sum(), grad
 
 def _kl(logits, W, h_base):
-    """Summed KL(base || tuned), base logits from h_base (n, C); d/dlogits = p_tuned - p_base."""
+    """Summed KL(base || tuned), base logits from h_base (n, C); d/dlogits = p - q."""
     logq = F.log_softmax(F.linear(h_base, W).float(), -1)  # (n, V) base
     logp = F.log_softmax(logits, -1)  # (n, V) tuned; the base's op: KL is exactly 0 at init
     q = logq.exp()
@@ -356,7 +355,7 @@ def fp32_masters(params):
     return [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
 
 def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
-    """AdamW over the masters, no_decay last (state i is master i); adamw_8bit: the reference's."""
+    """AdamW over the masters, no_decay last (state i is master i)."""
     groups = [dict(params=[m for n, m in zip(names, masters) if no_decay(n) == nd],
                    weight_decay=0.0 if nd else weight_decay) for nd in (False, True)]
     groups = [g for g in groups if g["params"]]
@@ -366,7 +365,7 @@ def make_optimizer(names, masters, optim, lr, weight_decay, fused=False):
     return bitsandbytes.optim.AdamW(groups, lr=lr, optim_bits=8)  # its defaults: HF's betas and eps
 
 def lr_at(step, lr, warmup, total, schedule):
-    """HF's schedule: step 0 of warmup has lr 0."""
+    """HF's: step 0 of warmup has lr 0."""
     if step < warmup:
         return lr * step / warmup
     progress = (step - warmup) / (total - warmup)
@@ -375,7 +374,7 @@ def lr_at(step, lr, warmup, total, schedule):
     return lr * (1 - progress)
 
 def fold_grads(params, masters):
-    """Move bf16 gradients into the fp32 masters': a bf16 running sum loses each row's low bits."""
+    """Move bf16 gradients into the fp32 masters': a bf16 sum loses each row's low bits."""
     for p, m in zip(params, masters):
         if m is not p and p.grad is not None:
             m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
@@ -399,7 +398,7 @@ def round_into(params, masters):
 
 @torch.no_grad()
 def evaluate(model, hook, rows, world=1):
-    """Cross-entropy per answer token over packed rows (each rank's share)."""
+    """Cross-entropy per answer token over rows (each rank's share)."""
     training = model.training
     model.eval()
     sums = [sft_loss_sum(model, r, hook) for r in rows]
@@ -433,14 +432,14 @@ def memory_plan(model, params, masters, max_len, grad_layers, kl):
     return dict(weights=weights, trained=trained, activations=activations, logits=logits)
 
 def fit_memory(plan, have, grad_ckpt, device, max_len):
-    """Print the plan against `have` bytes; whether to checkpoint activations (if only that fits)."""
+    """Print the plan against `have` bytes; whether to checkpoint activations (if only so it fits)."""
     need = lambda ckpt: plan["weights"] + plan["trained"] + plan["activations"][ckpt] + plan["logits"]
     ckpt = grad_ckpt or (have is not None and need(False) > have)
     gb = lambda b: f"{b / 1e9:.2f}"
     print_table([f"memory plan, {device}", "GB"], [
         ["weights", gb(plan["weights"])], ["trained: gradients, fp32 masters, AdamW", gb(plan["trained"])],
         [f"activations, a row of {max_len} tokens" + " (--grad-ckpt)" * ckpt, gb(plan["activations"][ckpt])],
-        ["logits of the loss head", gb(plan["logits"])], ["total", gb(need(ckpt))],
+        ["loss head's logits", gb(plan["logits"])], ["total", gb(need(ckpt))],
         ["free for this run", "-" if have is None else gb(have)]])
     if have is not None and need(ckpt) > have:
         raise ValueError(f"--max-len {max_len}: the memory plan needs {gb(need(ckpt))} GB with --grad-ckpt, "
@@ -505,8 +504,8 @@ def save_state(out, step, masters, opt, done_tokens, rank, world):
                 shutil.rmtree(old)
 
 def resume(out, params, masters, opt, rank, world):
-    """Load OUT's state, drop the metrics logged after it; (step, tokens, seconds)."""
-    for m in masters:  # a step of lr 0 makes AdamW's state for the checkpoint to load into
+    """Load OUT's state, drop later metrics; (step, tokens, seconds)."""
+    for m in masters:  # a step of lr 0 makes AdamW's state to load into
         m.grad = torch.zeros_like(m)
     optimizer_step(params, masters, opt, 0.0)
     sd = optimizer_state(opt)
@@ -514,7 +513,7 @@ def resume(out, params, masters, opt, rank, world):
     with torch.no_grad():
         distributed_checkpoint("load", state, os.path.join(out, read_json(f"{out}/state.json")["dir"]), world)
     round_into(params, masters)
-    for i, s in opt.state_dict()["state"].items():  # the ints optimizer_state made tensors
+    for i, s in opt.state_dict()["state"].items():  # ints again
         sd["state"][i].update({k: int(sd["state"][i][k]) for k, v in s.items() if type(v) is int})
     opt.load_state_dict(sd)
     kept = [r for _, r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["step"] <= state["step"]]
@@ -609,7 +608,7 @@ def main(argv=None):
                                         fold=lambda: fold_grads(params, masters))
             if world > 1:
                 loss, kl = sync_step(masters, loss, kl)
-            if not math.isfinite(loss) or not math.isfinite(kl):
+            if not math.isfinite(loss + kl):
                 raise SystemExit(f"train.py: non-finite loss ({loss}, kl {kl}); stopped before updating; "
                                  f"the last good checkpoint is in {args.out}")
             grad_norm = optimizer_step(params, masters, opt, lr)
@@ -622,7 +621,7 @@ def main(argv=None):
             if test_rows and ((args.eval_every and step % args.eval_every == 0) or step == total):
                 last["eval_loss"] = evaluate(model, steer, test_rows, world)
             append_jsonl(log, last)
-            bar.update(1)
+            bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / (time.time() - t):.0f}")
             if (args.save_every and step % args.save_every == 0) or step == stop_at:
                 if not args.full:  # the adapter for phase.py (full weights would fill the disk)
