@@ -1,13 +1,12 @@
 """
-LoRA adapters (saved and loaded in PEFT's format) and steering vectors for model.py.
+LoRA adapters (in PEFT's format) and steering vectors for model.py.
 
-    add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])   # one rank-1 adapter
-    save_adapter(model, "out/run")           # adapter_config.json + adapter_model.safetensors
+    add_lora(model, r=1, alpha=64, modules=["down_proj"], layers=[12])  # one rank-1 adapter
     load_adapter(model2, "ModelOrganismsForEM/Qwen2.5-0.5B-Instruct_bad-medical-advice")  # or a directory
-    model, tok, hook = load_model(None, "out/run")   # its base model, with the adapter (or steering vector)
+    model, tok, hook = load_model(None, "out/run")  # its base model with the adapter or steering vector
 
 LoRA as in PEFT: y = W x + b + s B A x, s = alpha / sqrt(r) (rsLoRA) or alpha / r.
-Departures: A and B stay fp32, cast to the activations' dtype in the forward.
+Departure: A and B stay fp32, cast to the activations' dtype in the forward.
 """
 import math
 import os
@@ -22,7 +21,7 @@ from common import atomic_write, read_json, write_json
 from model import load, local_path, our_name
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+PEFT_PREFIX = "base_model.model."  # of PEFT's keys
 
 class LoRALinear(nn.Module):
     def __init__(self, base, r, alpha, rslora, dropout):
@@ -34,7 +33,7 @@ class LoRALinear(nn.Module):
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's and nn.Linear's default
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
         self.multiplier = 1.0  # set_lora_scale
@@ -51,7 +50,7 @@ class LoRALinear(nn.Module):
             h = x.new_full((*x.shape[:-1], self.r), self.fixed_scalar)  # (..., r)
         if self.recorded is not None:
             self.recorded.append(h.detach())
-        # y + scale * h B^T as one GEMM accumulating into y: one pass over the wide output
+        # y + scale * h B^T as one GEMM into y: one pass over the wide output
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.to(x.dtype).t(),
                            alpha=self.scale * self.multiplier).view_as(y)
 
@@ -60,7 +59,7 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 def add_lora(model, r, alpha, modules=MODULES, layers=None, rslora=True, dropout=0.0):
-    """Wrap `modules` of `layers` (None: all) in fresh LoRA; returns their names."""
+    """Wrap `modules` of `layers` (None: all) in fresh LoRA; their names."""
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if bad := [m for m in modules if m not in MODULES]:
@@ -87,25 +86,24 @@ def temporarily(mods, attr, values):
             setattr(m, attr, v)
 
 def adapters_off(model):
-    """The base model, from the same weights."""
     mods = [m for _, m in lora_modules(model)]
     return temporarily(mods, "enabled", [False] * len(mods))
 
 def set_lora_scale(model, multiplier):
-    """Scale every adapter's B (1: as trained, 0: the base model)."""
+    """Scale every adapter (1: as trained, 0: the base model)."""
     for _, m in lora_modules(model):
         m.multiplier = multiplier
 
 @contextmanager
 def record_scalars(model):
-    """Collect each adapter's A x: yields {name: [tensor (B, T, r) per forward]}."""
+    """Yields {name: [A x (B, T, r) per forward]}."""
     mods = lora_modules(model)
     out = {n: [] for n, _ in mods}
     with temporarily([m for _, m in mods], "recorded", out.values()):
         yield out
 
 def fix_scalars(model, values):
-    """While inside, adapter `name`'s A x is `values[name]` at every position."""
+    """Inside, adapter `name`'s A x is `values[name]` at every position."""
     mods = dict(lora_modules(model))
     if unknown := sorted(set(values) - set(mods)):
         raise ValueError(f"no LoRA adapter named {unknown[0]}; the model has {', '.join(mods) or 'none'}")
@@ -116,7 +114,7 @@ def fix_scalars(model, values):
 def read_tensors(path):
     try:
         return load_file(path)
-    except Exception as e:  # missing, or not safetensors
+    except Exception as e:  # missing or not safetensors
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
 
 def save_tensors(path, tensors):
@@ -128,7 +126,7 @@ def save_adapter(model, path):
     rs = {(m.r, m.alpha, m.rslora, m.dropout.p) for _, m in mods}
     layers = sorted({int(n.split(".")[2]) for n, _ in mods})
     targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods}, key=MODULES.index)
-    if len(rs) > 1 or len(mods) != len(layers) * len(targets):  # PEFT's config: one r, layers x modules
+    if len(rs) > 1 or len(mods) != len(layers) * len(targets):  # one r, layers x modules
         raise ValueError(f"PEFT's format needs one (r, alpha, rslora, dropout), not {rs}, and the same "
                          "modules in every layer")
     r, alpha, rslora, dropout = rs.pop()
@@ -145,50 +143,57 @@ def save_adapter(model, path):
 def adapter_dir(path_or_hub_id):
     return local_path(path_or_hub_id, "adapter", ["adapter_config.json", "adapter_model.safetensors"])
 
-def load_adapter(model, path_or_hub_id):
-    """Read a PEFT LoRA adapter (a directory or hub id) into the model; returns its module names."""
+def read_lora(path_or_hub_id):
+    """({module: (A, B)}, adapter_config.json, all tensors) of a PEFT LoRA adapter (directory or hub id)."""
     path = adapter_dir(path_or_hub_id)
     cfg_file, w_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
-    if not os.path.exists(cfg_file) or not os.path.exists(w_file):
-        raise FileNotFoundError(f"{path}: not a PEFT adapter")
+    if not os.path.exists(cfg_file):  # a steering vector's directory too
+        raise FileNotFoundError(f"{path_or_hub_id}: not a PEFT LoRA adapter (no adapter_config.json)")
     cfg = read_json(cfg_file)
     if (cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern")
             or cfg.get("bias", "none") != "none"):
         raise ValueError(f"{cfg_file}: only plain LoRA is supported (no DoRA, bias or alpha_pattern)")
-    tensors, names, rslora = read_tensors(w_file), [], cfg.get("use_rslora", False)
-    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        name = our_name(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))  # multimodal Gemma too
+    tensors = read_tensors(w_file)
+    names = sorted(k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in tensors
+                   if k.endswith(".lora_A.weight"))
+    key = lambda n, ab: f"{PEFT_PREFIX}{n}.lora_{ab}.weight"
+    if not names or {key(n, ab) for n in names for ab in "AB"} != set(tensors):
+        raise ValueError(f"{w_file}: not pairs of LoRA A and B tensors: {sorted(tensors)[:4]}")
+    return {n: (tensors[key(n, "A")], tensors[key(n, "B")]) for n in names}, cfg, tensors
+
+def load_adapter(model, path_or_hub_id):
+    """Read a PEFT LoRA adapter into the model; its module names."""
+    pairs, cfg, _ = read_lora(path_or_hub_id)
+    names, rslora = [], cfg.get("use_rslora", False)
+    for peft_name, (A, B) in pairs.items():
+        name = our_name(peft_name)  # multimodal Gemma too
         parts = name.split(".")  # model.layers.I.KIND.MODULE
-        if (not key.startswith(PEFT_PREFIX) or len(parts) != 5 or parts[:2] != ["model", "layers"]
-                or parts[4] not in MODULES):
-            raise ValueError(f"{w_file}: tensor {key} is not a LoRA on a decoder layer's linear layer")
-        A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[4] not in MODULES:
+            raise ValueError(f"{path_or_hub_id}: {peft_name} is not a LoRA on a decoder layer's linear layer")
         names += add_lora(model, len(A), cfg["lora_alpha"], [parts[4]], [int(parts[2])], rslora)
         m = model.get_submodule(name)
         if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
-            raise ValueError(f"{w_file}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}: "
+            raise ValueError(f"{path_or_hub_id}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}: "
                              "not this model's")
         m.load_state_dict({"lora_A": A, "lora_B": B}, strict=False)  # the base weights stay
         m.requires_grad_(False)
-    if not names or len(tensors) != 2 * len(names):
-        raise ValueError(f"{w_file}: not pairs of LoRA A and B tensors: {sorted(tensors)[:4]}")
     return names
 
 # -----------------------------------------------------------------------------
 # steering vector
 class SteeringVector(nn.Module):
-    """alpha * v added to the residual after `layer`, at every position: model(idx, hook=steer)."""
+    """alpha * v added to the residual after `layer` at every position: model(idx, hook=steer)."""
 
     def __init__(self, d_model, layer, alpha, base_model=""):
         super().__init__()
         self.layer, self.alpha, self.base_model = layer, alpha, base_model
-        self.vector = nn.Parameter(torch.zeros(d_model))  # starts at 0: the base model
+        self.vector = nn.Parameter(torch.zeros(d_model))  # 0: the base model
 
     def forward(self, i, x):
         return x + self.alpha * self.vector.to(x.dtype) if i == self.layer else None
 
     def check(self, cfg, where):
-        """Itself, if it fits a model of Config `cfg`."""
+        """Itself, if it fits a model of `cfg`."""
         if self.vector.numel() != cfg.hidden_size or not 0 <= self.layer < cfg.num_hidden_layers:
             raise ValueError(f"{where}: a steering vector of width {self.vector.numel()} after layer "
                              f"{self.layer} does not fit the model, of width {cfg.hidden_size} with layers "
@@ -212,7 +217,7 @@ class SteeringVector(nn.Module):
 # -----------------------------------------------------------------------------
 # a base model with its adapter
 def adapter_kind(adapter):
-    """('steering', dir) | ('lora', dir); a hub id is downloaded."""
+    """('steering', dir) | ('lora', dir); downloads a hub id."""
     if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, "steering_config.json")):
         return "steering", adapter
     return "lora", adapter_dir(adapter)
@@ -230,7 +235,7 @@ def base_model_of(model, adapter):
     return base
 
 def load_model(model_name, adapter=None, device="cpu", dtype=None, lora_scale=None):
-    """(model, tokenizer, hook): the model with a LoRA adapter in it, or a steering vector as the hook."""
+    """(model, tokenizer, hook): the model with its LoRA adapter, or a steering vector as hook."""
     model, tok = load(base_model_of(model_name, adapter), device=device, dtype=dtype)
     if not adapter:
         return model, tok, None
