@@ -31,7 +31,7 @@ import sample
 from common import (HelpFormatter, check, check_out_file, claim_dir, count, model_flags, out_flags,
                     parse_layers, print_table, read_json, read_jsonl, refuse_overwrite, resolve_dtype,
                     run_main, warn, write_json, write_jsonl)
-from lora import MODULES, PEFT_PREFIX, fix_scalars, read_tensors, record_scalars, save_tensors
+from lora import MODULES, PEFT_PREFIX, fix_scalars, record_scalars, save_tensors
 from model import read_config
 
 # the paper's settings (14B, 9 adapters): its 2 medical, its 6 general, both
@@ -68,16 +68,6 @@ def load_for_rows(model, adapter, rows, device, dtype):
         model, adapter = rows[0][1]["model"], rows[0][1].get("adapter")
     return lora.load_model(model, adapter, device, dtype)
 
-def read_lora(path):
-    """({module: (A, B)}, adapter_config.json, all tensors) of a PEFT LoRA adapter."""
-    kind, src = lora.adapter_kind(path)
-    if kind != "lora" or not os.path.exists(os.path.join(src, "adapter_config.json")):
-        raise ValueError(f"{path}: not a PEFT LoRA adapter (no adapter_config.json)")
-    t = read_tensors(os.path.join(src, "adapter_model.safetensors"))
-    names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight"))
-    ab = {n: (t[f"{PEFT_PREFIX}{n}.lora_A.weight"], t[f"{PEFT_PREFIX}{n}.lora_B.weight"]) for n in names}
-    return ab, read_json(os.path.join(src, "adapter_config.json")), t
-
 def layer_of(name):
     return int(name.split(".")[2])  # model.layers.L.mlp.down_proj
 
@@ -86,7 +76,7 @@ def short(name):
 
 def rank1_adapters(path):
     """A rank-1 PEFT adapter's module names, by layer."""
-    ranks = {n: A.shape[0] for n, (A, _) in read_lora(path)[0].items()}
+    ranks = {n: A.shape[0] for n, (A, _) in lora.read_lora(path)[0].items()}
     names = sorted(ranks, key=lambda n: (layer_of(n), MODULES.index(n.split(".")[-1])))
     if bad := [n for n in names if ranks[n] != 1]:
         raise ValueError(f"{path}: {bad[0]} has rank {ranks[bad[0]]}; need rank 1 (a scalar A.x per token)")
@@ -344,7 +334,7 @@ def cmd_lora_ablate(args):
     OUT/lora_ablate.json."""
     names = ("adapter_config.json", "adapter_model.safetensors", "lora_ablate.json")
     claim_dir(args.out, args.owner, names, args.force)
-    ab, config, tensors = read_lora(args.adapter)
+    ab, config, tensors = lora.read_lora(args.adapter)
     d = sample.load_directions(args.directions)  # (L, C) or (C,)
     down = {layer_of(n): f"{PEFT_PREFIX}{n}.lora_B.weight" for n in ab if n.endswith("mlp.down_proj")}
     if not down:

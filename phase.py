@@ -33,7 +33,7 @@ def read_checkpoints(run):
         raise FileNotFoundError(f"{ck}: no such directory (--run: a train.py run with checkpoints/step_N/)")
     found = sorted((int(d[5:]), os.path.join(ck, d)) for d in os.listdir(ck) if d.startswith("step_")
                    and d[5:].isdigit() and os.path.isfile(os.path.join(ck, d, "adapter_model.safetensors")))
-    out = [(s, d, directions.read_lora(d)[0]) for s, d in tqdm(found, desc="checkpoints", leave=False)]
+    out = [(s, d, lora.read_lora(d)[0]) for s, d in tqdm(found, desc="checkpoints", leave=False)]
     if bad := next((d for _, d, t in out if set(t) != set(out[0][2])), None):
         raise ValueError(f"{bad}: adapts other modules than {out[0][1]}; give one run's checkpoints")
     return out
