@@ -274,8 +274,8 @@ def dist_setup(device):
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        if dist.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
+        if dist.get_rank() > 0:  # rank 0 prints; the others' stdout goes to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if torch.device(device).type == "cuda":
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
