@@ -11,6 +11,7 @@ each (packed rows); `cache` is a preallocated KVCache written at `pos` (sliding 
 keep them); `hook(layer, x)` sees, and may replace, the residual after each layer. Multimodal Gemma 3
 loads its text model only. Chat formats are written out (no jinja2).
 """
+import functools
 import math
 import os
 import re
@@ -414,10 +415,9 @@ def local_path(name_or_path, what="model", patterns=None):
     not_an_id = FileNotFoundError(f"{missing} (and not a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
     if name_or_path.count("/") != 1:
         raise not_an_id
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     try:
-        return snapshot_download(name_or_path, allow_patterns=patterns)
+        return hub_snapshot(name_or_path, patterns and tuple(patterns))
     except HFValidationError:  # ./x, ~/x, /x: not a name the Hub allows
         raise not_an_id from None
     except LocalEntryNotFoundError:  # offline, and not in the cache
@@ -427,6 +427,11 @@ def local_path(name_or_path, what="model", patterns=None):
     except HfHubHTTPError as e:  # a typo, a gated or private repository
         hub = str(e).splitlines()[0]
         raise FileNotFoundError(f"{missing}, nor on the Hugging Face Hub ({hub})") from None
+
+@functools.cache  # a run asks for a model's files several times: the Hub once
+def hub_snapshot(repo_id, patterns):
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id, allow_patterns=patterns and list(patterns))
 
 def local_dir(name_or_path, weights=True):
     """A local HF model directory (weights=False: a hub id's other files only)."""

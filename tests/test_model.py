@@ -273,7 +273,11 @@ def test_hub_id_loads_through_snapshot_download(tmp_path, tiny):
     (tmp_path / "hub" / "models--Org--tiny-qwen" / "refs").mkdir()
     (tmp_path / "hub" / "models--Org--tiny-qwen" / "refs" / "main").write_text(commit)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    code = ("import torch; from model import load; m, t = load('Org/tiny-qwen');"
+    # each (id, files) asks the Hub once a process: two loads and two config reads, two calls
+    code = ("import torch, huggingface_hub as hub; calls = []; real = hub.snapshot_download;"
+            "hub.snapshot_download = lambda *a, **k: calls.append(a) or real(*a, **k);"
+            "from model import load, read_config; m, t = load('Org/tiny-qwen'); load('Org/tiny-qwen');"
+            "read_config('Org/tiny-qwen'); read_config('Org/tiny-qwen'); assert len(calls) == 2, calls;"
             "m2, _ = load(%r); x = torch.arange(10)[None];"
             "assert torch.equal(m(x), m2(x)); print('ok', m.config.name_or_path)" % tiny)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
