@@ -319,3 +319,18 @@ def test_paths_and_hub_ids(tmp_path, tiny, monkeypatch):
         assert err.startswith(f"{argv[0]}: error: {name}: no such model directory, and the Hugging Face Hub is "
                               "unreachable"), err
         assert "HF_HUB_OFFLINE" in err and "--model DIR" in err and f"(hf download {name})" in err
+
+
+def test_apply_rope_is_hf_rotate_half_bit_for_bit():
+    """model.apply_rope's roll(x) * cat(-sin, sin) against transformers' x * cos + rotate_half(x) * sin, exactly."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+    from model import apply_rope, rope
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 4000, (2, 7), generator=g)  # (B, T)
+    freqs = 1.0 / (1e6 ** (torch.arange(0, 64, 2).float() / 64))
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = (torch.randn(2, 3, 7, 64, generator=g).to(dtype) for _ in range(2))  # (B, H, T, hd)
+        cos, sin = rope(pos, freqs, dtype)
+        emb = torch.cat((pos[..., None].float() * freqs,) * 2, -1)  # (B, T, hd): HF's table
+        want_q, want_k = apply_rotary_pos_emb(q, k, emb.cos().to(dtype), emb.sin().to(dtype))
+        assert torch.equal(apply_rope(q, cos, sin), want_q) and torch.equal(apply_rope(k, cos, sin), want_k)
