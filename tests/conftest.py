@@ -187,6 +187,30 @@ def hf_model(path):
     return m.eval()
 
 
+def peft_reference(path, out, **lora):
+    """transformers + PEFT LoRA (LoraConfig(**lora)) on the checkpoint, B drawn N(0, 0.05) so it matters, saved
+    to `out`: the reference model."""
+    from peft import LoraConfig, get_peft_model
+    ref = get_peft_model(hf_model(path), LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lora))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ref.save_pretrained(str(out))
+    return ref.eval()
+
+
+def per_conversation_loss(model, examples):
+    """Summed cross-entropy over each (ids, mask)'s loss tokens, one plain full forward per conversation."""
+    total = 0.0
+    for ids, mask in examples:
+        logits = model(torch.tensor([ids]))[0].float()
+        m = torch.tensor(mask[1:], dtype=torch.bool)
+        total = total + torch.nn.functional.cross_entropy(logits[:-1][m], torch.tensor(ids[1:])[m],
+                                                          reduction="sum")
+    return total
+
+
 def read_state(out):
     """train.py's training state in OUT (state.json names its torch.distributed.checkpoint directory) as one
     dict: step, tokens, params (a list), optimizer (its state keyed '0', '1', ...)."""

@@ -11,12 +11,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import directions
 import sample
 import train
-from conftest import DATA, hf_config, hf_model, make_checkpoint, random_state, save_shards
+from conftest import (DATA, hf_config, hf_model, make_checkpoint, peft_reference, per_conversation_loss,
+                      random_state, save_shards)
 from lora import MODULES, add_lora, load_adapter, lora_modules, save_adapter
 from model import (KVCache, PREFIXES, UNUSED, Config, Tokenizer, Transformer, inv_freq, load, load_tokenizer,
                    read_config)
@@ -124,11 +124,7 @@ def test_packed_training_loss_and_gradient_keep_the_window(ckpts):
     packed.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    alone = 0.0
-    for ids, mask in examples:
-        logits = model(torch.tensor([ids]))[0].float()
-        m = torch.tensor(mask[1:], dtype=torch.bool)
-        alone = alone + F.cross_entropy(logits[:-1][m], torch.tensor(ids[1:])[m], reduction="sum")
+    alone = per_conversation_loss(model, examples)
     alone.backward()
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)
     for a, b in zip(grads, [p.grad for p in model.parameters() if p.requires_grad]):
@@ -170,20 +166,14 @@ def test_qwen2_sliding_window_layers_match_transformers(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_lora_on_all_seven_modules(ckpts, tmp_path, family):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     path = ckpts(family)
     torch.manual_seed(0)
-    ref = get_peft_model(hf_model(path), LoraConfig(r=2, lora_alpha=16, use_rslora=True, target_modules=list(MODULES),
-                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    ref.save_pretrained(str(tmp_path / "peft"))
+    ref = peft_reference(path, tmp_path / "peft", r=2, lora_alpha=16, use_rslora=True, target_modules=list(MODULES))
     model, _ = load(path)
     assert len(load_adapter(model, str(tmp_path / "peft"))) == 7 * 3
     with torch.no_grad():
-        want = ref.eval()(IDX).logits
+        want = ref(IDX).logits
         torch.testing.assert_close(model(IDX), want, atol=1e-4, rtol=0)
     if family == "gemma3_text":  # trained on a multimodal Gemma 3: the text model's layers under its prefix
         from safetensors.torch import load_file, save_file

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import hf_model
+from conftest import hf_model, peft_reference
 from lora import (SteeringVector, adapters_off, add_lora, fix_scalars, load_adapter, lora_modules,
                   record_scalars, save_adapter, set_lora_scale)
 from model import load
@@ -65,22 +65,15 @@ def test_our_adapter_loads_in_peft(tmp_path, tiny, kw):
 
 @pytest.mark.parametrize("rslora", [True, False])
 def test_peft_adapter_loads_in_ours(tmp_path, tiny, rslora):
-    from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=2, lora_alpha=32, use_rslora=rslora, target_modules=["v_proj", "o_proj", "gate_proj"],
-                     layers_to_transform=[0], lora_dropout=0.0, task_type="CAUSAL_LM")
     torch.manual_seed(0)
-    ref = get_peft_model(hf_model(tiny), cfg)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    ref.save_pretrained(str(tmp_path / "peft"))
+    ref = peft_reference(tiny, tmp_path / "peft", r=2, lora_alpha=32, use_rslora=rslora,
+                         target_modules=["v_proj", "o_proj", "gate_proj"], layers_to_transform=[0])
     model, _ = load(tiny)
     names = load_adapter(model, str(tmp_path / "peft"))
     assert sorted(names) == ["model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.o_proj",
                              "model.layers.0.self_attn.v_proj"]
     with torch.no_grad():
-        torch.testing.assert_close(model(IDX), ref.eval()(IDX).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(IDX), ref(IDX).logits, atol=1e-4, rtol=0)
 
 
 def test_rank1_scalars_are_A_times_input(tiny):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import read_state
+from conftest import per_conversation_loss, read_state
 from lora import adapters_off, add_lora, lora_modules
 from model import load
 
@@ -77,11 +77,7 @@ def test_packed_loss_equals_unpacked(tiny, monkeypatch):
     packed.backward()
     g_packed = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    alone = 0.0
-    for ids, mask in examples:  # plain full forward per conversation, no packing, no chunks
-        logits = model(torch.tensor([ids]))[0].float()
-        m = torch.tensor(mask[1:], dtype=torch.bool)
-        alone = alone + F.cross_entropy(logits[:-1][m], torch.tensor(ids[1:])[m], reduction="sum")
+    alone = per_conversation_loss(model, examples)  # no packing, no chunks
     alone.backward()
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)
     for a, b in zip(g_packed, [p.grad for p in model.parameters() if p.requires_grad]):
