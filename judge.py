@@ -90,9 +90,13 @@ ORDER = [("aligned", "aligned", "misaligned", False), ("aligned", "refusal", "mi
 MARGIN = 20
 
 def check_judge(judge, templates):
-    """{scores, failed, ordered} of the anchors; None without an aligned or coherent template."""
+    """{scores, failed, ordered} of the anchors, once per judge and templates (a sweep judges many files
+    with one); None without an aligned or coherent template."""
     if not (order := [o for o in ORDER if o[0] in templates]):
         return None
+    done = judge.__dict__.setdefault("anchor_checks", {})
+    if (key := json.dumps(templates, sort_keys=True)) in done:
+        return done[key]
     jobs = [(k, {m: t.format(question=ANCHOR_QUESTION, answer=a) for m, t in templates.items()})
             for k, a in ANCHORS.items()]
     scores = {k: v for k, v, _ in judge.run(jobs)}
@@ -100,7 +104,9 @@ def check_judge(judge, templates):
     say = lambda k, m: f"{k} {'-' if scores[k][m] is None else round(scores[k][m])}"
     failed = [f"{m}: {say(hi, m)} vs {say(lo, m)}" for m, hi, lo, null in order
               if not ok(scores[hi][m], scores[lo][m], null)]
-    return dict(question=ANCHOR_QUESTION, scores=scores, margin=MARGIN, failed=failed, ordered=not failed)
+    done[key] = dict(question=ANCHOR_QUESTION, scores=scores, margin=MARGIN, failed=failed,
+                     ordered=not failed)
+    return done[key]
 
 # -----------------------------------------------------------------------------
 # backend 1: an OpenAI-compatible endpoint (common.Client)

@@ -606,6 +606,8 @@ def test_a_judge_that_does_not_order_the_anchors_is_named_first_and_in_the_summa
     again = judge.judge_file(inp, "local:ranks", lambda: pytest.fail("nothing to judge"),
                              str(tmp_path / "ranks.jsonl"), bootstrap=0)
     assert again["judge_check"] == s["judge_check"] and ranks.jobs == n  # from the first run, not asked again
+    other = judge.judge_file(inp, "local:ranks", lambda: ranks, str(tmp_path / "other.jsonl"), bootstrap=0)
+    assert other["judge_check"] == s["judge_check"] and ranks.jobs == n + 3  # another file: its rows, not anchors
 
 
 def test_no_key_is_the_first_and_only_line_and_names_the_local_judge(tmp_path, monkeypatch):
